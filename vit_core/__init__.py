@@ -1,0 +1,18 @@
+"""vit_core: a small Vision Transformer for CIFAR-10 and the tools to see what it attends to."""
+
+from .model import (
+    CIFAR10_CLASSES,
+    PRESETS,
+    CheckpointMismatchError,
+    ViTClassifier,
+    load_image,
+    normalize,
+    patchify,
+    preprocess,
+    to_model_pixels,
+)
+
+__all__ = [
+    "CIFAR10_CLASSES", "PRESETS", "CheckpointMismatchError", "ViTClassifier", "load_image",
+    "normalize", "patchify", "preprocess", "to_model_pixels",
+]

@@ -1,0 +1,87 @@
+"""The model card (README.md) written beside exported weights, from the files the run left there."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TRAIN_INFO = "train_info.json"
+HISTORY = "history.json"
+EVAL_INFO = "eval.json"
+
+
+def _read(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_model_card(out: str | Path) -> Path:
+    out = Path(out)
+    info, history, evaluation = _read(out / TRAIN_INFO), _read(out / HISTORY) or [], _read(out / EVAL_INFO)
+    if info is None:
+        raise FileNotFoundError(f"{out / TRAIN_INFO} is missing; the card is built from a training run")
+    cfg, mc = info["config"], info["model_config"]
+    summary = info.get("summary", {})
+    best = max(history, key=lambda h: h["val_acc"]) if history else None
+    lines = [
+        "---",
+        "library_name: vit-attention-explorer",
+        "license: mit",
+        "tags: [image-classification, vision-transformer, cifar10]",
+        "datasets: [cifar10]",
+        "---",
+        "",
+        "# ViT for CIFAR-10 (patch 4), trained from scratch",
+        "",
+        "The weights behind the ViT attention explorer. Load with",
+        "`vit_core.ViTClassifier.from_pretrained(path_or_repo_id)`.",
+        "",
+        "## Architecture",
+        "",
+        f"Patch {mc['patch_size']} on {mc['image_size']}×{mc['image_size']} images "
+        f"({(mc['image_size'] // mc['patch_size']) ** 2} patches + CLS), width {mc['emb_size']}, "
+        f"{mc['depth']} pre-norm blocks, {mc['n_heads']} heads, MLP ratio {mc['mlp_ratio']}, "
+        f"dropout {mc['dropout']}; {info['n_params']:,} parameters (preset `{cfg['preset']}`).",
+        "",
+        "## Data",
+        "",
+        f"CIFAR-10 from `{cfg['data']}`: {info['train_images']} training images, {info['val_images']} "
+        f"held out for validation (seed {cfg['seed']}); the best epoch is chosen on validation, never on test.",
+        "",
+        "## Recipe",
+        "",
+        f"AdamW (lr {cfg['lr']}, weight decay {cfg['weight_decay']}), batch {cfg['batch_size']}, "
+        f"{cfg['epochs']} epochs, schedule `{cfg['schedule']}` (warmup {cfg['warmup_epochs']} epochs), "
+        f"label smoothing {cfg['label_smoothing']}, gradient clipping {cfg['clip_grad']}, augmentation "
+        f"`{cfg['augment']}` + horizontal flip, amp `{cfg['amp']}`. Validation and test predictions "
+        "average each image with its mirror image.",
+        "",
+        "Command:",
+        "",
+        "```",
+        cfg.get("command") or "(not recorded)",
+        "```",
+        "",
+        f"Machine: {info['machine']} (×{info['world_size']} process(es)).",
+    ]
+    if summary:
+        lines += [f"Wall time: {summary['wall_seconds'] / 60:.1f} min for {summary['epochs_run']} epochs."]
+    lines += ["", "## Results", ""]
+    if best:
+        lines += [f"- Validation accuracy (best epoch {best['epoch']}): {best['val_acc'] * 100:.2f} %"]
+    if evaluation:
+        lines += [
+            f"- **Test accuracy: {evaluation['accuracy'] * 100:.2f} %** on {evaluation['n_images']} images of "
+            f"`{evaluation['data']}` (mirror averaging: {evaluation['mirror']}), measured once by "
+            f"`{evaluation['command']}`.",
+            "",
+            "| class | accuracy |",
+            "| --- | --- |",
+        ]
+        lines += [f"| {name} | {acc * 100:.1f} % |" for name, acc in evaluation["per_class"].items()]
+        lines += ["", "![confusion matrix](confusion.png)"]
+    else:
+        lines += ["- Test accuracy: not measured yet (`python -m vit_core.evaluate --checkpoint DIR --data DIR`)."]
+    lines += ["", "![training statistics](training.png)", ""]
+    path = out / "README.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,185 @@
+"""CIFAR-10 held in memory as uint8 tensors, and augmentation of whole batches with tensor ops.
+
+Two sources: a local ImageFolder root with `train/` and `test/` (one folder per class), or
+torchvision's CIFAR-10 (downloaded only when asked). Images are decoded once; the training loop
+then only indexes tensors, so no per-image PIL work happens while training.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".gif", ".tif", ".tiff"}
+
+
+class DataError(RuntimeError):
+    """Data that cannot be found or read; the message says what to pass instead."""
+
+
+@dataclass
+class ImageTensors:
+    images: torch.Tensor  # uint8 [N, 3, H, W]
+    labels: torch.Tensor  # int64 [N]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: torch.Tensor) -> "ImageTensors":
+        return ImageTensors(self.images[indices], self.labels[indices], self.classes)
+
+
+def _read_rgb(path: Path, size: int | None) -> torch.Tensor:
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if size is not None and image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        width, height = image.size
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return pixels.view(height, width, 3).permute(2, 0, 1)
+
+
+def load_image_folder(root: str | Path, image_size: int | None = 32, limit: int | None = None,
+                      seed: int = 0) -> ImageTensors:
+    """Decode an ImageFolder tree (root/<class>/<image>) into uint8 tensors.
+
+    `limit` keeps a random subset of that many images (same `seed`, same subset)."""
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not classes:
+        raise DataError(f"{root} has no class folders; expected {root}/<class>/<image>.jpg")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(path)
+                labels.append(label)
+    if not files:
+        raise DataError(f"{root} has class folders but no images in them")
+    labels_t = torch.tensor(labels, dtype=torch.int64)
+    if limit is not None and limit < len(files):
+        keep = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:limit]
+        keep = keep.sort().values
+        files = [files[i] for i in keep.tolist()]
+        labels_t = labels_t[keep]
+    try:
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            images = list(pool.map(lambda p: _read_rgb(p, image_size), files, chunksize=256))
+    except (OSError, ValueError) as error:
+        raise DataError(f"could not read an image under {root}: {error}") from error
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) != 1:
+        raise DataError(f"images under {root} differ in size {sorted(shapes)}; pass an image size")
+    return ImageTensors(torch.stack(images), labels_t, classes)
+
+
+def _load_torchvision_cifar10(root: Path, train: bool, download: bool) -> ImageTensors:
+    from torchvision.datasets import CIFAR10
+
+    try:
+        dataset = CIFAR10(str(root), train=train, download=download)
+    except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
+        raise DataError(str(error)) from error
+    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+    return ImageTensors(images, torch.tensor(dataset.targets, dtype=torch.int64), list(dataset.classes))
+
+
+def load_split(data: str | Path, split: str, download: bool = False, limit: int | None = None,
+               seed: int = 0) -> ImageTensors:
+    """Load the `train` or `test` split of CIFAR-10 from `data`.
+
+    `data` is either an ImageFolder root holding `train/` and `test/`, or a torchvision CIFAR-10
+    root (`cifar-10-batches-py/` inside, or downloaded there when `download` is set).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    root = Path(data).expanduser()
+    if (root / split).is_dir():
+        tensors = load_image_folder(root / split, limit=limit, seed=seed)
+    elif (root / "cifar-10-batches-py").is_dir() or download:
+        try:
+            tensors = _load_torchvision_cifar10(root, split == "train", download)
+        except OSError as error:  # no network, no permission
+            raise DataError(f"could not download CIFAR-10 into {root}: {error}. Pass --data with a "
+                            f"local folder that holds train/ and test/ ImageFolder trees.") from error
+        if limit is not None and limit < len(tensors):
+            keep = torch.randperm(len(tensors), generator=torch.Generator().manual_seed(seed))[:limit]
+            tensors = tensors.subset(keep.sort().values)
+    else:
+        raise DataError(
+            f"no CIFAR-10 found at {root}: expected {root}/{split}/<class>/*.jpg (an ImageFolder "
+            f"tree) or {root}/cifar-10-batches-py (torchvision). Pass --data DIR pointing at one, "
+            f"or add --download to fetch CIFAR-10 with torchvision.")
+    return tensors
+
+
+def split_validation(train: ImageTensors, n_val: int, seed: int = 0) -> tuple[ImageTensors, ImageTensors]:
+    """Hold `n_val` images out of train, with a fixed seed so every run validates on the same ones."""
+    if not 0 < n_val < len(train):
+        raise ValueError(f"validation size {n_val} must be between 1 and {len(train) - 1}")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    return train.subset(order[n_val:].sort().values), train.subset(order[:n_val].sort().values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch augmentation. Each image gets its own affine transform, applied to the whole batch by
+# one `grid_sample` call: a horizontal flip is a negative x scale, a crop a scale + translation.
+
+AUGMENTATIONS = ("crop", "rrc", "none")
+
+
+def _sample(grid_theta: torch.Tensor, images: torch.Tensor, mode: str) -> torch.Tensor:
+    grid = F.affine_grid(grid_theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def augment(images: torch.Tensor, policy: str, generator: torch.Generator | None = None,
+            pad: int = 4, scale: tuple[float, float] = (0.08, 1.0),
+            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """Random flip plus a random crop for a float batch [B, C, H, W] (already normalised, so the
+    zero padding of pad-and-crop is the dataset mean).
+
+    - "crop": pad by `pad` pixels and crop back at a random integer offset (exact pixel shifts).
+    - "rrc": the report's RandomResizedCrop (area `scale`, aspect `ratio`) resized back, bilinear.
+    - "none": flip only.
+    """
+    if policy not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {policy!r}; choose one of {AUGMENTATIONS}")
+    batch, _, height, width = images.shape
+    device = images.device
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.rand(batch, generator=generator).to(device) * (high - low) + low
+
+    flip = (torch.rand(batch, generator=generator) < 0.5).to(device)
+    sx = torch.where(flip, -1.0, 1.0)
+    sy = torch.ones(batch, device=device)
+    tx = torch.zeros(batch, device=device)
+    ty = torch.zeros(batch, device=device)
+    mode = "nearest"
+    if policy == "crop":
+        # An integer shift of k pixels is 2k/size in normalised coordinates.
+        tx = torch.randint(-pad, pad + 1, (batch,), generator=generator).to(device) * 2.0 / width
+        ty = torch.randint(-pad, pad + 1, (batch,), generator=generator).to(device) * 2.0 / height
+    elif policy == "rrc":
+        area = uniform(*scale)
+        aspect = torch.exp(uniform(math.log(ratio[0]), math.log(ratio[1])))
+        crop_w = torch.sqrt(area * aspect).clamp(max=1.0)  # fractions of the side
+        crop_h = torch.sqrt(area / aspect).clamp(max=1.0)
+        tx = (uniform(0, 1) * 2 - 1) * (1 - crop_w)  # crop centre stays inside the image
+        ty = (uniform(0, 1) * 2 - 1) * (1 - crop_h)
+        sx = sx * crop_w
+        sy = crop_h
+        mode = "bilinear"
+    theta = torch.zeros(batch, 2, 3, device=device)
+    theta[:, 0, 0], theta[:, 0, 2] = sx, tx
+    theta[:, 1, 1], theta[:, 1, 2] = sy, ty
+    return _sample(theta, images, mode)

@@ -1,0 +1,283 @@
+"""The Vision Transformer of the 2022 report, written to be read top to bottom.
+
+An image is cut into square patches with `Tensor.unfold`, each patch is flattened and linearly
+embedded, a learnable CLS token and position embedding are added, and `depth` pre-norm blocks of
+`nn.MultiheadAttention` + MLP follow. The classifier reads the CLS token.
+
+Training uses the fused attention kernel (`need_weights=False`). For explanations the same blocks
+can also return each head's softmax attention, computed from the very same parameters inside one
+forward pass, with the probabilities kept in the autograd graph so gradients can reach them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from PIL import Image, ImageOps
+from safetensors.torch import load_file as load_safetensors
+from torch import nn
+
+WEIGHTS_NAME = "model.safetensors"
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)
+# Per-channel statistics of the CIFAR-10 training set, in [0, 1] pixel units.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+# Named configurations. `seed` is the report's network; `cpu` is the one the app ships, sized so a
+# single run on a 2-core CPU finishes in about two hours.
+PRESETS: dict[str, dict] = {
+    "seed": dict(emb_size=256, depth=6, n_heads=8, mlp_ratio=2.0, dropout=0.2),
+    "cpu": dict(emb_size=192, depth=6, n_heads=6, mlp_ratio=2.0, dropout=0.0),
+}
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Cut a batch [B, C, H, W] into patches [B, H/p, W/p, C, p, p] with `Tensor.unfold`.
+
+    Patches come in row-major order: flattening dims 1 and 2 gives token i = row * (W/p) + col,
+    the order every attention map of this package uses.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"expected a batch [B, C, H, W], got shape {tuple(images.shape)}")
+    _, _, height, width = images.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image size {height}x{width} is not divisible by patch size {patch_size}")
+    patches = images.unfold(2, patch_size, patch_size).unfold(3, patch_size, patch_size)
+    return patches.permute(0, 2, 3, 1, 4, 5)  # [B, C, gh, gw, p, p] -> [B, gh, gw, C, p, p]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, emb_size: int, n_heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(emb_size)
+        self.attn = nn.MultiheadAttention(emb_size, n_heads, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(emb_size)
+        hidden = int(emb_size * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(emb_size, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, emb_size),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        h = self.norm1(x)
+        if return_attention:
+            attn_out, attention = self.attention_with_weights(h)
+        else:
+            attn_out, attention = self.attn(h, h, h, need_weights=False)[0], None
+        x = x + attn_out
+        x = x + self.mlp(self.norm2(x))
+        return (x, attention) if return_attention else x
+
+    def attention_with_weights(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MHA computation spelled out with its own parameters.
+
+        Returns the attention output and the per-head softmax probabilities [B, heads, T, T].
+        `nn.MultiheadAttention(need_weights=True)` returns a detached-from-output copy of the
+        probabilities, so gradient methods could not reach them; here they are the tensor that
+        multiplies the values.
+        """
+        mha = self.attn
+        batch, tokens, emb = h.shape
+        heads, head_dim = mha.num_heads, emb // mha.num_heads
+        qkv = F.linear(h, mha.in_proj_weight, mha.in_proj_bias)
+        q, k, v = qkv.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)
+        attention = scores.softmax(dim=-1)
+        probs = F.dropout(attention, mha.dropout, self.training)
+        out = (probs @ v).transpose(1, 2).reshape(batch, tokens, emb)
+        return mha.out_proj(out), attention
+
+
+class ViTClassifier(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="vit-attention-explorer",
+    tags=["image-classification", "vision-transformer", "cifar10"],
+    license="mit",
+):
+    """ViT for small images. Constructor arguments are saved to `config.json` by `save_pretrained`."""
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        patch_size: int = 4,
+        in_channels: int = 3,
+        emb_size: int = 256,
+        depth: int = 6,
+        n_heads: int = 8,
+        mlp_ratio: float = 2.0,
+        dropout: float = 0.2,
+        n_classes: int = 10,
+        class_names: Sequence[str] | None = CIFAR10_CLASSES,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+    ):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        if emb_size % n_heads:
+            raise ValueError(f"emb_size {emb_size} is not divisible by n_heads {n_heads}")
+        if class_names is not None and len(class_names) != n_classes:
+            raise ValueError(f"{len(class_names)} class names for {n_classes} classes")
+        if len(mean) != in_channels or len(std) != in_channels:
+            raise ValueError(f"mean/std need {in_channels} values each")
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.grid_size = image_size // patch_size
+        self.n_heads = n_heads
+        self.depth = depth
+        self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(n_classes)]
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+        n_patches = self.grid_size**2
+        self.patch_embed = nn.Linear(in_channels * patch_size * patch_size, emb_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, emb_size))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n_patches, emb_size))
+        self.input_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(emb_size, n_heads, mlp_ratio, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(emb_size)
+        self.head = nn.Linear(emb_size, n_classes)
+        self.reset_parameters()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ViTClassifier":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.MultiheadAttention):
+                nn.init.xavier_uniform_(module.in_proj_weight)
+                nn.init.zeros_(module.in_proj_bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images [B, C, S, S] -> tokens [B, 1 + patches, emb]."""
+        patches = patchify(images, self.patch_size).flatten(1, 2).flatten(2)
+        tokens = self.patch_embed(patches)
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        return self.input_dropout(torch.cat([cls, tokens], dim=1) + self.pos_embed)
+
+    def forward_features(self, images: torch.Tensor, return_attention: bool = False):
+        """Final normalised tokens; with `return_attention`, also every block's attention
+        stacked as [B, depth, heads, T, T] (one forward pass)."""
+        x = self.embed(images)
+        attentions = []
+        for block in self.blocks:
+            if return_attention:
+                x, attention = block(x, return_attention=True)
+                attentions.append(attention)
+            else:
+                x = block(x)
+        x = self.norm(x)
+        return (x, torch.stack(attentions, dim=1)) if return_attention else x
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features[:, 0])
+
+    def forward(self, images: torch.Tensor, return_attention: bool = False):
+        if return_attention:
+            features, attentions = self.forward_features(images, return_attention=True)
+            return self.forward_head(features), attentions
+        return self.forward_head(self.forward_features(images))
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id, revision, cache_dir, force_download, local_files_only,
+                         token, map_location="cpu", strict=True, **model_kwargs):
+        # Replaces the mixin's loader: safetensors only (never a pickle), and strict key and shape
+        # checks, so a checkpoint that does not fit this class fails with a clear message.
+        model = cls(**model_kwargs)
+        if os.path.isdir(model_id):
+            weights_file = os.path.join(model_id, WEIGHTS_NAME)
+            if not os.path.isfile(weights_file):
+                raise FileNotFoundError(f"{model_id} holds no {WEIGHTS_NAME}")
+        else:
+            weights_file = hf_hub_download(
+                repo_id=model_id, filename=WEIGHTS_NAME, revision=revision, cache_dir=cache_dir,
+                force_download=force_download, token=token, local_files_only=local_files_only)
+        state = load_safetensors(weights_file, device=str(map_location))
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong_shape = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                       for k, v in expected.items() if k in state and state[k].shape != v.shape]
+        if missing or unexpected or wrong_shape:
+            raise CheckpointMismatchError(
+                f"{weights_file} does not fit this model config: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}, wrong shapes {wrong_shape[:5]}")
+        model.load_state_dict(state, strict=True)  # fp16-stored weights are upcast by copy_
+        return model.to(map_location).eval()
+
+
+class CheckpointMismatchError(ValueError):
+    """The weights file does not match the architecture described by config.json."""
+
+
+def load_image(image: Image.Image) -> Image.Image:
+    """Any PIL image -> upright RGB, with transparency composited on white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def normalize(batch_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> float32 normalised; the one place pixels become model inputs."""
+    mean_t = torch.tensor(mean, device=batch_uint8.device).view(1, -1, 1, 1) * 255
+    std_t = torch.tensor(std, device=batch_uint8.device).view(1, -1, 1, 1) * 255
+    return (batch_uint8.float() - mean_t) / std_t
+
+
+def to_model_pixels(image: Image.Image, image_size: int) -> Image.Image:
+    """The RGB image the model actually sees: upright, alpha on white, resized to image_size."""
+    image = load_image(image)
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return image
+
+
+def preprocess(images: Image.Image | Sequence[Image.Image], model: ViTClassifier) -> torch.Tensor:
+    """One PIL image or a list -> normalised float tensor [B, 3, S, S], as in evaluation."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    if len(images) == 0:
+        raise ValueError("preprocess needs at least one image")
+    arrays = []
+    for image in images:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"expected PIL images, got {type(image).__name__}")
+        pixels = to_model_pixels(image, model.image_size)
+        arrays.append(torch.frombuffer(bytearray(pixels.tobytes()), dtype=torch.uint8)
+                      .view(model.image_size, model.image_size, 3))
+    batch = torch.stack(arrays).permute(0, 3, 1, 2)
+    return normalize(batch, model.mean, model.std)

@@ -1,0 +1,406 @@
+"""The training loop behind `train.py`: in-memory data, batch augmentation, AdamW, warmup + cosine
+or the report's MultiStepLR, label smoothing, gradient clipping, optional bf16 autocast, exact
+resume from an atomic per-epoch checkpoint, early stopping on a held-out validation split, and
+data-parallel training under `torchrun`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import AUGMENTATIONS, ImageTensors, augment, load_split, split_validation
+from .model import PRESETS, ViTClassifier, normalize
+
+STATE_NAME = "train_state.pt"
+HISTORY_NAME = "history.json"
+INFO_NAME = "train_info.json"
+SCHEDULES = ("cosine", "multistep")
+
+# Settings that may change when a run is resumed; every other one must match the checkpoint.
+RESUMABLE_CHANGES = {"resume", "device", "num_threads", "push_to_hub", "patience", "data", "download",
+                     "command"}
+
+
+class TrainError(RuntimeError):
+    """A setting or a file that prevents training; the message says what to do."""
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    preset: str = "cpu"
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    schedule: str = "cosine"
+    warmup_epochs: float = 2.0
+    milestones: list[int] = field(default_factory=list)  # multistep; default: 50 % and 75 % of epochs
+    gamma: float = 0.1
+    label_smoothing: float = 0.1
+    clip_grad: float = 1.0
+    augment: str = "crop"
+    amp: str = "auto"  # auto: bf16 on CUDA only (on CPUs without bf16 units it is slower)
+    device: str = "auto"
+    seed: int = 0
+    val_size: int = 5000
+    limit_train: int | None = None
+    patience: int | None = None
+    dropout: float | None = None  # overrides the preset's
+    resume: bool = False
+    download: bool = False
+    push_to_hub: str | None = None
+    num_threads: int | None = None
+    command: str = ""
+
+    def validate(self) -> None:
+        problems = []
+        if self.preset not in PRESETS:
+            problems.append(f"--preset must be one of {sorted(PRESETS)}")
+        if self.epochs < 1:
+            problems.append("--epochs must be at least 1")
+        if self.batch_size < 1:
+            problems.append("--batch-size must be at least 1")
+        if not self.lr > 0:
+            problems.append("--lr must be positive")
+        if self.weight_decay < 0:
+            problems.append("--weight-decay must not be negative")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"--schedule must be one of {SCHEDULES}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            problems.append("--warmup-epochs must be in [0, epochs)")
+        if not 0 <= self.label_smoothing < 1:
+            problems.append("--label-smoothing must be in [0, 1)")
+        if self.clip_grad < 0:
+            problems.append("--clip-grad must not be negative (0 turns clipping off)")
+        if self.augment not in AUGMENTATIONS:
+            problems.append(f"--augment must be one of {AUGMENTATIONS}")
+        if self.amp not in ("auto", "bf16", "off"):
+            problems.append("--amp must be auto, bf16 or off")
+        if self.val_size < 1:
+            problems.append("--val-size must be at least 1")
+        if self.limit_train is not None and self.limit_train <= self.val_size:
+            problems.append("--limit-train must be larger than --val-size")
+        if self.patience is not None and self.patience < 1:
+            problems.append("--patience must be at least 1")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            problems.append("--dropout must be in [0, 1)")
+        if any(m < 1 or m >= self.epochs for m in self.milestones):
+            problems.append("--milestones must lie in [1, epochs)")
+        if problems:
+            raise TrainError("bad settings: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pieces
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise TrainError(f"unknown --device {name!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda asked for, but no CUDA GPU is available")
+    return device
+
+
+def build_model(cfg: TrainConfig, classes: list[str]) -> ViTClassifier:
+    overrides = {"n_classes": len(classes), "class_names": classes}
+    if cfg.dropout is not None:
+        overrides["dropout"] = cfg.dropout
+    return ViTClassifier.from_preset(cfg.preset, **overrides)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warmup to 1, then cosine to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """Returns the scheduler and whether it steps per batch (cosine) or per epoch (multistep)."""
+    if cfg.schedule == "cosine":
+        total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup)), True
+    milestones = cfg.milestones or [cfg.epochs // 2, (3 * cfg.epochs) // 4]
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma), False
+
+
+def autocast(device: torch.device, amp: str):
+    enabled = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.no_grad()
+def predict_probs(model: ViTClassifier, images_uint8: torch.Tensor, device: torch.device,
+                  batch_size: int = 500, mirror: bool = True, amp: str = "off") -> torch.Tensor:
+    """Class probabilities for uint8 images; with `mirror`, averaged with the flipped image's."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(images_uint8), batch_size):
+        x = normalize(images_uint8[start:start + batch_size].to(device), model.mean, model.std)
+        with autocast(device, amp):
+            probs = model(x).float().softmax(-1)
+            if mirror:
+                probs = (probs + model(x.flip(-1)).float().softmax(-1)) / 2
+        out.append(probs.cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA)"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def _check_resume_compatible(saved: dict, cfg: TrainConfig) -> None:
+    current = dataclasses.asdict(cfg)
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in current.items()
+             if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    if diffs:
+        raise TrainError("cannot resume: the checkpoint was made with other settings (" + "; ".join(diffs)
+                         + "). Resume with the same settings, or train into a new --out.")
+
+
+def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
+    """Train, checkpoint every epoch, export the best validation weights into `cfg.out`.
+
+    Returns a summary (best epoch, validation accuracy, wall time). `on_epoch_end(epoch, record)`
+    is called after each epoch's checkpoint is safely on disk.
+    """
+    cfg.validate()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = pick_device(cfg.device)
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    is_main = rank == 0
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+
+    out = Path(cfg.out)
+    state_path = out / STATE_NAME
+    saved_state = None
+    if state_path.exists() and not cfg.resume:
+        raise TrainError(f"{state_path} exists: pass --resume to continue that run, or another --out")
+    if cfg.resume:
+        if not state_path.exists():
+            raise TrainError(f"--resume: no {STATE_NAME} in {out} to resume from")
+        saved_state = torch.load(state_path, map_location="cpu", weights_only=True)
+        _check_resume_compatible(saved_state["config"], cfg)
+    if cfg.batch_size % world:
+        raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
+
+    # Data: decoded once, held as uint8; validation held out of train with a fixed seed.
+    full_train = load_split(cfg.data, "train", download=cfg.download, limit=cfg.limit_train, seed=cfg.seed)
+    train_set, val_set = split_validation(full_train, cfg.val_size, seed=cfg.seed)
+    del full_train
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, train_set.classes).to(device)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    local_batch = cfg.batch_size // world
+    steps_per_epoch = len(train_set) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise TrainError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
+    scheduler, per_step = build_scheduler(cfg, optimizer, steps_per_epoch)
+
+    history: list[dict] = []
+    start_epoch, best_acc, best_epoch, elapsed_before = 0, -1.0, -1, 0.0
+    if saved_state is not None:
+        model.load_state_dict(saved_state["model"])
+        optimizer.load_state_dict(saved_state["optimizer"])
+        scheduler.load_state_dict(saved_state["scheduler"])
+        torch.set_rng_state(saved_state["torch_rng"])
+        start_epoch = saved_state["epoch"] + 1
+        best_acc, best_epoch = saved_state["best_acc"], saved_state["best_epoch"]
+        elapsed_before = saved_state["elapsed"]
+        history = json.loads(saved_state["history"])
+    net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        info = {"config": dataclasses.asdict(cfg), "model_config": model._hub_mixin_config,
+                "n_params": model.n_params, "train_images": len(train_set), "val_images": len(val_set),
+                "world_size": world, "machine": machine_description(device), "device": str(device)}
+        atomic_write_text(out / INFO_NAME, json.dumps(info, indent=2))
+        print(f"{model.n_params / 1e6:.2f} M parameters; {len(train_set)} train / {len(val_set)} val "
+              f"images; {steps_per_epoch} steps per epoch on {device} x{world}", flush=True)
+
+    mean, std = model.mean, model.std
+    run_start = time.perf_counter()
+    stop = False
+    epoch = start_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        epoch_start = time.perf_counter()
+        # One generator per epoch, seeded by (seed, epoch): every rank draws the same shuffle and a
+        # resumed run replays exactly the batches and augmentations an uninterrupted run would.
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(train_set), generator=generator)
+        net.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        seen = 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main,
+                   mininterval=5.0 if not sys.stderr.isatty() else 0.1, leave=False)
+        for step in bar:
+            batch_idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            aug_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            batch_idx = batch_idx[rank * local_batch:(rank + 1) * local_batch]
+            images = normalize(train_set.images[batch_idx].to(device, non_blocking=True), mean, std)
+            labels = train_set.labels[batch_idx].to(device, non_blocking=True)
+            images = augment(images, cfg.augment, torch.Generator().manual_seed(aug_seed + rank))
+            with autocast(device, cfg.amp):
+                logits = net(images)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
+            optimizer.step()
+            if per_step:
+                scheduler.step()
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(-1) == labels).sum()
+            seen += len(labels)
+            if is_main and (step % 20 == 0 or step == steps_per_epoch - 1):
+                rate = seen * world / (time.perf_counter() - epoch_start)
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                img_s=f"{rate:.0f}")
+        lr_used = optimizer.param_groups[0]["lr"]
+        if not per_step:
+            scheduler.step()
+        if distributed:
+            totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)])
+            dist.all_reduce(totals)
+            loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
+        train_seconds = time.perf_counter() - epoch_start
+
+        record = None
+        if is_main:
+            probs = predict_probs(model, val_set.images, device, amp=cfg.amp)
+            val_loss = F.nll_loss(probs.clamp_min(1e-12).log(), val_set.labels).item()
+            val_acc = (probs.argmax(-1) == val_set.labels).float().mean().item()
+            record = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen,
+                      "train_acc": correct.item() / seen, "val_loss": val_loss, "val_acc": val_acc,
+                      "lr": lr_used, "seconds": time.perf_counter() - epoch_start,
+                      "train_images_per_s": seen / train_seconds}
+            history.append(record)
+            improved = val_acc > best_acc
+            if improved:
+                best_acc, best_epoch = val_acc, epoch + 1
+                model.save_pretrained(out)
+            elapsed = elapsed_before + time.perf_counter() - run_start
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                         "epoch": epoch, "best_acc": best_acc, "best_epoch": best_epoch,
+                         "elapsed": elapsed, "history": json.dumps(history),
+                         "config": dataclasses.asdict(cfg)}, state_path)
+            atomic_write_text(out / HISTORY_NAME, json.dumps(history, indent=2))
+            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} acc "
+                  f"{record['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f}"
+                  f"{' (best)' if improved else ''} | lr {lr_used:.2e} | {record['seconds']:.0f}s, "
+                  f"{record['train_images_per_s']:.0f} img/s | total {elapsed / 60:.1f} min", flush=True)
+            stop = cfg.patience is not None and epoch + 1 - best_epoch >= cfg.patience
+            if stop:
+                print(f"early stop: no validation gain in {cfg.patience} epochs", flush=True)
+        if distributed:
+            flag = torch.tensor(float(stop), device=device)
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        if on_epoch_end is not None and record is not None:
+            on_epoch_end(epoch, record)
+        if stop:
+            break
+
+    summary = {}
+    if is_main:
+        from .viz import plot_training_history
+
+        elapsed = elapsed_before + time.perf_counter() - run_start
+        plot_training_history(history).save(out / "training.png")
+        summary = {"best_epoch": best_epoch, "best_val_acc": best_acc, "epochs_run": len(history),
+                   "wall_seconds": elapsed}
+        info = json.loads((out / INFO_NAME).read_text())
+        info["summary"] = summary
+        atomic_write_text(out / INFO_NAME, json.dumps(info, indent=2))
+        from .card import write_model_card
+
+        write_model_card(out)
+        print(f"best validation accuracy {best_acc:.4f} at epoch {best_epoch}; weights in {out}", flush=True)
+        if cfg.push_to_hub:
+            push_to_hub(out, cfg.push_to_hub)
+    if distributed:
+        dist.barrier()
+    return summary
+
+
+def push_to_hub(out: Path, repo_id: str) -> None:
+    """Upload the exported folder (weights, config, card, figures). Offline: a clear error; the
+    local files are already saved and stay as they are."""
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().create_repo(repo_id, exist_ok=True)
+        HfApi().upload_folder(repo_id=repo_id, folder_path=str(out),
+                              ignore_patterns=[STATE_NAME, "*.tmp"])
+    except Exception as error:  # network, auth, permissions: all end the same way for the user
+        raise TrainError(f"could not push to the Hub repo {repo_id!r} ({type(error).__name__}: {error}). "
+                         f"Nothing is lost: the trained model is saved in {out}; push it later with "
+                         f"`huggingface-cli upload {repo_id} {out}`.") from error
