@@ -183,8 +183,9 @@ class ViTClassifier(
         return self.input_dropout(torch.cat([cls, tokens], dim=1) + self.pos_embed)
 
     def forward_features(self, images: torch.Tensor, return_attention: bool = False):
-        """Final normalised tokens; with `return_attention`, also every block's attention
-        stacked as [B, depth, heads, T, T] (one forward pass)."""
+        """Final normalised tokens; with `return_attention`, also a tuple with every block's
+        per-head softmax attention [B, heads, T, T] from this same forward pass. They stay in the
+        autograd graph, so gradients with respect to them can be taken."""
         x = self.embed(images)
         attentions = []
         for block in self.blocks:
@@ -194,7 +195,7 @@ class ViTClassifier(
             else:
                 x = block(x)
         x = self.norm(x)
-        return (x, torch.stack(attentions, dim=1)) if return_attention else x
+        return (x, tuple(attentions)) if return_attention else x
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features[:, 0])

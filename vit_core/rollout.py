@@ -1,0 +1,169 @@
+"""Explanations of the ViT's decision from its attention, computed in one forward pass.
+
+- Attention rollout (Abnar & Zuidema 2020): per layer, fuse the heads, optionally discard the
+  weakest patch links, add the identity for the residual stream, renormalise rows, and multiply the
+  layers with later layers on the left. The CLS row of the product says how much each input patch
+  flows into the CLS token.
+- Gradient rollout (Chefer, Gur & Wolf 2021, generic attention rule): weight each attention map by
+  the positive part of its gradient for the target class, average heads, and accumulate
+  R <- R + A_l R from R = I. Class-specific, unlike plain rollout.
+
+Every map comes back raw (no rescaling) with patches in row-major order, the order of
+`vit_core.patchify`. Normalising for display belongs to `viz`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .model import ViTClassifier
+
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+def _check_rollout_args(head_fusion: str, discard_ratio: float) -> None:
+    if head_fusion not in HEAD_FUSIONS:
+        raise ValueError(f"unknown head_fusion {head_fusion!r}; choose one of {HEAD_FUSIONS}")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+
+
+def fuse_heads(attention: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
+    """[..., H, T, T] -> [..., T, T] by mean, max or min over the head dimension."""
+    _check_rollout_args(head_fusion, 0.0)
+    if head_fusion == "mean":
+        return attention.mean(dim=-3)
+    if head_fusion == "max":
+        return attention.amax(dim=-3)
+    return attention.amin(dim=-3)
+
+
+def discard_weakest(attention: torch.Tensor, discard_ratio: float) -> torch.Tensor:
+    """In each row of [..., T, T], zero the floor(ratio * (T-1)) smallest patch entries (columns
+    1..T-1); the CLS column is never discarded. Returns a new tensor."""
+    _check_rollout_args("mean", discard_ratio)
+    n_drop = math.floor(discard_ratio * (attention.shape[-1] - 1))
+    attention = attention.clone()
+    if n_drop > 0:
+        patches = attention[..., 1:]
+        weakest = patches.topk(n_drop, dim=-1, largest=False).indices
+        patches.scatter_(-1, weakest, 0.0)  # a view: writes into `attention`
+    return attention
+
+
+def attention_rollout(attentions: torch.Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0,
+                      start_layer: int = 0) -> torch.Tensor:
+    """Joint attention [B, T, T] from per-head attentions [B, L, H, T, T].
+
+    For each layer l >= start_layer: fuse heads, discard, add the identity, divide rows by their
+    sums; then joint = A_L ... A_start (later layers on the left). Every row of the result sums to 1.
+    """
+    _check_rollout_args(head_fusion, discard_ratio)
+    if attentions.ndim != 5:
+        raise ValueError(f"attentions must be [B, L, H, T, T], got shape {tuple(attentions.shape)}")
+    n_layers, tokens = attentions.shape[1], attentions.shape[-1]
+    if not 0 <= start_layer < n_layers:
+        raise ValueError(f"start_layer must be in [0, {n_layers}), got {start_layer}")
+    eye = torch.eye(tokens, dtype=attentions.dtype, device=attentions.device)
+    joint = eye.expand(attentions.shape[0], tokens, tokens)
+    for layer in range(start_layer, n_layers):
+        a = discard_weakest(fuse_heads(attentions[:, layer], head_fusion), discard_ratio) + eye
+        a = a / a.sum(dim=-1, keepdim=True)
+        joint = a @ joint
+    return joint
+
+
+def gradient_rollout(attentions: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """Chefer et al.'s relevancy [B, T, T] from attentions and d(target logit)/d(attentions),
+    both [B, L, H, T, T]: R = I; R <- R + mean_h(max(0, grad * A)) @ R, layer by layer."""
+    if attentions.shape != gradients.shape:
+        raise ValueError("attentions and gradients must have the same shape")
+    tokens = attentions.shape[-1]
+    relevance = torch.eye(tokens, dtype=attentions.dtype, device=attentions.device)
+    relevance = relevance.expand(attentions.shape[0], tokens, tokens)
+    for layer in range(attentions.shape[1]):
+        weighted = (gradients[:, layer] * attentions[:, layer]).clamp(min=0).mean(dim=1)
+        relevance = relevance + weighted @ relevance
+    return relevance
+
+
+def cls_patch_map(matrix: torch.Tensor) -> torch.Tensor:
+    """CLS row, patch columns of [..., T, T] as a square grid [..., g, g] (row-major patches)."""
+    row = matrix[..., 0, 1:]
+    grid = math.isqrt(row.shape[-1])
+    if grid * grid != row.shape[-1]:
+        raise ValueError(f"{row.shape[-1]} patches do not form a square grid")
+    return row.reshape(*row.shape[:-1], grid, grid)
+
+
+@dataclass
+class Explanation:
+    """Everything the app and the command line draw, for a batch of B images."""
+
+    probs: torch.Tensor          # [B, C] softmax class probabilities
+    target: torch.Tensor         # [B] class explained by grad_rollout
+    attentions: torch.Tensor     # [B, L, H, T, T] per-head softmax attention of every block
+    rollout: torch.Tensor        # [B, g, g] attention rollout, CLS row, raw
+    grad_rollout: torch.Tensor   # [B, g, g] class-specific gradient rollout for `target`, raw
+    layer_maps: torch.Tensor     # [B, L, g, g] each layer's CLS -> patch attention (heads fused)
+    last_layer: torch.Tensor     # [B, g, g] last layer's CLS -> patch attention (heads fused)
+    head_fusion: str
+    discard_ratio: float
+
+    def maps(self) -> dict[str, torch.Tensor]:
+        """The explanation maps by method name, each [B, g, g]."""
+        return {"rollout": self.rollout, "grad_rollout": self.grad_rollout, "last_layer": self.last_layer}
+
+    def as_numpy(self) -> dict[str, np.ndarray]:
+        arrays = {name: getattr(self, name).numpy() for name in
+                  ("probs", "target", "attentions", "rollout", "grad_rollout", "layer_maps", "last_layer")}
+        arrays["head_fusion"] = np.array(self.head_fusion)
+        arrays["discard_ratio"] = np.array(self.discard_ratio)
+        return arrays
+
+
+def explain(model: ViTClassifier, images: torch.Tensor, target: int | torch.Tensor | None = None,
+            head_fusion: str = "mean", discard_ratio: float = 0.0) -> Explanation:
+    """Probabilities, attentions, rollout and gradient rollout for a normalised batch [B, 3, S, S],
+    from one forward and one backward pass in float32. `target` (an int or [B]) defaults to the
+    predicted class."""
+    _check_rollout_args(head_fusion, discard_ratio)
+    if images.ndim != 4 or images.shape[1:] != (3, model.image_size, model.image_size):
+        raise ValueError(f"images must be [B, 3, {model.image_size}, {model.image_size}] from "
+                         f"vit_core.preprocess, got shape {tuple(images.shape)}")
+    was_training = model.training
+    model.eval()
+    try:
+        # The input asks for gradients so the graph exists even if the weights are frozen.
+        images = images.detach().float().requires_grad_(True)
+        with torch.enable_grad():
+            logits, attention_list = model(images, return_attention=True)
+            probs = logits.detach().softmax(dim=-1)
+            if target is None:
+                target_t = probs.argmax(dim=-1)
+            else:
+                target_t = torch.as_tensor(target, dtype=torch.long).expand(len(images)).clone()
+                if ((target_t < 0) | (target_t >= logits.shape[-1])).any():
+                    raise ValueError(f"target must be a class index in [0, {logits.shape[-1]})")
+            score = logits.gather(1, target_t[:, None]).sum()  # samples are independent: one backward
+            gradient_list = torch.autograd.grad(score, attention_list)
+    finally:
+        model.train(was_training)
+    attentions = torch.stack([a.detach() for a in attention_list], dim=1)
+    gradients = torch.stack(gradient_list, dim=1)
+    layer_maps = cls_patch_map(fuse_heads(attentions, head_fusion))
+    return Explanation(
+        probs=probs,
+        target=target_t,
+        attentions=attentions,
+        rollout=cls_patch_map(attention_rollout(attentions, head_fusion, discard_ratio)),
+        grad_rollout=cls_patch_map(gradient_rollout(attentions, gradients)),
+        layer_maps=layer_maps,
+        last_layer=layer_maps[:, -1],
+        head_fusion=head_fusion,
+        discard_ratio=discard_ratio,
+    )
