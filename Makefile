@@ -1,0 +1,31 @@
+# Two commands set up and run everything on a fresh machine:
+#   make app    the explorer on the shipped checkpoint (http://127.0.0.1:7860)
+#   make test   every test, the browser test included
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: app test install install-dev browser
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+# Debian's Chromium drives the end-to-end test (Playwright cannot download its own browser here).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev browser
+
+app: install
+	$(PY) demo/app.py $(ARGS)
+
+test: install-dev
+	$(PY) -m pytest $(PYTEST_ARGS)
