@@ -11,8 +11,21 @@ from .model import (
     preprocess,
     to_model_pixels,
 )
+from .rollout import (
+    HEAD_FUSIONS,
+    Explanation,
+    attention_rollout,
+    cls_patch_map,
+    discard_weakest,
+    explain,
+    fuse_heads,
+    gradient_rollout,
+    token_map,
+)
 
 __all__ = [
     "CIFAR10_CLASSES", "PRESETS", "CheckpointMismatchError", "ViTClassifier", "load_image",
     "normalize", "patchify", "preprocess", "to_model_pixels",
+    "HEAD_FUSIONS", "Explanation", "attention_rollout", "cls_patch_map", "discard_weakest", "explain",
+    "fuse_heads", "gradient_rollout", "token_map",
 ]

@@ -167,3 +167,24 @@ def explain(model: ViTClassifier, images: torch.Tensor, target: int | torch.Tens
         head_fusion=head_fusion,
         discard_ratio=discard_ratio,
     )
+
+
+def token_map(attentions: torch.Tensor, token: int, layer: int, head: int | None = None) -> torch.Tensor:
+    """Where one token attends, for ONE image: the row of `token` in block `layer`'s attention,
+    restricted to the patch columns, as a [g, g] grid (row-major patches).
+
+    `attentions` is [L, H, T, T] (one image of `Explanation.attentions`); token 0 is CLS and token
+    i + 1 is patch i; `layer` may be negative (-1 = last block); `head` None averages the heads."""
+    attentions = torch.as_tensor(attentions)
+    if attentions.ndim != 4 or attentions.shape[-1] != attentions.shape[-2]:
+        raise ValueError(f"attentions must be [L, H, T, T] for one image, got shape {tuple(attentions.shape)}")
+    n_layers, n_heads, tokens = attentions.shape[0], attentions.shape[1], attentions.shape[-1]
+    if not -n_layers <= layer < n_layers:
+        raise ValueError(f"layer must be in [{-n_layers}, {n_layers}), got {layer}")
+    if not 0 <= token < tokens:
+        raise ValueError(f"token must be in [0, {tokens}) (0 = CLS, i + 1 = patch i), got {token}")
+    if head is not None and not 0 <= head < n_heads:
+        raise ValueError(f"head must be None (mean over heads) or in [0, {n_heads}), got {head}")
+    per_layer = attentions[layer]
+    matrix = per_layer.mean(dim=0) if head is None else per_layer[head]
+    return cls_patch_map(matrix[token:token + 1])  # the row of `token` plays the CLS row's part

@@ -1,18 +1,390 @@
-"""Drawing helpers: numpy/PIL images and matplotlib figures drawn without pyplot's global state."""
+"""Drawing helpers: numpy/PIL images and matplotlib figures drawn without pyplot's global state.
+
+The hot-path helpers (everything the app redraws per click) use only numpy, PIL and matplotlib's
+colormap lookup tables, never a matplotlib Figure, so a whole explanation draws in a few ms.
+Maps come in raw from `vit_core.rollout`; normalising for display happens here.
+
+Patch order everywhere is row-major (patch i sits at row i // g, column i % g), the order of
+`vit_core.patchify` and of every map in `vit_core.rollout`.
+"""
 
 from __future__ import annotations
 
 import io
+from functools import lru_cache
 
+import matplotlib
+import numpy as np
 from matplotlib.figure import Figure
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
+HIGHLIGHT_COLOR = (255, 0, 0)
+BACKGROUND = (255, 255, 255)
+TEXT_COLOR = (0, 0, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Small building blocks
+
+def _to_numpy(array) -> np.ndarray:
+    if hasattr(array, "detach"):  # torch.Tensor, without importing torch here
+        array = array.detach().cpu().numpy()
+    return np.asarray(array, dtype=np.float64)
+
+
+def normalize_map(patch_map) -> np.ndarray:
+    """Min-max scale a map (torch or numpy, any shape) to [0, 1] as float32; a constant map gives
+    zeros. Non-finite entries are treated as the minimum."""
+    values = _to_numpy(patch_map)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(values.shape, dtype=np.float32)
+    low, high = values[finite].min(), values[finite].max()
+    values = np.where(finite, values, low)
+    if high - low <= 0:
+        return np.zeros(values.shape, dtype=np.float32)
+    return ((values - low) / (high - low)).astype(np.float32)
+
+
+@lru_cache(maxsize=32)
+def _lut(cmap: str) -> np.ndarray:
+    """A colormap as a [256, 3] uint8 lookup table."""
+    try:
+        colormap = matplotlib.colormaps[cmap]
+    except KeyError:
+        raise ValueError(f"unknown colormap {cmap!r}") from None
+    return np.round(colormap(np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
+
+
+def _colorize(unit: np.ndarray, cmap: str) -> np.ndarray:
+    """Values in [0, 1] of shape [...] -> uint8 colours [..., 3]."""
+    return _lut(cmap)[np.clip(np.round(unit * 255), 0, 255).astype(np.intp)]
+
+
+@lru_cache(maxsize=16)
+def _font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image, got {type(image).__name__}")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _square_grid(patch_map) -> np.ndarray:
+    """A map as a 2-D [g, g] array; a flat map of g*g values is reshaped row-major."""
+    values = _to_numpy(patch_map)
+    if values.ndim == 1:
+        grid = int(round(np.sqrt(values.size)))
+        if grid * grid != values.size:
+            raise ValueError(f"{values.size} values do not form a square grid")
+        values = values.reshape(grid, grid)
+    if values.ndim != 2 or values.shape[0] != values.shape[1]:
+        raise ValueError(f"expected a square map [g, g], got shape {values.shape}")
+    return values
+
+
+def _with_title(tile: Image.Image, title: str, font_size: int = 11) -> Image.Image:
+    """`tile` with `title` centred in a white band above it (the tile itself when title is empty)."""
+    if not title:
+        return tile
+    font = _font(font_size)
+    probe = ImageDraw.Draw(tile)
+    width, _ = _text_size(probe, title, font)
+    band = font_size + 6
+    out = Image.new("RGB", (max(tile.width, width + 4), tile.height + band), BACKGROUND)
+    out.paste(tile, ((out.width - tile.width) // 2, band))
+    ImageDraw.Draw(out).text((out.width // 2, band // 2), title, fill=TEXT_COLOR, font=font, anchor="mm")
+    return out
+
+
+def _hstack(tiles: list[Image.Image], spacing: int = 6) -> Image.Image:
+    """Tiles side by side, top-aligned, on white."""
+    if not tiles:
+        raise ValueError("nothing to draw")
+    width = sum(t.width for t in tiles) + spacing * (len(tiles) - 1)
+    out = Image.new("RGB", (width, max(t.height for t in tiles)), BACKGROUND)
+    x = 0
+    for tile in tiles:
+        out.paste(tile, (x, 0))
+        x += tile.width + spacing
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The image and its patches
+
+def upscale_nearest(image: Image.Image, scale: int) -> Image.Image:
+    """Enlarge by an integer factor with nearest-neighbour sampling (crisp pixels)."""
+    if int(scale) != scale or scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale}")
+    image = _rgb(image)
+    if scale == 1:
+        return image.copy()
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+
+
+def _patch_origin(index: int, grid_size: int, cell: int, gap: int) -> tuple[int, int]:
+    row, col = divmod(index, grid_size)
+    return gap + col * (cell + gap), gap + row * (cell + gap)
+
+
+def patch_grid(image: Image.Image, patch_size: int, scale: int = 8, gap: int = 2, numbered: bool = True,
+               highlight: int | None = None) -> Image.Image:
+    """The image cut into its patches: each patch upscaled by `scale`, separated (and framed) by
+    white gaps of `gap` pixels, numbered in row-major order, optionally one patch outlined.
+
+    A patch of `patch_size * scale` pixels starts at gap + k * (patch_size * scale + gap) along
+    each axis; `patch_grid_index` inverts this."""
+    image = _rgb(image)
+    if image.width != image.height or image.width % patch_size:
+        raise ValueError(f"image {image.width}x{image.height} is not square with sides divisible "
+                         f"by patch size {patch_size}")
+    if gap < 0:
+        raise ValueError(f"gap must be >= 0, got {gap}")
+    grid = image.width // patch_size
+    cell = patch_size * scale
+    side = grid * cell + (grid + 1) * gap
+    pixels = np.asarray(upscale_nearest(image, scale))
+    canvas = np.full((side, side, 3), 255, dtype=np.uint8)
+    # Each patch row of pixels moves down by `gap` per row of patches; likewise for columns.
+    rows = np.arange(grid * cell)
+    offsets = gap + rows + (rows // cell) * gap
+    canvas[np.ix_(offsets, offsets)] = pixels
+    out = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(out)
+    if numbered:
+        font = _font(max(7, min(12, cell // 3)))
+        for index in range(grid * grid):
+            x0, y0 = _patch_origin(index, grid, cell, gap)
+            label = str(index)
+            width, height = _text_size(draw, label, font)
+            draw.rectangle((x0, y0, x0 + width + 2, y0 + height + 3), fill=(0, 0, 0))
+            draw.text((x0 + 1, y0 + 1), label, fill=(255, 255, 255), font=font, anchor="lt")
+    if highlight is not None:
+        _check_patch(highlight, grid)
+        x0, y0 = _patch_origin(highlight, grid, cell, gap)
+        width = max(2, gap)
+        draw.rectangle((x0 - gap, y0 - gap, x0 + cell + gap - 1, y0 + cell + gap - 1),
+                       outline=HIGHLIGHT_COLOR, width=width)
+    return out
+
+
+def _check_patch(index: int, grid: int) -> None:
+    if not 0 <= index < grid * grid:
+        raise ValueError(f"patch index must be in [0, {grid * grid}), got {index}")
+
+
+def patch_grid_index(x: float, y: float, grid_size: int, patch_size: int, scale: int = 8,
+                     gap: int = 2) -> int | None:
+    """Pixel (x, y) of a `patch_grid` image -> row-major patch index; None in a gap or outside."""
+    cell = patch_size * scale
+
+    def axis(v: float) -> int | None:
+        v = v - gap
+        if v < 0:
+            return None
+        k, within = divmod(v, cell + gap)
+        return int(k) if within < cell and k < grid_size else None
+
+    col, row = axis(x), axis(y)
+    if col is None or row is None:
+        return None
+    return row * grid_size + col
+
+
+def patch_index_at(x: float, y: float, width: int, height: int, grid_size: int) -> int:
+    """Pixel (x, y) of a plain square rendering of the image (no gaps) of size width x height
+    -> row-major patch index, clamped to the grid."""
+    col = min(max(int(x * grid_size // width), 0), grid_size - 1)
+    row = min(max(int(y * grid_size // height), 0), grid_size - 1)
+    return row * grid_size + col
+
+
+# ----------------------------------------------------------------------------------------------
+# Maps over the image
+
+def _map_colors(patch_map, size: tuple[int, int], cmap: str) -> np.ndarray:
+    """Normalised map coloured and blown up to `size` (w, h) with crisp nearest-neighbour cells."""
+    colors = _colorize(normalize_map(_square_grid(patch_map)), cmap)
+    grid = colors.shape[0]
+    width, height = size
+    if width % grid == 0 and height % grid == 0:
+        return colors.repeat(height // grid, axis=0).repeat(width // grid, axis=1)
+    return np.asarray(Image.fromarray(colors).resize(size, Image.Resampling.NEAREST))
+
+
+def _outline_cell(image: Image.Image, index: int, grid: int) -> None:
+    _check_patch(index, grid)
+    row, col = divmod(index, grid)
+    cw, ch = image.width / grid, image.height / grid
+    ImageDraw.Draw(image).rectangle(
+        (round(col * cw), round(row * ch), round((col + 1) * cw) - 1, round((row + 1) * ch) - 1),
+        outline=HIGHLIGHT_COLOR, width=2)
+
+
+def overlay_map(image: Image.Image, patch_map, alpha: float = 0.5, cmap: str = "jet", scale: int = 8,
+                highlight: int | None = None) -> Image.Image:
+    """A [g, g] map, min-max normalised and coloured, with one crisp block per patch, blended over
+    the image upscaled by `scale`: (1 - alpha) * image + alpha * colour. Optionally outlines one
+    patch (row-major index)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    base = upscale_nearest(image, scale)
+    colors = _map_colors(patch_map, base.size, cmap)
+    blended = (1.0 - alpha) * np.asarray(base, dtype=np.float32) + alpha * colors
+    out = Image.fromarray(np.clip(np.round(blended), 0, 255).astype(np.uint8))
+    if highlight is not None:
+        _outline_cell(out, highlight, _square_grid(patch_map).shape[0])
+    return out
+
+
+def map_strip(maps, image: Image.Image | None = None, titles: list[str] | None = None, alpha: float = 0.6,
+              cmap: str = "jet", scale: int = 4) -> Image.Image:
+    """Per-layer maps [L, g, g] in a row, each normalised on its own, overlaid on `image` (upscaled
+    by `scale`) when given; without an image each map cell is drawn 4 * scale pixels wide.
+    Titles default to "layer 1" ... "layer L"."""
+    maps = _to_numpy(maps)
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be [L, g, g], got shape {maps.shape}")
+    if titles is None:
+        titles = [f"layer {i + 1}" for i in range(len(maps))]
+    if len(titles) != len(maps):
+        raise ValueError(f"{len(titles)} titles for {len(maps)} maps")
+    tiles = []
+    for patch_map, title in zip(maps, titles):
+        if image is not None:
+            tile = overlay_map(image, patch_map, alpha=alpha, cmap=cmap, scale=scale)
+        else:
+            side = maps.shape[-1] * 4 * scale
+            tile = Image.fromarray(_map_colors(patch_map, (side, side), cmap))
+        tiles.append(_with_title(tile, title, font_size=10))
+    return _hstack(tiles, spacing=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention matrices
+
+def _ticks(tokens: int, step: int) -> list[tuple[int, str]]:
+    """Token positions to label: CLS, then patch indices every `step` patches."""
+    return [(0, "CLS")] + [(1 + i, str(i)) for i in range(0, tokens - 1, step)]
+
+
+def attention_matrix_image(matrix, title: str = "", highlight_token: int | None = None,
+                           cmap: str = "viridis", cell: int = 4, labels: bool = True) -> Image.Image:
+    """A [T, T] attention matrix as a heatmap, `cell` pixels per entry, colours min-max normalised
+    per matrix. Row = query token, column = key token; token 0 is CLS, token i + 1 is patch i.
+    With `labels`, both axes carry "CLS" and patch indices (every 8th when cells are small) and
+    a footnote says which axis is which. `highlight_token` outlines that token's row and column."""
+    values = _to_numpy(matrix)
+    if values.ndim != 2 or values.shape[0] != values.shape[1]:
+        raise ValueError(f"expected a square matrix [T, T], got shape {values.shape}")
+    if int(cell) != cell or cell < 1:
+        raise ValueError(f"cell must be a positive integer, got {cell}")
+    tokens = values.shape[0]
+    heat = Image.fromarray(_colorize(normalize_map(values), cmap))
+    if cell > 1:
+        heat = heat.resize((tokens * cell, tokens * cell), Image.Resampling.NEAREST)
+    if highlight_token is not None:
+        if not 0 <= highlight_token < tokens:
+            raise ValueError(f"highlight_token must be in [0, {tokens}), got {highlight_token}")
+        draw = ImageDraw.Draw(heat)
+        k, side = highlight_token * cell, tokens * cell - 1
+        width = 1 if cell < 4 else 2
+        draw.rectangle((0, k, side, k + cell - 1), outline=HIGHLIGHT_COLOR, width=width)
+        draw.rectangle((k, 0, k + cell - 1, side), outline=HIGHLIGHT_COLOR, width=width)
+    if not labels:
+        return _with_title(heat, title)
+
+    font = _font(9)
+    probe = ImageDraw.Draw(heat)
+    step = 8 if cell * 8 >= 16 else 16
+    ticks = _ticks(tokens, step)
+    label_w = max(_text_size(probe, text, font)[0] for _, text in ticks)
+    line_h = 11
+    left, top, bottom = label_w + 6, line_h + 4, line_h + 4
+    out = Image.new("RGB", (left + heat.width + 6, top + heat.height + bottom), BACKGROUND)
+    out.paste(heat, (left, top))
+    draw = ImageDraw.Draw(out)
+    last_x, last_y = -1e9, -1e9
+    for token, text in ticks:
+        centre = token * cell + cell / 2
+        text_w = _text_size(draw, text, font)[0]
+        if centre - last_y >= line_h:  # rows (query tokens), left of the heatmap
+            draw.text((left - 4, top + centre), text, fill=TEXT_COLOR, font=font, anchor="rm")
+            draw.line((left - 3, top + centre, left - 1, top + centre), fill=TEXT_COLOR)
+            last_y = centre
+        if centre - last_x >= text_w + 4:  # columns (key tokens), above the heatmap
+            draw.text((left + centre, top - 3), text, fill=TEXT_COLOR, font=font, anchor="mb")
+            last_x = centre + text_w / 2
+    draw.text((left, top + heat.height + 2), "rows: query, cols: key", fill=(90, 90, 90), font=font,
+              anchor="lt")
+    return _with_title(out, title)
+
+
+def attention_matrix_grid(matrices, titles: list[str] | None = None, cell: int = 2,
+                          highlight_token: int | None = None) -> Image.Image:
+    """[L, T, T] matrices as thumbnails side by side, titled "layer 1" ... by default."""
+    matrices = _to_numpy(matrices)
+    if matrices.ndim != 3:
+        raise ValueError(f"matrices must be [L, T, T], got shape {matrices.shape}")
+    if titles is None:
+        titles = [f"layer {i + 1}" for i in range(len(matrices))]
+    if len(titles) != len(matrices):
+        raise ValueError(f"{len(titles)} titles for {len(matrices)} matrices")
+    tiles = [attention_matrix_image(m, title=t, highlight_token=highlight_token, cell=cell, labels=False)
+             for m, t in zip(matrices, titles)]
+    return _hstack(tiles)
+
+
+# ----------------------------------------------------------------------------------------------
+# Matplotlib figures (not on the per-click path)
 
 def figure_to_image(fig: Figure, dpi: int = 100) -> Image.Image:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     buffer.seek(0)
     return Image.open(buffer).convert("RGB")
+
+
+def _curve_auc(curve: np.ndarray) -> float:
+    """Trapezoid area under a curve sampled at evenly spaced x in [0, 1]."""
+    if len(curve) < 2:
+        return float(curve[0]) if len(curve) else float("nan")
+    return float(((curve[:-1] + curve[1:]) / 2).sum() / (len(curve) - 1))
+
+
+def plot_curves(curves: dict[str, np.ndarray], title: str, ylabel: str = "target probability") -> Image.Image:
+    """Deletion or insertion curves: x = fraction of patches removed/inserted. Each value is a
+    curve [K] or a batch of curves [B, K] (drawn as the mean with a +-1 std band); the legend
+    shows each method's AUC (of the mean curve, which equals the mean AUC)."""
+    if not curves:
+        raise ValueError("plot_curves needs at least one curve")
+    fig = Figure(figsize=(5, 3.6))
+    ax = fig.subplots()
+    for name, values in curves.items():
+        values = _to_numpy(values)
+        if values.ndim == 1:
+            values = values[None]
+        if values.ndim != 2 or values.shape[1] < 2:
+            raise ValueError(f"curve {name!r} must be [K] or [B, K] with K >= 2, got {values.shape}")
+        mean = values.mean(axis=0)
+        x = np.linspace(0.0, 1.0, len(mean))
+        (line,) = ax.plot(x, mean, label=f"{name} (AUC {_curve_auc(mean):.3f})")
+        if len(values) > 1:
+            std = values.std(axis=0)
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.set(title=title, xlabel="fraction of patches", ylabel=ylabel, xlim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return figure_to_image(fig)
 
 
 def plot_training_history(history: list[dict]) -> Image.Image:
