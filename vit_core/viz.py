@@ -90,17 +90,25 @@ def _square_grid(patch_map) -> np.ndarray:
     return values
 
 
+@lru_cache(maxsize=256)
+def _title_band(title: str, min_width: int, font_size: int) -> Image.Image:
+    """A white band with `title` centred, at least `min_width` wide (cached: titles repeat)."""
+    font = _font(font_size)
+    width, _ = _text_size(ImageDraw.Draw(Image.new("RGB", (1, 1))), title, font)
+    band = Image.new("RGB", (max(min_width, width + 4), font_size + 6), BACKGROUND)
+    ImageDraw.Draw(band).text((band.width // 2, band.height // 2), title, fill=TEXT_COLOR, font=font,
+                              anchor="mm")
+    return band
+
+
 def _with_title(tile: Image.Image, title: str, font_size: int = 11) -> Image.Image:
     """`tile` with `title` centred in a white band above it (the tile itself when title is empty)."""
     if not title:
         return tile
-    font = _font(font_size)
-    probe = ImageDraw.Draw(tile)
-    width, _ = _text_size(probe, title, font)
-    band = font_size + 6
-    out = Image.new("RGB", (max(tile.width, width + 4), tile.height + band), BACKGROUND)
-    out.paste(tile, ((out.width - tile.width) // 2, band))
-    ImageDraw.Draw(out).text((out.width // 2, band // 2), title, fill=TEXT_COLOR, font=font, anchor="mm")
+    band = _title_band(title, tile.width, font_size)
+    out = Image.new("RGB", (band.width, tile.height + band.height), BACKGROUND)
+    out.paste(band, (0, 0))
+    out.paste(tile, ((out.width - tile.width) // 2, band.height))
     return out
 
 
@@ -150,30 +158,45 @@ def patch_grid(image: Image.Image, patch_size: int, scale: int = 8, gap: int = 2
         raise ValueError(f"gap must be >= 0, got {gap}")
     grid = image.width // patch_size
     cell = patch_size * scale
-    side = grid * cell + (grid + 1) * gap
-    pixels = np.asarray(upscale_nearest(image, scale))
+    side = grid * (cell + gap) + gap
+    pixels = np.asarray(upscale_nearest(image, scale)).reshape(grid, cell, grid, cell, 3)
     canvas = np.full((side, side, 3), 255, dtype=np.uint8)
-    # Each patch row of pixels moves down by `gap` per row of patches; likewise for columns.
-    rows = np.arange(grid * cell)
-    offsets = gap + rows + (rows // cell) * gap
-    canvas[np.ix_(offsets, offsets)] = pixels
-    out = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(out)
+    # Below and right of the first gap, the canvas is grid x grid blocks of (cell + gap) pixels,
+    # each a patch followed by its gap.
+    blocks = canvas[gap:, gap:].reshape(grid, cell + gap, grid, cell + gap, 3)
+    blocks[:, :cell, :, :cell] = pixels
     if numbered:
-        font = _font(max(7, min(12, cell // 3)))
-        for index in range(grid * grid):
-            x0, y0 = _patch_origin(index, grid, cell, gap)
-            label = str(index)
-            width, height = _text_size(draw, label, font)
-            draw.rectangle((x0, y0, x0 + width + 2, y0 + height + 3), fill=(0, 0, 0))
-            draw.text((x0 + 1, y0 + 1), label, fill=(255, 255, 255), font=font, anchor="lt")
+        mask, colors = _number_layer(grid, cell, gap)
+        canvas[mask] = colors[mask]
+    out = Image.fromarray(canvas)
     if highlight is not None:
         _check_patch(highlight, grid)
         x0, y0 = _patch_origin(highlight, grid, cell, gap)
         width = max(2, gap)
-        draw.rectangle((x0 - gap, y0 - gap, x0 + cell + gap - 1, y0 + cell + gap - 1),
+        ImageDraw.Draw(out).rectangle((x0 - gap, y0 - gap, x0 + cell + gap - 1, y0 + cell + gap - 1),
                        outline=HIGHLIGHT_COLOR, width=width)
     return out
+
+
+@lru_cache(maxsize=8)
+def _number_layer(grid: int, cell: int, gap: int) -> tuple[np.ndarray, np.ndarray]:
+    """The patch numbers of a `patch_grid` (white on small black boxes), drawn once per layout:
+    a mask [side, side] of the pixels they cover and their colours [side, side, 3]."""
+    side = grid * (cell + gap) + gap
+    layer = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    font = _font(max(7, min(12, cell // 3)))
+    for index in range(grid * grid):
+        x0, y0 = _patch_origin(index, grid, cell, gap)
+        label = str(index)
+        width, height = _text_size(draw, label, font)
+        box = (x0, y0, min(x0 + width + 2, x0 + cell - 1), min(y0 + height + 3, y0 + cell - 1))
+        draw.rectangle(box, fill=(0, 0, 0, 255))
+        draw.text((x0 + 1, y0 + 1), label, fill=(255, 255, 255, 255), font=font, anchor="lt")
+    rgba = np.asarray(layer)
+    mask, colors = rgba[..., 3] > 0, np.ascontiguousarray(rgba[..., :3])
+    mask.flags.writeable = colors.flags.writeable = False
+    return mask, colors
 
 
 def _check_patch(index: int, grid: int) -> None:
@@ -237,9 +260,8 @@ def overlay_map(image: Image.Image, patch_map, alpha: float = 0.5, cmap: str = "
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     base = upscale_nearest(image, scale)
-    colors = _map_colors(patch_map, base.size, cmap)
-    blended = (1.0 - alpha) * np.asarray(base, dtype=np.float32) + alpha * colors
-    out = Image.fromarray(np.clip(np.round(blended), 0, 255).astype(np.uint8))
+    colors = Image.fromarray(_map_colors(patch_map, base.size, cmap))
+    out = Image.blend(base, colors, alpha)  # (1 - alpha) * base + alpha * colors, in C
     if highlight is not None:
         _outline_cell(out, highlight, _square_grid(patch_map).shape[0])
     return out
@@ -302,15 +324,25 @@ def attention_matrix_image(matrix, title: str = "", highlight_token: int | None 
     if not labels:
         return _with_title(heat, title)
 
+    frame, (left, top) = _matrix_frame(tokens, cell)
+    out = frame.copy()
+    out.paste(heat, (left, top))
+    return _with_title(out, title)
+
+
+@lru_cache(maxsize=16)
+def _matrix_frame(tokens: int, cell: int) -> tuple[Image.Image, tuple[int, int]]:
+    """White canvas with the axis labels of a [tokens, tokens] heatmap of `cell`-pixel entries,
+    and where the heatmap goes (cached: the same for every matrix of a model)."""
     font = _font(9)
-    probe = ImageDraw.Draw(heat)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     step = 8 if cell * 8 >= 16 else 16
     ticks = _ticks(tokens, step)
     label_w = max(_text_size(probe, text, font)[0] for _, text in ticks)
     line_h = 11
+    side = tokens * cell
     left, top, bottom = label_w + 6, line_h + 4, line_h + 4
-    out = Image.new("RGB", (left + heat.width + 6, top + heat.height + bottom), BACKGROUND)
-    out.paste(heat, (left, top))
+    out = Image.new("RGB", (left + side + 6, top + side + bottom), BACKGROUND)
     draw = ImageDraw.Draw(out)
     last_x, last_y = -1e9, -1e9
     for token, text in ticks:
@@ -323,9 +355,8 @@ def attention_matrix_image(matrix, title: str = "", highlight_token: int | None 
         if centre - last_x >= text_w + 4:  # columns (key tokens), above the heatmap
             draw.text((left + centre, top - 3), text, fill=TEXT_COLOR, font=font, anchor="mb")
             last_x = centre + text_w / 2
-    draw.text((left, top + heat.height + 2), "rows: query, cols: key", fill=(90, 90, 90), font=font,
-              anchor="lt")
-    return _with_title(out, title)
+    draw.text((left, top + side + 2), "rows: query, cols: key", fill=(90, 90, 90), font=font, anchor="lt")
+    return out, (left, top)
 
 
 def attention_matrix_grid(matrices, titles: list[str] | None = None, cell: int = 2,
