@@ -1,0 +1,405 @@
+"""Rollout, gradient rollout and `explain`: hand-worked examples, invariants, and agreement with
+slow, obviously-correct loops written here."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vit_core import (Explanation, attention_rollout, cls_patch_map, discard_weakest, explain, fuse_heads,
+                      gradient_rollout, patchify, token_map)
+
+from conftest import make_tiny
+
+A1 = [[0.5, 0.3, 0.2],
+      [0.1, 0.6, 0.3],
+      [0.2, 0.2, 0.6]]
+A2 = [[0.2, 0.4, 0.4],
+      [0.3, 0.3, 0.4],
+      [0.0, 0.5, 0.5]]
+
+
+def as_attn(*layers) -> torch.Tensor:
+    """Single-head layers [T, T] -> [B=1, L, H=1, T, T] (float64 for exact comparisons)."""
+    return torch.tensor(layers, dtype=torch.float64)[None, :, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# attention_rollout on hand-built matrices
+
+def test_one_layer_adds_identity_and_renormalises():
+    # (A1 + I): rows [1.5, .3, .2], [.1, 1.6, .3], [.2, .2, 1.6], each summing to 2.
+    expected = [[0.75, 0.15, 0.10],
+                [0.05, 0.80, 0.15],
+                [0.10, 0.10, 0.80]]
+    torch.testing.assert_close(attention_rollout(as_attn(A1))[0], torch.tensor(expected, dtype=torch.float64))
+
+
+def test_two_layers_multiply_later_layer_on_the_left():
+    # Â1 as above; Â2 = (A2 + I) / 2 = [[.6, .2, .2], [.15, .65, .2], [0, .25, .75]].
+    # joint = Â2 @ Â1, worked out row by row, e.g. row 0 = .6*[.75,.15,.1] + .2*[.05,.8,.15] + .2*[.1,.1,.8].
+    expected = [[0.48, 0.27, 0.25],
+                [0.165, 0.5625, 0.2725],
+                [0.0875, 0.275, 0.6375]]
+    torch.testing.assert_close(attention_rollout(as_attn(A1, A2))[0], torch.tensor(expected, dtype=torch.float64))
+    # The other order (Â1 @ Â2) has first row [.4725, .2725, .255]: the test tells them apart.
+    assert not torch.allclose(attention_rollout(as_attn(A1, A2))[0, 0],
+                              torch.tensor([0.4725, 0.2725, 0.255], dtype=torch.float64))
+
+
+def test_start_layer_skips_earlier_layers():
+    expected = [[0.6, 0.2, 0.2], [0.15, 0.65, 0.2], [0.0, 0.25, 0.75]]
+    got = attention_rollout(as_attn(A1, A2), start_layer=1)[0]
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_fusions_on_two_heads():
+    heads = torch.tensor([[[0.9, 0.1], [0.4, 0.6]],
+                          [[0.5, 0.5], [0.2, 0.8]]], dtype=torch.float64)
+    torch.testing.assert_close(fuse_heads(heads, "mean"), torch.tensor([[0.7, 0.3], [0.3, 0.7]], dtype=torch.float64))
+    torch.testing.assert_close(fuse_heads(heads, "max"), torch.tensor([[0.9, 0.5], [0.4, 0.8]], dtype=torch.float64))
+    torch.testing.assert_close(fuse_heads(heads, "min"), torch.tensor([[0.5, 0.1], [0.2, 0.6]], dtype=torch.float64))
+    # Rollout with max fusion: max + I = [[1.9, .5], [.4, 1.8]], row sums 2.4 and 2.2.
+    got = attention_rollout(heads[None, None], head_fusion="max")[0]
+    torch.testing.assert_close(got, torch.tensor([[19 / 24, 5 / 24], [4 / 22, 18 / 22]], dtype=torch.float64))
+    got = attention_rollout(heads[None, None], head_fusion="min")[0]  # min + I = [[1.5, .1], [.2, 1.6]]
+    torch.testing.assert_close(got, torch.tensor([[15 / 16, 1 / 16], [2 / 18, 16 / 18]], dtype=torch.float64))
+
+
+def test_discard_zeroes_smallest_patch_entries_never_cls():
+    rows = torch.tensor([[0.10, 0.50, 0.20, 0.15, 0.05],
+                         [0.01, 0.30, 0.29, 0.20, 0.20]])
+    # T - 1 = 4 patch columns; ratio 0.5 drops floor(2.0) = 2 per row, ratio 0.3 drops floor(1.2) = 1.
+    # Row 0: CLS (0.10) is smaller than 0.15 but is never discarded. Row 1: CLS is the smallest.
+    torch.testing.assert_close(discard_weakest(rows, 0.5),
+                               torch.tensor([[0.10, 0.50, 0.20, 0.0, 0.0], [0.01, 0.30, 0.29, 0.0, 0.0]]))
+    # Row 1 has a tie (0.20, 0.20) for the one entry to drop: either may go, but only one.
+    assert discard_weakest(rows, 0.3)[0].tolist() == pytest.approx([0.10, 0.50, 0.20, 0.15, 0.0])
+    assert sorted(discard_weakest(rows, 0.3)[1].tolist()) == pytest.approx([0.0, 0.01, 0.20, 0.29, 0.30])
+    torch.testing.assert_close(discard_weakest(rows, 0.0), rows)
+    assert rows[0, 4] == 0.05  # the input is not modified
+
+
+def test_discard_inside_rollout():
+    # ratio 0.5 with 2 patch columns drops 1 per row: A1 row 0 [.5, .3, .2] -> [.5, .3, 0],
+    # + I -> [1.5, .3, 0], / 1.8 -> [5/6, 1/6, 0].
+    got = attention_rollout(as_attn(A1), discard_ratio=0.5)[0, 0]
+    torch.testing.assert_close(got, torch.tensor([5 / 6, 1 / 6, 0.0], dtype=torch.float64))
+
+
+def test_identity_attention_gives_identity():
+    eye = torch.eye(5).expand(2, 3, 4, 5, 5)
+    for fusion in ("mean", "max", "min"):
+        for ratio in (0.0, 0.5):
+            torch.testing.assert_close(attention_rollout(eye, fusion, ratio), torch.eye(5).expand(2, 5, 5))
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max", "min"])
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.9])
+def test_rows_of_joint_sum_to_one(fusion, ratio):
+    scores = torch.randn(2, 4, 3, 17, 17, generator=torch.Generator().manual_seed(0))
+    attentions = scores.softmax(-1)
+    for start in range(4):
+        joint = attention_rollout(attentions, fusion, ratio, start_layer=start)
+        torch.testing.assert_close(joint.sum(-1), torch.ones(2, 17))
+        assert (joint >= 0).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(head_fusion="median"), "head_fusion"),
+    (dict(discard_ratio=1.0), "discard_ratio"),
+    (dict(discard_ratio=-0.1), "discard_ratio"),
+    (dict(start_layer=5), "start_layer"),
+])
+def test_rollout_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        attention_rollout(torch.rand(1, 2, 2, 5, 5), **kwargs)
+
+
+def test_rollout_wrong_rank():
+    with pytest.raises(ValueError, match=r"\[B, L, H, T, T\]"):
+        attention_rollout(torch.rand(2, 2, 5, 5))
+
+
+# ----------------------------------------------------------------------------------------------
+# gradient_rollout
+
+def test_gradient_rollout_hand_example():
+    # T = 5 (a 2x2 grid), two heads, A = 0.5 everywhere, so grad * A = 0.5 * grad.
+    attentions = torch.full((1, 2, 2, 5, 5), 0.5, dtype=torch.float64)
+    grads = torch.zeros_like(attentions)
+    grads[0, 0, 0, 0] = torch.tensor([2.0, 4.0, -2.0, 0.0, 0.0])  # layer 1 head 0 -> [1, 2, 0(neg), 0, 0]
+    grads[0, 0, 1, 0] = torch.tensor([0.0, 0.0, 2.0, 0.0, 2.0])   # layer 1 head 1 -> [0, 0, 1, 0, 1]
+    grads[0, 0, 0, 1, 4] = 4.0                                     # layer 1 head 0, token 1 -> token 4: 2
+    grads[0, 1, 0, 0, 1] = 2.0                                     # layer 2 head 0, CLS -> token 1: 1
+    # Ā1 (head mean): row 0 = [.5, 1, .5, 0, .5], row 1 = [0, 0, 0, 0, 1]; R1 = I + Ā1:
+    #   R1[0] = [1.5, 1, .5, 0, .5], R1[1] = [0, 1, 0, 0, 1].
+    # Ā2: row 0 = [0, .5, 0, 0, 0]; R2 = R1 + Ā2 R1: R2[0] = R1[0] + .5 R1[1] = [1.5, 1.5, .5, 0, 1].
+    relevance = gradient_rollout(attentions, grads)
+    torch.testing.assert_close(relevance[0, 0], torch.tensor([1.5, 1.5, 0.5, 0.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(cls_patch_map(relevance)[0], torch.tensor([[1.5, 0.5], [0.0, 1.0]], dtype=torch.float64))
+    torch.testing.assert_close(relevance[0, 1], torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(relevance[0, 2:], torch.eye(5, dtype=torch.float64)[2:])
+
+
+def test_gradient_rollout_is_zero_when_target_ignores_attention(tiny_model, tiny_images):
+    # The target logit is a constant (its head row is zero), so every gradient is 0 and R = I.
+    with torch.no_grad():
+        tiny_model.head.weight[4] = 0.0
+    result = explain(tiny_model, tiny_images, target=4)
+    assert torch.equal(result.grad_rollout, torch.zeros_like(result.grad_rollout))
+    assert result.rollout.abs().sum() > 0  # plain rollout does not depend on the class
+
+
+def test_gradient_rollout_is_class_specific_one_block():
+    # One block; classes 0 and 1 have opposite head rows, so their attention gradients are
+    # opposite: G1 = -G0. Then max(0, G0 A) - max(0, -G0 A) = G0 A, hence (R = I + Ā, one layer)
+    # map(class 0) - map(class 1) = mean_h(G0 * A)[CLS, patches] - a known, signed answer.
+    model = make_tiny(depth=1)
+    with torch.no_grad():
+        model.head.weight[1] = -model.head.weight[0]
+        model.head.bias[1] = model.head.bias[0]
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    m0, m1 = explain(model, images, target=0), explain(model, images, target=1)
+    logits, (attention,) = model(images, return_attention=True)
+    (grad,) = torch.autograd.grad(logits[:, 0].sum(), attention)
+    expected = cls_patch_map((grad * attention).mean(dim=1)).detach()
+    torch.testing.assert_close(m0.grad_rollout - m1.grad_rollout, expected, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(m0.grad_rollout, m1.grad_rollout)
+    torch.testing.assert_close(m0.rollout, m1.rollout)
+
+
+# ----------------------------------------------------------------------------------------------
+# explain against a slow, obviously-correct loop
+
+def slow_explain(model, image: torch.Tensor, target: int | None, fusion: str, ratio: float):
+    """One image [3, S, S]: explicit per-patch, per-head loops using the model's parameters."""
+    p, g = model.patch_size, model.grid_size
+    patches = [image[:, r * p:(r + 1) * p, c * p:(c + 1) * p].reshape(-1) for r in range(g) for c in range(g)]
+    x = torch.stack(patches) @ model.patch_embed.weight.T + model.patch_embed.bias
+    x = torch.cat([model.cls_token[0], x]) + model.pos_embed[0]
+    heads_per_layer = []
+    for block in model.blocks:
+        h = block.norm1(x)
+        mha = block.attn
+        emb, n_heads = x.shape[-1], mha.num_heads
+        d = emb // n_heads
+        outputs, probs = [], []
+        for head in range(n_heads):
+            rows = slice(head * d, (head + 1) * d)
+            q = h @ mha.in_proj_weight[:emb][rows].T + mha.in_proj_bias[:emb][rows]
+            k = h @ mha.in_proj_weight[emb:2 * emb][rows].T + mha.in_proj_bias[emb:2 * emb][rows]
+            v = h @ mha.in_proj_weight[2 * emb:][rows].T + mha.in_proj_bias[2 * emb:][rows]
+            a = torch.softmax(q @ k.T / math.sqrt(d), dim=-1)
+            a.retain_grad()
+            probs.append(a)
+            outputs.append(a @ v)
+        x = x + mha.out_proj(torch.cat(outputs, dim=-1))
+        x = x + block.mlp(block.norm2(x))
+        heads_per_layer.append(probs)
+    logits = model.head(model.norm(x)[0])
+    target = int(logits.argmax()) if target is None else target
+    logits[target].backward()
+
+    attn = np.array([[a.detach().numpy() for a in probs] for probs in heads_per_layer], dtype=np.float64)
+    grads = np.array([[a.grad.numpy() for a in probs] for probs in heads_per_layer], dtype=np.float64)
+    n_layers, n_heads, tokens = attn.shape[0], attn.shape[1], attn.shape[-1]
+    n_drop = math.floor(ratio * (tokens - 1))
+    joint = np.eye(tokens)
+    fused_layers = []
+    for layer in range(n_layers):
+        fused = np.zeros((tokens, tokens))
+        for i in range(tokens):
+            for j in range(tokens):
+                values = [attn[layer, h, i, j] for h in range(n_heads)]
+                fused[i, j] = {"mean": sum(values) / n_heads, "max": max(values), "min": min(values)}[fusion]
+        fused_layers.append(fused.copy())
+        for i in range(tokens):
+            weakest = sorted(range(1, tokens), key=lambda j: fused[i, j])[:n_drop]
+            for j in weakest:
+                fused[i, j] = 0.0
+        a = fused + np.eye(tokens)
+        a = a / a.sum(axis=1, keepdims=True)
+        joint = a @ joint
+    relevance = np.eye(tokens)
+    for layer in range(n_layers):
+        bar = np.maximum(grads[layer] * attn[layer], 0).mean(axis=0)
+        relevance = relevance + bar @ relevance
+    as_grid = lambda row: row[1:].reshape(g, g)  # noqa: E731
+    return dict(probs=torch.softmax(logits.detach(), -1).numpy(), target=target, attentions=attn,
+                rollout=as_grid(joint[0]), grad_rollout=as_grid(relevance[0]),
+                layer_maps=np.stack([as_grid(f[0]) for f in fused_layers]))
+
+
+@pytest.mark.parametrize("fusion, ratio, target", [("mean", 0.0, None), ("max", 0.5, 3), ("min", 0.25, 7)])
+def test_explain_equals_slow_loop(tiny_model, tiny_images, fusion, ratio, target):
+    result = explain(tiny_model, tiny_images, target=target, head_fusion=fusion, discard_ratio=ratio)
+    assert isinstance(result, Explanation)
+    for b in range(len(tiny_images)):
+        slow = slow_explain(tiny_model, tiny_images[b], target, fusion, ratio)
+        assert int(result.target[b]) == slow["target"]
+        for name in ("probs", "attentions", "rollout", "grad_rollout", "layer_maps"):
+            np.testing.assert_allclose(getattr(result, name)[b].numpy(), slow[name], rtol=1e-4, atol=1e-5,
+                                       err_msg=name)
+        np.testing.assert_allclose(result.last_layer[b].numpy(), slow["layer_maps"][-1], rtol=1e-4, atol=1e-6)
+
+
+def test_explain_shapes_and_dtypes(tiny_model, tiny_images):
+    result = explain(tiny_model, tiny_images.double())
+    B, L, H, T, g = 3, 2, 4, 17, 4
+    assert result.probs.shape == (B, 10) and result.target.shape == (B,)
+    assert result.attentions.shape == (B, L, H, T, T)
+    assert result.rollout.shape == result.grad_rollout.shape == result.last_layer.shape == (B, g, g)
+    assert result.layer_maps.shape == (B, L, g, g)
+    for name in ("probs", "attentions", "rollout", "grad_rollout", "layer_maps", "last_layer"):
+        tensor = getattr(result, name)
+        assert tensor.dtype == torch.float32 and not tensor.requires_grad, name
+    torch.testing.assert_close(result.probs.sum(-1), torch.ones(B))
+    torch.testing.assert_close(result.attentions.sum(-1), torch.ones(B, L, H, T))
+    assert set(result.maps()) == {"rollout", "grad_rollout", "last_layer"}
+    assert set(result.as_numpy()) >= {"probs", "attentions", "rollout", "grad_rollout", "head_fusion"}
+
+
+def test_attentions_equal_qk_recomputation_and_mha_weights(tiny_model, tiny_images):
+    result = explain(tiny_model, tiny_images)
+    inputs = []
+    hooks = [block.norm1.register_forward_hook(lambda m, args, out: inputs.append(out.detach()))
+             for block in tiny_model.blocks]
+    try:
+        with torch.no_grad():
+            tiny_model(tiny_images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for layer, (block, h) in enumerate(zip(tiny_model.blocks, inputs)):
+        mha = block.attn
+        emb, heads = h.shape[-1], mha.num_heads
+        d = emb // heads
+        with torch.no_grad():
+            q = F.linear(h, mha.in_proj_weight[:emb], mha.in_proj_bias[:emb])
+            k = F.linear(h, mha.in_proj_weight[emb:2 * emb], mha.in_proj_bias[emb:2 * emb])
+            q = q.view(*h.shape[:2], heads, d).transpose(1, 2)
+            k = k.view(*h.shape[:2], heads, d).transpose(1, 2)
+            recomputed = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
+            _, mha_weights = mha(h, h, h, need_weights=True, average_attn_weights=False)
+        torch.testing.assert_close(result.attentions[:, layer], recomputed, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(result.attentions[:, layer], mha_weights, atol=1e-6, rtol=1e-5)
+
+
+def test_exactly_one_forward_and_one_backward(tiny_model, tiny_images):
+    calls = {"model": 0, "blocks": [0] * len(tiny_model.blocks), "backward": 0}
+
+    def count_model(*_):
+        calls["model"] += 1
+
+    def count_block(i):
+        def hook(*_):
+            calls["blocks"][i] += 1
+        return hook
+
+    def count_backward(*_):
+        calls["backward"] += 1
+
+    handles = [tiny_model.register_forward_hook(count_model),
+               tiny_model.head.register_full_backward_hook(count_backward)]
+    handles += [block.register_forward_hook(count_block(i)) for i, block in enumerate(tiny_model.blocks)]
+    try:
+        explain(tiny_model, tiny_images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls["model"] == 1
+    assert calls["blocks"] == [1] * len(tiny_model.blocks)
+    assert calls["backward"] == 1
+
+
+def test_batch_equals_single_calls(tiny_model, tiny_images):
+    for target in (None, 2, torch.tensor([1, 5, 9])):
+        batched = explain(tiny_model, tiny_images, target=target, head_fusion="max", discard_ratio=0.2)
+        for b in range(len(tiny_images)):
+            single_target = target[b:b + 1] if isinstance(target, torch.Tensor) else target
+            single = explain(tiny_model, tiny_images[b:b + 1], target=single_target, head_fusion="max",
+                             discard_ratio=0.2)
+            for name in ("probs", "target", "attentions", "rollout", "grad_rollout", "layer_maps", "last_layer"):
+                torch.testing.assert_close(getattr(batched, name)[b:b + 1], getattr(single, name),
+                                           atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_explain_restores_training_mode_and_leaves_no_grads(tiny_model, tiny_images):
+    tiny_model.train()
+    explain(tiny_model, tiny_images)
+    assert tiny_model.training
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(head_fusion="sum"), ValueError, "head_fusion"),
+    (dict(discard_ratio=1.0), ValueError, "discard_ratio"),
+    (dict(discard_ratio=-0.5), ValueError, "discard_ratio"),
+    (dict(target=10), ValueError, "target"),
+    (dict(target=-1), ValueError, "target"),
+])
+def test_explain_bad_arguments(tiny_model, tiny_images, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        explain(tiny_model, tiny_images, **kwargs)
+
+
+def test_explain_wrong_image_shape(tiny_model):
+    with pytest.raises(ValueError, match="images must be"):
+        explain(tiny_model, torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="images must be"):
+        explain(tiny_model, torch.randn(3, 16, 16))
+
+
+# ----------------------------------------------------------------------------------------------
+# Patch order and token_map
+
+def test_token_order_is_row_major_like_patchify(tiny_model):
+    # Only patch (row 1, col 2) is non-zero: exactly token 1 + 1 * 4 + 2 = 7 changes its embedding.
+    image = torch.zeros(1, 3, 16, 16)
+    image[:, :, 4:8, 8:12] = 1.0
+    assert torch.equal(patchify(image, 4)[0, 1, 2], image[0, :, 4:8, 8:12])
+    with torch.no_grad():
+        changed = (tiny_model.embed(image) - tiny_model.embed(torch.zeros_like(image))).abs().sum(-1)[0]
+    assert changed.nonzero().flatten().tolist() == [7]
+
+
+def test_cls_patch_map_places_patch_i_at_row_major_cell():
+    matrix = torch.zeros(17, 17)
+    matrix[0, 1 + 6] = 1.0  # CLS attends to patch 6 = row 1, col 2 of a 4x4 grid
+    grid = cls_patch_map(matrix)
+    assert grid.shape == (4, 4) and grid[1, 2] == 1.0 and grid.sum() == 1.0
+
+
+def test_token_map_hand_example():
+    attentions = torch.zeros(2, 3, 5, 5)  # L=2, H=3, T=5 (2x2 grid)
+    attentions[1, 0, 3] = torch.tensor([0.1, 0.0, 0.0, 0.0, 0.9])  # layer 2, head 0: patch 2 -> patch 3
+    attentions[1, 1, 3] = torch.tensor([0.4, 0.6, 0.0, 0.0, 0.0])  # head 1: patch 2 -> patch 0
+    attentions[0, 2, 0] = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0])  # layer 1, head 2: CLS -> patch 1
+    torch.testing.assert_close(token_map(attentions, token=3, layer=1, head=0), torch.tensor([[0.0, 0.0], [0.0, 0.9]]))
+    torch.testing.assert_close(token_map(attentions, token=3, layer=-1), torch.tensor([[0.2, 0.0], [0.0, 0.3]]))
+    torch.testing.assert_close(token_map(attentions, token=0, layer=0, head=2), torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
+
+
+def test_token_map_matches_explanation(tiny_model, tiny_images):
+    result = explain(tiny_model, tiny_images[:1])
+    torch.testing.assert_close(token_map(result.attentions[0], token=0, layer=-1), result.last_layer[0])
+    torch.testing.assert_close(token_map(result.attentions[0], token=0, layer=0), result.layer_maps[0, 0])
+    row = result.attentions[0, 1, 2, 5, 1:].reshape(4, 4)
+    torch.testing.assert_close(token_map(result.attentions[0], token=5, layer=1, head=2), row)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(token=17, layer=0), "token"), (dict(token=-1, layer=0), "token"),
+    (dict(token=0, layer=2), "layer"), (dict(token=0, layer=-3), "layer"),
+    (dict(token=0, layer=0, head=4), "head"),
+])
+def test_token_map_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        token_map(torch.rand(2, 4, 17, 17), **kwargs)
+    with pytest.raises(ValueError, match=r"\[L, H, T, T\]"):
+        token_map(torch.rand(1, 2, 4, 17, 17), token=0, layer=0)
