@@ -45,7 +45,9 @@ def _read_images(paths: list[str]) -> list[Image.Image]:
     return images
 
 
-def _load_model(checkpoint: str) -> ViTClassifier:
+def load_checkpoint(checkpoint: str) -> ViTClassifier:
+    """`ViTClassifier.from_pretrained` on a local folder, in eval mode; InputError with a clear
+    message when the folder is missing or does not hold a loadable checkpoint."""
     if not os.path.isdir(checkpoint):
         raise InputError(f"checkpoint folder {checkpoint!r} does not exist")
     try:
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         images = _read_images(args.images)
-        model = _load_model(args.checkpoint)
+        model = load_checkpoint(args.checkpoint)
         target = _parse_target(args.target, model.class_names)
         out = Path(args.out)
         if out.exists() and not out.is_dir():

@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the image subset and random maps")
     parser.add_argument("--sanity", type=int, default=0, metavar="K",
                         help="also run the model-randomisation check on the first K images")
+    parser.add_argument("--download", action="store_true", help="fetch CIFAR-10 with torchvision if missing")
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error("-n must be at least 1")
@@ -250,15 +251,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
 
     from .data import DataError, load_split
-    from .model import ViTClassifier, normalize
+    from .explain import InputError, load_checkpoint
+    from .model import normalize
 
     try:
-        model = ViTClassifier.from_pretrained(args.checkpoint)
-        data = load_split(args.data, "test", limit=args.n, seed=args.seed)
-    except (OSError, ValueError, DataError) as error:
+        model = load_checkpoint(args.checkpoint)
+        data = load_split(args.data, "test", download=args.download, limit=args.n, seed=args.seed)
+    except (InputError, OSError, ValueError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     model.eval()
+    if tuple(data.images.shape[-2:]) != (model.image_size, model.image_size):
+        print(f"error: the data's image size {tuple(data.images.shape[-2:])} is not the model's "
+              f"{model.image_size}x{model.image_size}", file=sys.stderr)
+        return 2
     images = normalize(data.images, model.mean, model.std)
     started = time.perf_counter()
     explained = _explain_in_chunks(model, images, args.head_fusion, args.discard_ratio)
