@@ -41,7 +41,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--val-size", type=int, default=d.val_size, help="images held out of train for validation (default %(default)s)")
     p.add_argument("--limit-train", type=int, default=None, help="use only this many training images (quick experiments)")
     p.add_argument("--patience", type=int, default=None, help="stop after this many epochs without a validation gain")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MIN", help="run the cosine schedule on wall-clock minutes and stop when they are spent (--epochs is then an upper bound); may be changed on --resume to re-plan a run")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out (--epochs and --time-budget may change; nothing else)")
     p.add_argument("--download", action="store_true", help="download CIFAR-10 with torchvision into --data if it is not there")
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="upload the exported model to this Hub repo after training")
     a = p.parse_args(argv)
@@ -51,7 +52,7 @@ def parse_args(argv=None) -> TrainConfig:
         weight_decay=a.weight_decay, schedule=a.schedule, warmup_epochs=a.warmup_epochs,
         milestones=a.milestones, gamma=a.gamma, label_smoothing=a.label_smoothing, clip_grad=a.clip_grad,
         augment=a.augment, amp=a.amp, device=a.device, seed=a.seed, val_size=a.val_size,
-        limit_train=a.limit_train, patience=a.patience, dropout=a.dropout, resume=a.resume,
+        limit_train=a.limit_train, patience=a.patience, time_budget_min=a.time_budget, dropout=a.dropout, resume=a.resume,
         download=a.download, push_to_hub=a.push_to_hub, num_threads=a.num_threads, command=command)
 
 

@@ -32,3 +32,11 @@ def tiny_model() -> ViTClassifier:
 @pytest.fixture
 def tiny_images() -> torch.Tensor:
     return torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def toy_data(tmp_path):
+    """A tiny generated ImageFolder with train/ and test/ (two colour classes)."""
+    from toys import make_image_folder
+
+    return make_image_folder(tmp_path / "data")

@@ -32,7 +32,7 @@ SCHEDULES = ("cosine", "multistep")
 
 # Settings that may change when a run is resumed; every other one must match the checkpoint.
 RESUMABLE_CHANGES = {"resume", "device", "num_threads", "push_to_hub", "patience", "data", "download",
-                     "command"}
+                     "command", "epochs", "time_budget_min"}
 
 
 class TrainError(RuntimeError):
@@ -61,6 +61,7 @@ class TrainConfig:
     val_size: int = 5000
     limit_train: int | None = None
     patience: int | None = None
+    time_budget_min: float | None = None  # cosine schedule on wall-clock time; stop when it is spent
     dropout: float | None = None  # overrides the preset's
     resume: bool = False
     download: bool = False
@@ -100,6 +101,8 @@ class TrainConfig:
             problems.append("--patience must be at least 1")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             problems.append("--dropout must be in [0, 1)")
+        if self.time_budget_min is not None and (self.time_budget_min <= 0 or self.schedule != "cosine"):
+            problems.append("--time-budget must be positive and needs --schedule cosine")
         if any(m < 1 or m >= self.epochs for m in self.milestones):
             problems.append("--milestones must lie in [1, epochs)")
         if problems:
@@ -141,8 +144,18 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def time_lr_factor(step: int, warmup_steps: int, elapsed: float, budget: float) -> float:
+    """Warmup over steps, then cosine to 0 over the wall-clock budget (seconds)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget)))
+
+
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """Returns the scheduler and whether it steps per batch (cosine) or per epoch (multistep)."""
+    """Returns the scheduler and whether it steps per batch (cosine) or per epoch (multistep).
+    With a time budget there is no scheduler object: the loop sets the rate from the clock."""
+    if cfg.time_budget_min is not None:
+        return None, True
     if cfg.schedule == "cosine":
         total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup)), True
@@ -263,20 +276,30 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
 
     history: list[dict] = []
     start_epoch, best_acc, best_epoch, elapsed_before = 0, -1.0, -1, 0.0
+    first_started = time.time()
     if saved_state is not None:
         model.load_state_dict(saved_state["model"])
         optimizer.load_state_dict(saved_state["optimizer"])
-        scheduler.load_state_dict(saved_state["scheduler"])
+        if scheduler is not None and saved_state["scheduler"] is not None and \
+                saved_state["config"].get("time_budget_min") is None:
+            scheduler.load_state_dict(saved_state["scheduler"])
         torch.set_rng_state(saved_state["torch_rng"])
         start_epoch = saved_state["epoch"] + 1
         best_acc, best_epoch = saved_state["best_acc"], saved_state["best_epoch"]
         elapsed_before = saved_state["elapsed"]
+        first_started = saved_state.get("first_started", first_started)
         history = json.loads(saved_state["history"])
     net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
 
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        info = {"config": dataclasses.asdict(cfg), "model_config": model._hub_mixin_config,
+        # Each start or resume is a segment, so the card can tell the whole story of the run.
+        segments = []
+        if saved_state is not None and (out / INFO_NAME).exists():
+            segments = json.loads((out / INFO_NAME).read_text()).get("segments", [])
+        segments.append({"command": cfg.command, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                         "from_epoch": start_epoch, "epochs": cfg.epochs, "time_budget_min": cfg.time_budget_min})
+        info = {"config": dataclasses.asdict(cfg), "model_config": model._hub_mixin_config, "segments": segments,
                 "n_params": model.n_params, "train_images": len(train_set), "val_images": len(val_set),
                 "world_size": world, "machine": machine_description(device), "device": str(device)}
         atomic_write_text(out / INFO_NAME, json.dumps(info, indent=2))
@@ -299,7 +322,21 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
         seen = 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main,
                    mininterval=5.0 if not sys.stderr.isatty() else 0.1, leave=False)
+        budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min is not None else None
+        warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
         for step in bar:
+            if budget_s is not None:
+                elapsed = elapsed_before + time.perf_counter() - run_start
+                if distributed:  # every rank follows rank 0's clock, so all stop at the same step
+                    clock = torch.tensor([elapsed], dtype=torch.float64, device=device)
+                    dist.broadcast(clock, 0)
+                    elapsed = clock.item()
+                if elapsed >= budget_s:
+                    stop = True  # time is spent: validate and save what this partial epoch gave
+                    break
+                factor = time_lr_factor(epoch * steps_per_epoch + step, warmup_steps, elapsed, budget_s)
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * factor
             batch_idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             aug_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             batch_idx = batch_idx[rank * local_batch:(rank + 1) * local_batch]
@@ -314,7 +351,7 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
             if cfg.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
             optimizer.step()
-            if per_step:
+            if per_step and scheduler is not None:
                 scheduler.step()
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(-1) == labels).sum()
@@ -326,6 +363,8 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
         lr_used = optimizer.param_groups[0]["lr"]
         if not per_step:
             scheduler.step()
+        if seen == 0:
+            break
         if distributed:
             totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)])
             dist.all_reduce(totals)
@@ -348,7 +387,8 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
                 model.save_pretrained(out)
             elapsed = elapsed_before + time.perf_counter() - run_start
             atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                         "torch_rng": torch.get_rng_state(), "first_started": first_started,
                          "epoch": epoch, "best_acc": best_acc, "best_epoch": best_epoch,
                          "elapsed": elapsed, "history": json.dumps(history),
                          "config": dataclasses.asdict(cfg)}, state_path)
@@ -357,8 +397,8 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
                   f"{record['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f}"
                   f"{' (best)' if improved else ''} | lr {lr_used:.2e} | {record['seconds']:.0f}s, "
                   f"{record['train_images_per_s']:.0f} img/s | total {elapsed / 60:.1f} min", flush=True)
-            stop = cfg.patience is not None and epoch + 1 - best_epoch >= cfg.patience
-            if stop:
+            if cfg.patience is not None and epoch + 1 - best_epoch >= cfg.patience:
+                stop = True
                 print(f"early stop: no validation gain in {cfg.patience} epochs", flush=True)
         if distributed:
             flag = torch.tensor(float(stop), device=device)
@@ -376,7 +416,7 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
         elapsed = elapsed_before + time.perf_counter() - run_start
         plot_training_history(history).save(out / "training.png")
         summary = {"best_epoch": best_epoch, "best_val_acc": best_acc, "epochs_run": len(history),
-                   "wall_seconds": elapsed}
+                   "wall_seconds": elapsed, "seconds_since_first_start": time.time() - first_started}
         info = json.loads((out / INFO_NAME).read_text())
         info["summary"] = summary
         atomic_write_text(out / INFO_NAME, json.dumps(info, indent=2))

@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from toys import make_image_folder
+from vit_core.data import DataError, augment, load_split, split_validation
+
+
+def test_image_folder_loads_into_uint8_tensors(toy_data):
+    train = load_split(toy_data, "train")
+    assert train.images.dtype == torch.uint8 and train.images.shape == (96, 3, 32, 32)
+    assert train.classes == ["blue", "red"]
+    assert train.labels.tolist() == [0] * 48 + [1] * 48
+    # Class colours survive decoding: red images have more red than blue.
+    red = train.images[train.labels == 1].float()
+    assert red[:, 0].mean() > red[:, 2].mean() + 50
+
+
+def test_limit_keeps_a_fixed_random_subset(toy_data):
+    a = load_split(toy_data, "train", limit=20, seed=1)
+    b = load_split(toy_data, "train", limit=20, seed=1)
+    assert len(a) == 20 and torch.equal(a.images, b.images)
+    assert set(a.labels.tolist()) == {0, 1}
+
+
+def test_validation_split_is_fixed_and_disjoint(toy_data):
+    train = load_split(toy_data, "train")
+    rest, val = split_validation(train, 16, seed=0)
+    rest2, val2 = split_validation(train, 16, seed=0)
+    assert len(val) == 16 and len(rest) == 80 and torch.equal(val.images, val2.images)
+    flat = lambda t: {bytes(x.numpy().tobytes()) for x in t.images}  # noqa: E731
+    assert not flat(rest) & flat(val)
+    with pytest.raises(ValueError, match="validation size"):
+        split_validation(train, 96)
+
+
+def test_missing_data_says_what_to_pass(tmp_path):
+    with pytest.raises(DataError, match="--data") as info:
+        load_split(tmp_path / "nowhere", "train")
+    assert "--download" in str(info.value)
+
+
+def test_folder_without_images_is_a_clear_error(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images"):
+        load_split(tmp_path, "train")
+
+
+def test_unreadable_image_is_a_clear_error(tmp_path):
+    make_image_folder(tmp_path, per_class=4)
+    (tmp_path / "train" / "red" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match="could not read"):
+        load_split(tmp_path, "train")
+
+
+def test_crop_augmentation_is_an_exact_pixel_shift_or_flip():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8) + 1
+    out = augment(images, "crop", torch.Generator().manual_seed(0), pad=2)
+    for original, shifted in zip(images, out):
+        candidates = []
+        for flip in (False, True):
+            src = original.flip(-1) if flip else original
+            padded = torch.nn.functional.pad(src, (2, 2, 2, 2))
+            candidates += [padded[:, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(shifted, c) for c in candidates)
+
+
+def test_augmentations_vary_per_image_and_keep_shape():
+    images = torch.randn(64, 3, 32, 32)
+    for policy in ("crop", "rrc", "none"):
+        out = augment(images.clone(), policy, torch.Generator().manual_seed(0))
+        assert out.shape == images.shape
+    flipped = augment(images, "none", torch.Generator().manual_seed(0))
+    n_flipped = sum(torch.equal(f, i.flip(-1)) for f, i in zip(flipped, images))
+    n_same = sum(torch.equal(f, i) for f, i in zip(flipped, images))
+    assert n_flipped + n_same == 64 and 10 < n_flipped < 54
+    crops = augment(images, "rrc", torch.Generator().manual_seed(0))
+    assert not torch.allclose(crops, images)
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        augment(images, "mixup")
+
+
+def test_augmentation_is_reproducible_from_the_generator():
+    images = torch.randn(8, 3, 32, 32)
+    a = augment(images, "rrc", torch.Generator().manual_seed(5))
+    b = augment(images, "rrc", torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)

@@ -1,0 +1,165 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from toys import tiny_vit
+from vit_core import CheckpointMismatchError, ViTClassifier, normalize, patchify, preprocess
+from vit_core.model import PRESETS
+
+
+def test_patchify_matches_a_naive_loop():
+    images = torch.randn(2, 3, 12, 8)
+    patches = patchify(images, 4)
+    assert patches.shape == (2, 3, 2, 3, 4, 4)
+    for b in range(2):
+        for row in range(3):
+            for col in range(2):
+                expected = images[b, :, row * 4:(row + 1) * 4, col * 4:(col + 1) * 4]
+                assert torch.equal(patches[b, row, col], expected)
+
+
+def test_patchify_rejects_sizes_that_do_not_divide():
+    with pytest.raises(ValueError, match="not divisible"):
+        patchify(torch.zeros(1, 3, 30, 32), 4)
+
+
+def test_token_order_is_row_major_unfold_order():
+    # Patch embedding of a one-hot image must light up exactly token 1 + row * grid + col.
+    model = tiny_vit()
+    images = torch.zeros(1, 3, 32, 32)
+    images[0, :, 4 * 2:4 * 3, 4 * 5:4 * 6] = 1.0  # row 2, col 5
+    with torch.no_grad():
+        tokens = model.patch_embed(patchify(images, 4).flatten(1, 2).flatten(2))
+        empty = model.patch_embed(torch.zeros(1, 1, 48))
+    changed = ((tokens - empty).abs().sum(-1) > 1e-6).nonzero()[:, 1].tolist()
+    assert changed == [2 * 8 + 5]
+
+
+def test_output_and_attention_shapes():
+    model = tiny_vit()
+    logits, attentions = model(torch.randn(3, 3, 32, 32), return_attention=True)
+    assert logits.shape == (3, 10)
+    assert len(attentions) == model.depth
+    for attention in attentions:
+        assert attention.shape == (3, 4, 65, 65)  # per head, not averaged
+        torch.testing.assert_close(attention.sum(-1), torch.ones(3, 4, 65))
+        assert (attention >= 0).all()
+
+
+def test_attention_path_equals_fused_training_path():
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fused = model(x)
+        explicit, _ = model(x, return_attention=True)
+    torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-5)
+
+
+def test_presets_build_and_seed_is_the_report():
+    assert PRESETS["seed"] == dict(emb_size=256, depth=6, n_heads=8, mlp_ratio=2.0, dropout=0.2)
+    model = ViTClassifier.from_preset("seed")
+    assert model.blocks[0].mlp[0].out_features == 512
+    with pytest.raises(ValueError, match="unknown preset"):
+        ViTClassifier.from_preset("huge")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(image_size=30), "not divisible by patch_size"),
+    (dict(emb_size=30, n_heads=4), "not divisible by n_heads"),
+    (dict(n_classes=3), "class names"),
+])
+def test_bad_constructor_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ViTClassifier(**kwargs)
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    model = tiny_vit(seed=3, class_names=[f"c{i}" for i in range(10)], mean=(0.1, 0.2, 0.3))
+    model.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"model.safetensors", "config.json"}
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["emb_size"] == 32 and config["class_names"][3] == "c3"
+    loaded = ViTClassifier.from_pretrained(tmp_path)
+    assert not loaded.training
+    assert loaded.class_names == model.class_names and loaded.mean == model.mean
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), loaded(x))
+
+
+def test_fp16_weights_are_upcast_on_load(tmp_path):
+    model = tiny_vit(seed=1)
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(model._hub_mixin_config))
+    loaded = ViTClassifier.from_pretrained(tmp_path)
+    assert loaded.patch_embed.weight.dtype == torch.float32
+    torch.testing.assert_close(loaded.patch_embed.weight, model.patch_embed.weight.half().float())
+
+
+def test_mismatched_checkpoint_fails_loudly(tmp_path):
+    tiny_vit(depth=3).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["depth"] = 2  # weights have a third block the config does not describe
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointMismatchError, match="unexpected"):
+        ViTClassifier.from_pretrained(tmp_path)
+    config["depth"], config["emb_size"] = 3, 64
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointMismatchError, match="wrong shapes"):
+        ViTClassifier.from_pretrained(tmp_path)
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    tiny_vit().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        ViTClassifier.from_pretrained(tmp_path)
+
+
+def test_preprocess_any_mode_and_size():
+    model = tiny_vit()
+    images = [Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("L", (100, 60), 128),
+              Image.new("RGBA", (64, 64), (0, 0, 0, 0)), Image.new("P", (31, 33))]
+    batch = preprocess(images, model)
+    assert batch.shape == (4, 3, 32, 32) and batch.dtype == torch.float32
+    # A fully transparent image is white once composited.
+    white = normalize(torch.full((1, 3, 32, 32), 255, dtype=torch.uint8), model.mean, model.std)
+    torch.testing.assert_close(batch[2:3], white)
+    red = (torch.tensor([255.0, 0, 0]) / 255 - torch.tensor(model.mean)) / torch.tensor(model.std)
+    torch.testing.assert_close(batch[0, :, 5, 5], red)
+
+
+def test_preprocess_equals_the_evaluation_pipeline():
+    # Evaluation normalises uint8 tensors decoded from the files; preprocess must give the same.
+    model = tiny_vit()
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    from_pil = preprocess(Image.fromarray(pixels), model)
+    from_tensor = normalize(torch.from_numpy(pixels).permute(2, 0, 1)[None], model.mean, model.std)
+    assert torch.equal(from_pil, from_tensor)
+
+
+def test_preprocess_honours_exif_orientation():
+    model = tiny_vit()
+    image = Image.new("RGB", (32, 16), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 16, 16))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise when displayed
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif.tobytes(), quality=95)
+    rotated = preprocess(Image.open(io.BytesIO(buffer.getvalue())), model)
+    # After the 90° clockwise turn the white half is at the top.
+    assert rotated[0, 0, :8].mean() > rotated[0, 0, -8:].mean() + 1
+
+
+def test_preprocess_rejects_non_images():
+    with pytest.raises(TypeError):
+        preprocess(["not an image"], tiny_vit())
+    with pytest.raises(ValueError):
+        preprocess([], tiny_vit())

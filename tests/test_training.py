@@ -1,0 +1,167 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from toys import ROOT
+from train import main as train_main, parse_args
+from vit_core import ViTClassifier
+from vit_core.training import STATE_NAME, TrainConfig, TrainError, train
+
+
+def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
+    settings = dict(data=str(data), out=str(out), preset="tiny", epochs=3, batch_size=16, lr=3e-3,
+                    warmup_epochs=0.5, val_size=16, num_threads=1)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_a_few_epochs_lower_the_loss_and_export_the_best(toy_data, tmp_path):
+    out = tmp_path / "run"
+    summary = train(tiny_config(toy_data, out, epochs=4))
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 4
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.1
+    assert summary["best_val_acc"] == max(h["val_acc"] for h in history)
+    assert (out / "training.png").stat().st_size > 1000
+    assert "Validation accuracy" in (out / "README.md").read_text()
+    model = ViTClassifier.from_pretrained(out)
+    assert model.class_names == ["blue", "red"]
+
+
+def test_killed_run_resumed_ends_like_an_uninterrupted_one(toy_data, tmp_path):
+    full = tiny_config(toy_data, tmp_path / "full", dropout=0.1)
+    train(full)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_epoch(epoch, record):
+        if epoch == 0:
+            raise Killed  # as if the process died right after the epoch-1 checkpoint
+
+    interrupted = tiny_config(toy_data, tmp_path / "resumed", dropout=0.1)
+    with pytest.raises(Killed):
+        train(interrupted, on_epoch_end=kill_after_first_epoch)
+    train(tiny_config(toy_data, tmp_path / "resumed", dropout=0.1, resume=True))
+
+    a = torch.load(tmp_path / "full" / STATE_NAME, weights_only=True)
+    b = torch.load(tmp_path / "resumed" / STATE_NAME, weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert json.loads(a["history"])[-1]["val_loss"] == json.loads(b["history"])[-1]["val_loss"]
+    assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_existing_run_is_not_overwritten_without_resume(toy_data, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(toy_data, out, epochs=1))
+    before = (out / STATE_NAME).read_bytes()
+    with pytest.raises(TrainError, match="--resume"):
+        train(tiny_config(toy_data, out, epochs=1))
+    with pytest.raises(TrainError, match="other settings"):
+        train(tiny_config(toy_data, out, epochs=1, lr=0.1, resume=True))
+    assert (out / STATE_NAME).read_bytes() == before
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(toy_data, tmp_path):
+    with pytest.raises(TrainError, match="no train_state.pt"):
+        train(tiny_config(toy_data, tmp_path / "empty", resume=True))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(epochs=0), "--epochs"),
+    (dict(lr=-1.0), "--lr"),
+    (dict(schedule="linear"), "--schedule"),
+    (dict(augment="cutmix"), "--augment"),
+    (dict(label_smoothing=1.5), "--label-smoothing"),
+    (dict(preset="huge"), "--preset"),
+    (dict(milestones=[5]), "--milestones"),
+    (dict(limit_train=10), "--limit-train"),
+    (dict(time_budget_min=5, schedule="multistep"), "--time-budget"),
+])
+def test_bad_settings_are_rejected_before_anything_is_written(toy_data, tmp_path, overrides, message):
+    out = tmp_path / "run"
+    with pytest.raises(TrainError, match=message):
+        train(tiny_config(toy_data, out, **overrides))
+    assert not out.exists()
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
+    code = train_main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--epochs", "3"])
+    assert code == 2
+    assert "error: no CIFAR-10 found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "x", "--out", "y", "--epochs", "three"])
+
+
+def test_cli_records_the_exact_command(toy_data):
+    cfg = parse_args(["--data", str(toy_data), "--out", "o", "--preset", "tiny", "--schedule", "multistep"])
+    assert cfg.command.startswith("python train.py --data ") and "--schedule multistep" in cfg.command
+    assert cfg.schedule == "multistep" and cfg.preset == "tiny"
+
+
+def test_multistep_schedule_decays_at_milestones(toy_data, tmp_path):
+    train(tiny_config(toy_data, tmp_path / "ms", schedule="multistep", milestones=[1, 2], gamma=0.1, lr=1e-3))
+    lrs = [h["lr"] for h in json.loads((tmp_path / "ms" / "history.json").read_text())]
+    assert lrs == pytest.approx([1e-3, 1e-4, 1e-5])
+
+
+def test_push_to_hub_offline_fails_clearly_after_saving(toy_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "run"
+    with pytest.raises(TrainError, match="Nothing is lost"):
+        train(tiny_config(toy_data, out, epochs=1, push_to_hub="someone/vit"))
+    assert ViTClassifier.from_pretrained(out).class_names == ["blue", "red"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_smoke_run(toy_data, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(_free_port()), str(ROOT / "train.py"), "--data", str(toy_data), "--out", str(out),
+         "--preset", "tiny", "--epochs", "2", "--batch-size", "16", "--val-size", "16", "--num-threads", "1",
+         "--device", "cpu"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["world_size"] == 2
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 2
+    # 80 training images, batch 16 split over 2 ranks: every rank's images are counted once.
+    assert history[0]["train_images_per_s"] > 0
+    assert ViTClassifier.from_pretrained(out).depth == 2
+
+
+def test_time_budget_stops_the_run_and_anneals_to_zero(toy_data, tmp_path):
+    out = tmp_path / "timed"
+    # 0.05 min = 3 s: far fewer than the 100 epochs allowed fit, so the clock ends the run.
+    summary = train(tiny_config(toy_data, out, epochs=100, time_budget_min=0.05, warmup_epochs=0))
+    history = json.loads((out / "history.json").read_text())
+    assert 1 <= len(history) < 100 and summary["epochs_run"] == len(history)
+    assert summary["wall_seconds"] < 60
+    assert history[-1]["lr"] < history[0]["lr"]
+
+
+def test_resume_may_replan_epochs_into_a_time_budget(toy_data, tmp_path):
+    out = tmp_path / "replanned"
+    train(tiny_config(toy_data, out, epochs=2))
+    train(tiny_config(toy_data, out, epochs=50, time_budget_min=0.05, resume=True))
+    info = json.loads((out / "train_info.json").read_text())
+    assert [s["from_epoch"] for s in info["segments"]] == [0, 2]
+    assert info["segments"][1]["time_budget_min"] == 0.05
+    assert len(json.loads((out / "history.json").read_text())) > 2
