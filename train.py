@@ -37,6 +37,7 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--amp", default=d.amp, choices=("auto", "bf16", "off"), help="bf16 autocast; auto = on CUDA only (default %(default)s)")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, mps (default %(default)s)")
     p.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--adaptive-threads", action="store_true", help="on a shared CPU, keep re-picking the faster of 1 thread or --num-threads while training")
     p.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
     p.add_argument("--val-size", type=int, default=d.val_size, help="images held out of train for validation (default %(default)s)")
     p.add_argument("--limit-train", type=int, default=None, help="use only this many training images (quick experiments)")
@@ -53,7 +54,7 @@ def parse_args(argv=None) -> TrainConfig:
         milestones=a.milestones, gamma=a.gamma, label_smoothing=a.label_smoothing, clip_grad=a.clip_grad,
         augment=a.augment, amp=a.amp, device=a.device, seed=a.seed, val_size=a.val_size,
         limit_train=a.limit_train, patience=a.patience, time_budget_min=a.time_budget, dropout=a.dropout, resume=a.resume,
-        download=a.download, push_to_hub=a.push_to_hub, num_threads=a.num_threads, command=command)
+        download=a.download, push_to_hub=a.push_to_hub, num_threads=a.num_threads, adaptive_threads=a.adaptive_threads, command=command)
 
 
 def main(argv=None) -> int:

@@ -165,3 +165,25 @@ def test_resume_may_replan_epochs_into_a_time_budget(toy_data, tmp_path):
     assert [s["from_epoch"] for s in info["segments"]] == [0, 2]
     assert info["segments"][1]["time_budget_min"] == 0.05
     assert len(json.loads((out / "history.json").read_text())) > 2
+
+
+def test_adaptive_threads_keeps_the_faster_choice():
+    from vit_core.training import AdaptiveThreads
+
+    tuner = AdaptiveThreads(max_threads=2, period=20, trial=3)
+    step_time = {1: 0.5, 2: 0.9}  # as on a CPU whose second core is busy
+    picked = []
+    for step in range(40):
+        threads = tuner.threads_for(step)
+        picked.append(threads)
+        tuner.current = threads
+        tuner.end(step, step_time[threads])
+    # Exploration: 3 steps of each choice at the start of every period, then the faster one.
+    assert picked[:6] == [1, 1, 1, 2, 2, 2]
+    assert set(picked[6:20]) == {1} and set(picked[26:40]) == {1}
+    step_time = {1: 0.5, 2: 0.3}  # the other load went away
+    for step in range(40, 60):
+        threads = tuner.threads_for(step)
+        tuner.current = threads
+        tuner.end(step, step_time[threads])
+    assert tuner.best == 2

@@ -32,7 +32,7 @@ SCHEDULES = ("cosine", "multistep")
 
 # Settings that may change when a run is resumed; every other one must match the checkpoint.
 RESUMABLE_CHANGES = {"resume", "device", "num_threads", "push_to_hub", "patience", "data", "download",
-                     "command", "epochs", "time_budget_min"}
+                     "command", "epochs", "time_budget_min", "adaptive_threads"}
 
 
 class TrainError(RuntimeError):
@@ -67,6 +67,7 @@ class TrainConfig:
     download: bool = False
     push_to_hub: str | None = None
     num_threads: int | None = None
+    adaptive_threads: bool = False  # CPU: re-pick 1 or all threads as other load comes and goes
     command: str = ""
 
     def validate(self) -> None:
@@ -212,6 +213,42 @@ def machine_description(device: torch.device) -> str:
     return f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
+class AdaptiveThreads:
+    """Picks the faster of one thread or all threads while training on a shared CPU.
+
+    Intra-op work is split evenly over threads, so when another process takes part of one core,
+    every step waits for the thread on that core: two threads can then be slower than one. Every
+    `period` steps this times `trial` steps with each choice and keeps the faster until the next check.
+    """
+
+    def __init__(self, max_threads: int, period: int = 60, trial: int = 4):
+        self.choices = sorted({1, max_threads})
+        self.period, self.trial = period, trial
+        self.timings: dict[int, list[float]] = {c: [] for c in self.choices}
+        self.best = self.choices[-1]
+        self.current = torch.get_num_threads()
+
+    def threads_for(self, step: int) -> int:
+        phase = step % self.period
+        exploring = phase < self.trial * len(self.choices)
+        return self.choices[phase // self.trial] if exploring else self.best
+
+    def begin(self, step: int) -> None:
+        wanted = self.threads_for(step)
+        if wanted != self.current:
+            torch.set_num_threads(wanted)
+            self.current = wanted
+
+    def end(self, step: int, seconds: float) -> None:
+        phase = step % self.period
+        if phase < self.trial * len(self.choices) and phase % self.trial:  # first step of a trial warms up
+            self.timings[self.current].append(seconds)
+        if phase == self.trial * len(self.choices) - 1:
+            medians = {c: sorted(t)[len(t) // 2] for c, t in self.timings.items() if t}
+            self.best = min(medians, key=medians.get)
+            self.timings = {c: [] for c in self.choices}
+
+
 # ----------------------------------------------------------------------------------------------
 # The run
 
@@ -243,6 +280,7 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
         torch.cuda.set_device(device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    threads = AdaptiveThreads(torch.get_num_threads()) if cfg.adaptive_threads and device.type == "cpu" else None
 
     out = Path(cfg.out)
     state_path = out / STATE_NAME
@@ -325,6 +363,9 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
         budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min is not None else None
         warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
         for step in bar:
+            step_start = time.perf_counter()
+            if threads is not None:
+                threads.begin(step)
             if budget_s is not None:
                 elapsed = elapsed_before + time.perf_counter() - run_start
                 if distributed:  # every rank follows rank 0's clock, so all stop at the same step
@@ -353,6 +394,8 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
             optimizer.step()
             if per_step and scheduler is not None:
                 scheduler.step()
+            if threads is not None:
+                threads.end(step, time.perf_counter() - step_start)
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(-1) == labels).sum()
             seen += len(labels)
