@@ -41,6 +41,7 @@ import warnings
 from pathlib import Path
 
 import gradio as gr
+import gradio.utils as gr_utils
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -273,6 +274,7 @@ def render(model: ViTClassifier, session: Session, settings: Settings) -> Panels
     expl = current_explanation(model, session, settings)
     patch = settings.patch if settings.patch >= 0 else None
     token = 0 if patch is None else patch + 1
+    highlight_token = None if patch is None else token  # row/column outlined in the matrices
     layer, head = settings.layer - 1, settings.head_index
     attentions = expl.attentions[0]                     # [L, H, T, T]
     if head is None:
@@ -302,9 +304,9 @@ def render(model: ViTClassifier, session: Session, settings: Settings) -> Panels
         patch_attention=viz.overlay_map(session.pixels, token_map(attentions, token, layer, head),
                                         alpha=settings.opacity, scale=SCALE, highlight=patch),
         probabilities={name: float(p) for name, p in zip(names, probs)},
-        matrices=viz.attention_matrix_grid(per_layer, cell=2, highlight_token=token if patch is not None else None),
+        matrices=viz.attention_matrix_grid(per_layer, cell=2, highlight_token=highlight_token),
         matrix=viz.attention_matrix_image(per_layer[layer], title=f"layer {settings.layer}, {head_text}",
-                                          highlight_token=token if patch is not None else None, cell=4),
+                                          highlight_token=highlight_token, cell=4),
         layer_strip=viz.map_strip(expl.layer_maps[0], image=session.pixels, alpha=settings.opacity, scale=4),
         info=" · ".join(info),
     )
@@ -402,26 +404,29 @@ CSS = """
 #examples .thumbnail-item { width: 100% !important; height: auto !important; aspect-ratio: 1 / 1; }
 #examples .thumbnail-item img { width: 100% !important; height: 100% !important; object-fit: cover; }
 #examples .caption-label { font-size: 11px; padding: 0 3px; }
+#image-in img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
 """
 
 
 class PanelFiles:
-    """Writes panels as PNG files for Gradio to serve. Gradio would encode a returned PIL image at
-    PNG level 6; level 1 is about 4x faster for ~10% more bytes, which is most of the server time
-    of a redraw. Gradio copies each file into its own cache (cleaned by `delete_cache`); the
-    originals here are pruned once they are older than `max_age` seconds."""
+    """Writes panels as PNG files straight into Gradio's cache folder, for Gradio to serve.
 
-    def __init__(self, max_age: float = 600.0):
-        self.dir = Path(tempfile.mkdtemp(prefix="vit-explorer-panels-"))
+    Returning a PIL image would make Gradio encode it at PNG level 6 and hash it; level 1 is about
+    4x faster for ~10% more bytes, and a file already in the cache is served as is (Gradio tracks
+    it and `delete_cache` removes it later). Names are unique, so concurrent requests never write
+    the same file. Files Gradio never picked up (a cancelled event) are pruned after `max_age` s."""
+
+    def __init__(self, max_age: float = 7200.0):
+        self.dir = Path(gr_utils.get_upload_folder()) / "vit-explorer-panels"
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.max_age = max_age
         self._written = 0
-        atexit.register(shutil.rmtree, self.dir, True)
 
     def __call__(self, image: Image.Image) -> str:
         path = self.dir / f"{uuid.uuid4().hex}.png"
         image.save(path, format="png", compress_level=1)
         self._written += 1
-        if self._written % 256 == 0:
+        if self._written % 512 == 0:
             self.prune()
         return str(path)
 
@@ -447,6 +452,17 @@ def upload_path(payload) -> str | None:
 def upload_name(payload) -> str:
     name = payload.get("orig_name") if isinstance(payload, dict) else None
     return Path(name or upload_path(payload) or "image").stem
+
+
+def panel(label: str, elem_id: str, height: int, clickable: bool = False, show_label: bool | None = None,
+          **kwargs) -> gr.Image:
+    """An output image panel. Clickable panels (a click selects a patch) show their label and may be
+    downloaded and are drawn crisp (nearest neighbour); the wide, self-titled ones only go full
+    screen, so fewer buttons cover their titles."""
+    return gr.Image(label=label, show_label=clickable if show_label is None else show_label, format="png",
+                    interactive=False, height=height, elem_id=elem_id,
+                    buttons=["download", "fullscreen"] if clickable else ["fullscreen"],
+                    elem_classes=["pixelated", "clickable"] if clickable else None, **kwargs)
 
 
 def build_demo(model: ViTClassifier) -> gr.Blocks:
@@ -489,35 +505,24 @@ def build_demo(model: ViTClassifier) -> gr.Blocks:
                                       maximum=model.grid_size**2 - 1, elem_id="patch", min_width=100)
                 info = gr.Markdown("Upload an image or pick an example.", label="summary", elem_id="info")
                 with gr.Row(equal_height=False):
-                    model_view = gr.Image(label="As the model sees it", format="png", interactive=False,
-                                          height=250, elem_id="model-view", elem_classes=["pixelated", "clickable"])
-                    patch_grid = gr.Image(label="Patches (click one)", format="png", interactive=False,
-                                          height=250, elem_id="patch-grid", elem_classes=["pixelated", "clickable"])
-                    overlay = gr.Image(label="CLS explanation", format="png", interactive=False,
-                                       height=250, elem_id="overlay", elem_classes=["pixelated", "clickable"])
-                    patch_attention = gr.Image(label="Token attention", format="png", interactive=False,
-                                               height=250, elem_id="token-attention",
-                                               elem_classes=["pixelated", "clickable"])
+                    model_view = panel("As the model sees it", "model-view", 250, clickable=True)
+                    patch_grid = panel("Patches (click one)", "patch-grid", 250, clickable=True)
+                    overlay = panel("CLS explanation", "overlay", 250, clickable=True)
+                    patch_attention = panel("Token attention", "token-attention", 250, clickable=True)
                     top5 = gr.Label(num_top_classes=5, label="Top-5 classes", elem_id="top5", min_width=170)
                 with gr.Row(equal_height=False):
-                    matrix = gr.Image(label="Attention matrix", show_label=False, format="png",
-                                      interactive=False, height=320, elem_id="matrix", scale=2, min_width=300)
+                    matrix = panel("Attention matrix", "matrix", 320, scale=2, min_width=300)
                     with gr.Column(scale=3):
-                        matrices = gr.Image(label="Every layer's attention matrix", show_label=False,
-                                            format="png", interactive=False, height=150, elem_id="matrices")
-                        layer_strip = gr.Image(label="CLS attention per layer (heads fused)", show_label=False,
-                                               format="png", interactive=False, height=150,
-                                               elem_id="layer-strip", elem_classes="pixelated")
+                        matrices = panel("Every layer's attention matrix", "matrices", 150)
+                        layer_strip = panel("CLS attention per layer (heads fused)", "layer-strip", 150)
         with gr.Tab("Faithfulness"):
             with gr.Row():
                 faith_button = gr.Button("Deletion / insertion curves vs. a random map", variant="primary",
                                          elem_id="faith-button")
                 sanity_button = gr.Button("Model-randomisation sanity check", elem_id="sanity-button")
             with gr.Row():
-                deletion_plot = gr.Image(label="Deletion", format="png", interactive=False, height=300,
-                                         elem_id="deletion")
-                insertion_plot = gr.Image(label="Insertion", format="png", interactive=False, height=300,
-                                          elem_id="insertion")
+                deletion_plot = panel("Deletion", "deletion", 300, show_label=True)
+                insertion_plot = panel("Insertion", "insertion", 300, show_label=True)
                 with gr.Column():
                     auc_table = gr.Markdown(label="AUC", elem_id="auc")
                     sanity_table = gr.Markdown(label="sanity check", elem_id="sanity")
@@ -599,25 +604,37 @@ def build_demo(model: ViTClassifier) -> gr.Blocks:
         def on_clear():
             return [None] * (len(explain_outputs) - 1) + [-1]
 
+        def on_new_image():  # curves and checks of the previous image no longer apply
+            return None, None, "", ""
+
+        # The fast handlers share one worker: one session's clicks and slider moves are then drawn
+        # in the order they were made (two workers gave no more throughput on 2 cores, and could
+        # let an older redraw land last). The slow buttons have a worker of their own.
+        fast = dict(concurrency_id="fast", concurrency_limit=1)
+        slow = dict(concurrency_id="slow", concurrency_limit=1)
+        faith_outputs = [deletion_plot, insertion_plot, auc_table, sanity_table]
         # preprocess=False: the handler gets the raw upload and decodes it itself, so corrupt or
         # hostile files end in a clear gr.Error instead of a failure inside Gradio's image decoding.
         image_in.upload(on_explain, [image_in, *settings_inputs], explain_outputs, api_name="explain",
-                        preprocess=False, show_progress="minimal")
+                        preprocess=False, show_progress="minimal", **fast
+                        ).success(on_new_image, None, faith_outputs, api_visibility="private")
         image_in.clear(on_clear, None, explain_outputs, api_visibility="private")
         gallery.select(on_example, settings_inputs, [image_in, *explain_outputs], api_visibility="private",
-                       show_progress="minimal")
+                       show_progress="minimal", **fast
+                       ).success(on_new_image, None, faith_outputs, api_visibility="private")
         gr.on([c.change for c in settings_inputs] + [patch.input], on_redraw,
               [session, *settings_inputs, patch], redraw_outputs, api_name="redraw",
-              trigger_mode="always_last", show_progress="hidden")
+              trigger_mode="always_last", show_progress="hidden", **fast)
         for panel_name, component in [("patch_grid", patch_grid), ("image", model_view), ("image", overlay),
                                       ("image", patch_attention)]:
             component.select(on_click(panel_name), [session, *settings_inputs], [*redraw_outputs, patch],
-                             api_visibility="private", show_progress="hidden")
+                             api_visibility="private", show_progress="hidden", **fast)
         faith_button.click(on_faithfulness, [session, *settings_inputs],
-                           [deletion_plot, insertion_plot, auc_table], api_name="faithfulness")
-        sanity_button.click(on_sanity, [session, *settings_inputs], sanity_table, api_name="sanity_check")
-        export_button.click(on_export, [session, *settings_inputs, patch], export_out, api_name="export")
-        predict_button.click(on_predict, image_in, all_probs, api_name="predict", preprocess=False)
+                           [deletion_plot, insertion_plot, auc_table], api_name="faithfulness", **slow)
+        sanity_button.click(on_sanity, [session, *settings_inputs], sanity_table, api_name="sanity_check",
+                            **slow)
+        export_button.click(on_export, [session, *settings_inputs, patch], export_out, api_name="export", **slow)
+        predict_button.click(on_predict, image_in, all_probs, api_name="predict", preprocess=False, **fast)
     return demo
 
 
