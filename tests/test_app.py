@@ -1,0 +1,450 @@
+"""demo/app.py: handlers as plain functions, then the launched app through gradio_client.
+
+A tiny random ViT saved with save_pretrained keeps this fast; the shipped checkpoint is checked
+where it matters (offline loading, size, /predict agreeing with the model)."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import subprocess
+import sys
+import time
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import demo.app as app
+from vit_core import ViTClassifier, explain, preprocess, to_model_pixels
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "demo" / "examples"
+CAT = EXAMPLES / "cat_0000.jpg"
+DOG = EXAMPLES / "dog_0000.jpg"
+SHIPPED = ROOT / "checkpoints" / "vit-cifar10"
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures and file makers
+
+def _tiny_model(seed: int = 0) -> ViTClassifier:
+    torch.manual_seed(seed)
+    model = ViTClassifier(image_size=32, patch_size=4, emb_size=32, depth=2, n_heads=2, mlp_ratio=2.0,
+                          dropout=0.0)
+    with torch.no_grad():  # sharper attention and logits than at init, so maps and top-5 differ
+        for block in model.blocks:
+            block.attn.in_proj_weight.mul_(4.0)
+        model.head.weight.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-vit")
+    _tiny_model().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint) -> ViTClassifier:
+    return app.load_model(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def session(model) -> app.Session:
+    image, notes = app.read_image(CAT)
+    return app.analyze(model, image, name=CAT.stem, notes=notes)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid-looking PNG header promising width x height pixels, with almost no data."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
+            + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + png_chunk(b"IEND", b""))
+
+
+def image_bytes(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _noise(size=(40, 30)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+BAD_FILES = {
+    # name: (bytes factory, part of the expected message)
+    "empty.png": (lambda: b"", "empty"),
+    "notes.txt": (lambda: b"just some text, not pixels\n" * 20, "not an image"),
+    "random.jpg": (lambda: os.urandom(2048), "not an image"),
+    "truncated.png": (lambda: image_bytes(_noise(), "PNG")[:300], "damaged or truncated"),
+    "truncated.jpg": (lambda: image_bytes(_noise((200, 200)), "JPEG")[:1500], "damaged or truncated"),
+    "bad-crc.png": (lambda: (lambda b: b[:60] + bytes([b[60] ^ 0xFF]) + b[61:])(image_bytes(_noise(), "PNG")),
+                    "damaged or truncated"),
+    "bomb.png": (lambda: bomb_png(20_000, 20_000), "too large"),  # 400 MP: PIL refuses at open
+    "big.png": (lambda: bomb_png(8_000, 6_000), "megapixels"),   # 48 MP: over the app's 40 MP limit
+}
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    folder = tmp_path_factory.mktemp("bad")
+    files = {}
+    for name, (make, message) in BAD_FILES.items():
+        path = folder / name
+        path.write_bytes(make())
+        files[name] = (path, message)
+    return files
+
+
+@pytest.fixture(scope="module")
+def animated_gif(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("gif") / "anim.gif"
+    frames = [Image.new("RGB", (48, 48), color) for color in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading uploads
+
+def test_read_image_reads_an_example():
+    image, notes = app.read_image(CAT)
+    assert image.size == (32, 32) and notes == []
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_read_image_refuses_bad_files_with_a_clear_message(bad_files, name):
+    path, message = bad_files[name]
+    with pytest.raises(app.gr.Error, match=message):
+        app.read_image(path)
+
+
+def test_read_image_refuses_missing_and_oversized(tmp_path, monkeypatch):
+    with pytest.raises(app.gr.Error, match="No image"):
+        app.read_image(None)
+    with pytest.raises(app.gr.Error, match="missing"):
+        app.read_image(tmp_path / "nope.png")
+    monkeypatch.setattr(app, "MAX_FILE_BYTES", 100)
+    with pytest.raises(app.gr.Error, match="limit"):
+        app.read_image(CAT)
+
+
+def test_animated_images_use_the_first_frame(animated_gif, model):
+    image, notes = app.read_image(animated_gif)
+    assert notes == ["animated image: first of 3 frames used"]
+    assert to_model_pixels(image, 32).getpixel((16, 16)) == (255, 0, 0)
+
+
+def test_exif_orientation_and_alpha_are_honoured(tmp_path, model):
+    # Stored landscape, left half red; EXIF orientation 6 says "rotate 90° clockwise to view".
+    stored = Image.new("RGB", (64, 32), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 32, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    stored.save(path, exif=exif.tobytes(), quality=95)
+    upright = to_model_pixels(app.read_image(path)[0], 32)
+    top, bottom = np.asarray(upright)[4, 16], np.asarray(upright)[28, 16]
+    assert top[0] > 200 and top[2] < 60       # the red half is on top once upright
+    assert bottom[2] > 200 and bottom[0] < 60
+
+    transparent = tmp_path / "transparent.png"
+    Image.new("RGBA", (50, 50), (0, 0, 0, 0)).save(transparent)
+    assert to_model_pixels(app.read_image(transparent)[0], 32).getpixel((10, 10)) == (255, 255, 255)
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((20, 20), 32768, dtype=np.uint16)).save(path)
+    image, _ = app.read_image(path)
+    assert image.mode == "L" and abs(image.getpixel((0, 0)) - 127) <= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings, analysis, drawing
+
+def test_settings_are_checked_with_the_allowed_values(model):
+    assert app.Settings().checked(model).layer == model.depth
+    good = app.Settings(method="grad_rollout", target="dog", head_fusion="max", discard_ratio=0.5,
+                        opacity=1, layer=1, head="head 2", patch=63).checked(model)
+    assert (good.layer, good.head_index, good.patch) == (1, 1, 63)
+    for bad, message in [(dict(method="saliency"), "Unknown method"), (dict(target="unicorn"), "Unknown class"),
+                         (dict(head_fusion="median"), "head fusion"), (dict(discard_ratio=1.0), "Discard"),
+                         (dict(opacity=-0.1), "Opacity"), (dict(layer=3), "Layer"), (dict(head="head 3"), "head"),
+                         (dict(patch=64), "Patch"), (dict(opacity="a lot"), "number")]:
+        with pytest.raises(app.gr.Error, match=message):
+            app.Settings(**bad).checked(model)
+
+
+def test_render_draws_every_panel(model, session):
+    panels = app.render(model, session, app.Settings().checked(model))
+    side = 32 * app.SCALE
+    assert panels.model_view.size == panels.overlay.size == panels.patch_attention.size == (side, side)
+    assert panels.patch_grid.size == (side + 9 * app.GAP,) * 2
+    for image in (panels.matrices, panels.matrix, panels.layer_strip):
+        assert isinstance(image, Image.Image) and min(image.size) > 50
+    assert sum(panels.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    with torch.no_grad():
+        logits = model(preprocess(Image.open(CAT), model))
+    assert max(panels.probabilities, key=panels.probabilities.get) == model.class_names[int(logits.argmax())]
+    assert "**true label:** cat" in panels.info
+
+
+def test_settings_redraw_from_the_cache_without_running_the_model(model, session, monkeypatch):
+    calls = []
+    original = app.explain
+    monkeypatch.setattr(app, "explain", lambda *a, **k: calls.append(k) or original(*a, **k))
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append("forward") or forward(*a, **k))
+    baseline = np.asarray(app.render(model, session, app.Settings().checked(model)).overlay)
+    for change in [dict(head_fusion="max"), dict(discard_ratio=0.6), dict(opacity=0.9), dict(layer=1),
+                   dict(head="head 2"), dict(patch=27), dict(method="last_layer"),
+                   dict(method="grad_rollout")]:  # the predicted class's gradient map is cached
+        panels = app.render(model, session, app.Settings(**change).checked(model))
+        assert calls == [], change
+    assert not np.array_equal(baseline, np.asarray(panels.overlay))
+    other = next(name for i, name in enumerate(model.class_names) if i != session.predicted)
+    app.render(model, session, app.Settings(method="grad_rollout", target=other).checked(model))
+    app.render(model, session, app.Settings(method="grad_rollout", target=other, opacity=0.2).checked(model))
+    # one forward + backward for a new class, then cached
+    assert calls == [{"target": model.class_names.index(other)}, "forward"]
+
+
+def test_cached_maps_equal_a_fresh_explanation(model, session):
+    settings = app.Settings(head_fusion="max", discard_ratio=0.5, target="dog").checked(model)
+    cached = app.current_explanation(model, session, settings)
+    fresh = explain(model, session.inputs, target=5, head_fusion="max", discard_ratio=0.5)
+    for name in ("rollout", "grad_rollout", "layer_maps", "last_layer"):
+        torch.testing.assert_close(getattr(cached, name), getattr(fresh, name))
+    assert int(cached.target[0]) == 5 and cached.head_fusion == "max"
+
+
+def test_clicks_map_to_patches(model):
+    cell, gap = 4 * app.SCALE, app.GAP
+    x, y = gap + 3 * (cell + gap) + cell / 2, gap + 2 * (cell + gap) + 1  # row 2, column 3
+    assert app.clicked_patch(model, "patch_grid", x, y) == 2 * 8 + 3
+    assert app.clicked_patch(model, "patch_grid", gap + cell + 0.5, 10) is None  # in a gap
+    assert app.clicked_patch(model, "image", 255, 255) == 63
+    assert app.clicked_patch(model, "image", 0, 40) == 8
+
+
+def test_faithfulness_sanity_and_export(model, session, tmp_path, monkeypatch):
+    settings = app.Settings(method="grad_rollout", patch=5).checked(model)
+    deletion, insertion, table = app.faithfulness(model, session, settings, steps=8)
+    assert isinstance(deletion, Image.Image) and isinstance(insertion, Image.Image)
+    assert "gradient rollout" in table and "random" in table and table.count("|") >= 12
+
+    text = app.sanity_check(model, session, settings)
+    assert "| head |" in text and "| block 1 |" in text and "| embedding |" in text
+
+    paths = [Path(p) for p in app.export_files(model, session, settings, tmp_path)]
+    assert len([p for p in paths if p.suffix == ".png"]) == 7
+    assert all(Image.open(p).size[0] > 0 for p in paths if p.suffix == ".png")
+    arrays = np.load(next(p for p in paths if p.suffix == ".npz"))
+    assert arrays["attentions"].shape == (1, model.depth, model.n_heads, 65, 65)
+    assert arrays["explained_map"].shape == (1, 8, 8) and str(arrays["method"]) == "grad_rollout"
+    assert arrays["image"].shape == (32, 32, 3) and list(arrays["class_names"]) == model.class_names
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading and launching
+
+def test_load_model_from_a_hub_repo_id(checkpoint, monkeypatch):
+    import huggingface_hub.hub_mixin as mixin
+
+    import vit_core.model as vit_model
+
+    fetched = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        fetched.append((repo_id, filename))
+        return str(checkpoint / filename)
+
+    monkeypatch.setattr(mixin, "hf_hub_download", fake_download)
+    monkeypatch.setattr(vit_model, "hf_hub_download", fake_download)
+    loaded = app.load_model("someone/tiny-vit")
+    assert ("someone/tiny-vit", "model.safetensors") in fetched and loaded.depth == 2
+
+
+def test_load_model_errors_are_clear(tmp_path):
+    with pytest.raises(RuntimeError, match="No checkpoint directory"):
+        app.load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError, match="Cannot load the checkpoint"):
+        app.load_model(tmp_path / "empty")
+
+
+@pytest.mark.slow
+def test_hub_id_offline_fails_fast_with_advice():
+    code = ("import demo.app as a\ntry:\n a.load_model('someone/vit')\nexcept RuntimeError as e:\n print(e)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert "Offline? Pass a local checkpoint directory" in out.stdout
+
+
+def test_main_reports_a_missing_checkpoint(tmp_path, capsys):
+    assert app.main(["--checkpoint", str(tmp_path / "none")]) == 2
+    assert "No checkpoint directory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="shipped checkpoint not there yet")
+def test_shipped_checkpoint_loads_offline_and_fits_a_space():
+    assert (SHIPPED / "model.safetensors").stat().st_size < 10 * 2**20  # no Git LFS needed
+    model = app.load_model(app.DEFAULT_CHECKPOINT)
+    image, _ = app.read_image(DOG)
+    probs = app.predict_probs(model, image)
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5) and set(probs) == set(model.class_names)
+
+
+# ------------------------------------------------------------------------------------------------
+# The launched app through gradio_client
+
+@pytest.fixture(scope="module")
+def server(model):
+    demo = app.build_demo(model)
+    app.launch(demo, block=False, quiet=True)
+    yield demo
+    demo.close()
+
+
+def _client(server, tmp_path_factory):
+    from gradio_client import Client
+
+    return Client(server.local_url, verbose=False, analytics_enabled=False,
+                  download_files=str(tmp_path_factory.mktemp("client")))
+
+
+@pytest.fixture(scope="module")
+def client(server, tmp_path_factory):
+    return _client(server, tmp_path_factory)
+
+
+def upload(path):
+    from gradio_client import handle_file
+
+    return handle_file(str(path))
+
+
+def top1(label: dict) -> str:
+    return label["label"]
+
+
+def test_api_lists_the_named_endpoints(client):
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/predict", "/explain", "/redraw", "/faithfulness", "/sanity_check", "/export"} <= names
+
+
+def test_predict_endpoint(client, model):
+    label = client.predict(upload(DOG), api_name="/predict")
+    confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
+    assert set(confidences) == set(model.class_names)
+    assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-5)
+    with torch.no_grad():
+        expected = model.class_names[int(model(preprocess(Image.open(DOG), model)).argmax())]
+    assert top1(label) == expected
+
+
+def test_explain_endpoint_returns_every_panel(client, model):
+    out = client.predict(upload(CAT), api_name="/explain")
+    model_view, grid, overlay, token, label, matrices, matrix, strip, info, patch = out
+    side = 32 * app.SCALE
+    for path, size in [(model_view, (side, side)), (grid, (side + 9 * app.GAP,) * 2), (overlay, (side, side)),
+                       (token, (side, side))]:
+        assert Image.open(path).size == size
+    for path in (matrices, matrix, strip):
+        assert min(Image.open(path).size) > 50
+    assert len(label["confidences"]) == 5 and patch == -1 and "true label:** cat" in info
+    with torch.no_grad():
+        expected = model.class_names[int(model(preprocess(Image.open(CAT), model)).argmax())]
+    assert top1(label) == expected
+
+
+def test_explain_with_settings_then_redraw_in_the_same_session(client):
+    out = client.predict(upload(DOG), method="grad_rollout", target="cat", head_fusion="max",
+                         discard_ratio=0.5, opacity=0.8, layer=1, head="head 2", api_name="/explain")
+    assert "explaining:** cat" in out[8] and "layer 1, head 2" in out[8]
+    plain = client.predict(api_name="/redraw")
+    highlighted = client.predict(patch=10, api_name="/redraw")
+    assert "true label:** dog" in highlighted[-1] and "patch 10" in highlighted[-1]
+    assert not np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(Image.open(highlighted[0])))
+
+
+def test_sessions_are_isolated(server, tmp_path_factory):
+    first, second = _client(server, tmp_path_factory), _client(server, tmp_path_factory)
+    first.predict(upload(CAT), api_name="/explain")
+    second.predict(upload(DOG), api_name="/explain")
+    assert "true label:** cat" in first.predict(api_name="/redraw")[-1]
+    assert "true label:** dog" in second.predict(api_name="/redraw")[-1]
+
+
+def test_redraw_before_any_image_is_harmless(server, tmp_path_factory):
+    fresh = _client(server, tmp_path_factory)
+    fresh.predict(api_name="/redraw")  # skipped, no error
+    with pytest.raises(Exception, match="Upload an image or pick an example first"):
+        fresh.predict(api_name="/faithfulness")
+
+
+def test_faithfulness_sanity_and_export_endpoints(client):
+    client.predict(upload(CAT), api_name="/explain")
+    deletion, insertion, table = client.predict(method="last_layer", api_name="/faithfulness")
+    assert Image.open(deletion).size[0] > 100 and "random" in table
+    assert "| embedding |" in client.predict(api_name="/sanity_check")
+    files = client.predict(patch=3, api_name="/export")
+    paths = [Path(f) for f in files]
+    assert any(p.suffix == ".npz" for p in paths) and len(paths) == 8
+    assert "attentions" in np.load(next(p for p in paths if p.suffix == ".npz"))
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_uploads_get_a_clear_error_and_the_server_keeps_serving(client, model, bad_files, name):
+    path, message = bad_files[name]
+    for endpoint in ("/explain", "/predict"):
+        with pytest.raises(Exception, match=message):
+            client.predict(upload(path), api_name=endpoint)
+    assert top1(client.predict(upload(CAT), api_name="/predict")) in model.class_names
+
+
+def test_uploads_over_the_size_cap_are_refused(client, tmp_path):
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(image_bytes(_noise(), "PNG") + os.urandom(11 * 2**20))  # 11 MB > 10 MB cap
+    with pytest.raises(Exception):
+        client.predict(upload(huge), api_name="/explain")
+    assert client.predict(upload(CAT), api_name="/predict")["label"]
+
+
+def test_animated_upload_through_the_client(client, animated_gif):
+    out = client.predict(upload(animated_gif), api_name="/explain")
+    assert "first of 3 frames" in out[8]
+
+
+@pytest.mark.slow
+def test_share_offline_warns_and_serves_locally(model):
+    if app.share_server_reachable(timeout=2):
+        pytest.skip("the share server is reachable from here; this checks the offline path")
+    demo = app.build_demo(model)
+    started = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        app.launch(demo, share=True, block=False, quiet=True)
+    try:
+        elapsed = time.perf_counter() - started
+        assert elapsed < 8, f"took {elapsed:.1f} s to serve locally"
+        assert any("share server is unreachable" in str(w.message) for w in caught)
+        assert demo.share_url is None
+        import httpx
+        assert httpx.get(demo.local_url, timeout=10).status_code == 200
+    finally:
+        demo.close()
