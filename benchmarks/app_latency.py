@@ -1,0 +1,303 @@
+"""How fast is the explorer through its API? Prints figures; not a test.
+
+    python benchmarks/app_latency.py [--checkpoint DIR] [--requests 60] [--clients 8]
+
+Starts `demo/app.py` in a subprocess (with Gradio's request profiling on) and measures, through
+`gradio_client`, what a user waits for:
+
+- cold start: process start -> first /explain answer to a fresh client;
+- upload -> all panels: /explain with one client (upload, queue, model, drawing, every panel
+  downloaded), p50/p95; and /redraw (a settings change) the same way;
+- throughput: /explain from `--clients` concurrent clients;
+- server-side work inside /explain (Gradio's own trace: preprocess + handler + postprocess);
+- the floor: a no-op Gradio endpoint returning one small image, in its own process, measured the
+  same way (alone, and with the same upload /explain does), and the ratio to it.
+
+Goals on the 2-core CPU this was written on: /explain p50 <= 250 ms, p95 <= 400 ms, server-side
+<= 30 ms, >= 10 explanations/s with 8 clients, cold start <= 8 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+from gradio_client import Client, handle_file  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "demo" / "examples").glob("*.jpg"))
+
+FLOOR_APP = textwrap.dedent("""
+    import os, sys, tempfile
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
+    import gradio as gr
+    from PIL import Image
+    # A file, not a PIL image: Gradio re-encodes and rewrites a returned PIL image in place on every
+    # call, which races with concurrent downloads of the same (identical) file.
+    SMALL = os.path.join(tempfile.mkdtemp(), "small.png")
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(SMALL)
+    with gr.Blocks(analytics_enabled=False) as demo:
+        image = gr.Image(type="filepath")
+        out = gr.Image(format="png")
+        gr.Button("noop").click(lambda: SMALL, None, out, api_name="noop")
+        gr.Button("noop_upload").click(lambda path: SMALL, image, out, api_name="noop_upload",
+                                       preprocess=False)
+    demo.launch(server_port=int(sys.argv[1]), prevent_thread_lock=False, quiet=True, ssr_mode=False,
+                enable_monitoring=False, run_history=False)
+""")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(command: list[str], env: dict | None = None) -> subprocess.Popen:
+    """A server process; its output goes to a log file (a pipe nobody reads could fill and stall it)."""
+    log = open(Path(DOWNLOADS) / f"server-{time.time_ns()}.log", "w")
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log,
+                               stderr=subprocess.STDOUT, text=True)
+    process.log_path = log.name
+    return process
+
+
+def connect(url: str, process: subprocess.Popen, timeout: float = 120.0, verify: bool = True) -> Client:
+    """A client, as soon as the server answers (polling every 50 ms)."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}: "
+                               f"{Path(process.log_path).read_text()[-2000:]}")
+        try:
+            return make_client(url, verify=verify)
+        except Exception:
+            time.sleep(0.05)
+    raise TimeoutError(f"no server at {url} after {timeout} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc); NaN elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def timed(fn, n: int) -> list[float]:
+    times = []
+    for i in range(n):
+        started = time.perf_counter()
+        fn(i)
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def stats(ms: list[float]) -> str:
+    return (f"p50 {np.percentile(ms, 50):6.1f} ms   p95 {np.percentile(ms, 95):6.1f} ms   "
+            f"mean {statistics.fmean(ms):6.1f} ms   (n={len(ms)})")
+
+
+def throughput(make_client, call, clients: int, per_client: int) -> tuple[float, list[float]]:
+    """Requests per second with `clients` concurrent clients, each making `per_client` calls."""
+    pool = [make_client() for _ in range(clients)]
+    barrier = threading.Barrier(clients + 1)
+    latencies: list[float] = []
+
+    def work(client):
+        barrier.wait()
+        for i in range(per_client):
+            started = time.perf_counter()
+            call(client, i)
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    with ThreadPoolExecutor(clients) as executor:
+        futures = [executor.submit(work, c) for c in pool]
+        barrier.wait()
+        started = time.perf_counter()
+        for future in futures:
+            future.result()
+        elapsed = time.perf_counter() - started
+    return clients * per_client / elapsed, latencies
+
+
+def server_side(url: str, fn_name: str) -> dict[str, float]:
+    traces = httpx.get(f"{url}gradio_api/profiling/traces", timeout=30).json()
+    traces = [t for t in traces if t.get("fn_name") == fn_name]
+    if not traces:
+        return {}
+    pick = lambda key: float(np.percentile([t[key] for t in traces], 50))  # noqa: E731
+    work = [t["preprocess_ms"] + t["fn_call_ms"] + t["postprocess_ms"] for t in traces]
+    return {"n": len(traces), "preprocess": pick("preprocess_ms"), "handler": pick("fn_call_ms"),
+            "postprocess": pick("postprocess_ms"), "work_p50": float(np.percentile(work, 50)),
+            "work_p95": float(np.percentile(work, 95)), "queue_wait": pick("queue_wait_ms")}
+
+
+def make_client(url: str, verify: bool = True, download: bool = True) -> Client:
+    return Client(url, verbose=False, analytics_enabled=False, ssl_verify=verify,
+                  download_files=DOWNLOADS if download else False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "vit-cifar10"))
+    parser.add_argument("--requests", type=int, default=60, help="sequential requests per measurement")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients for the throughput run")
+    parser.add_argument("--per-client", type=int, default=10, help="requests per concurrent client")
+    args = parser.parse_args(argv)
+
+    global DOWNLOADS
+    DOWNLOADS = tempfile.mkdtemp(prefix="app-latency-")
+    images = [handle_file(str(p)) for p in EXAMPLES]
+    n = args.requests
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} "
+          "(other work on the machine slows every figure)")
+    print("note: gradio_client downloads output files one by one and, with its default ssl_verify=True, "
+          "builds a fresh TLS context (loading the CA bundle) for each download even over plain http; "
+          "'fast client' below is the same client with ssl_verify=False, which changes nothing else "
+          "on an http:// URL.")
+
+    # --- the app ---------------------------------------------------------------------------------
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    started = time.perf_counter()
+    app = start([sys.executable, "demo/app.py", "--checkpoint", args.checkpoint, "--port", str(port)],
+                env={"GRADIO_PROFILING": "1"})
+    try:
+        fast = connect(url, app, verify=False)
+        ready = time.perf_counter() - started
+        fast.predict(images[0], api_name="/explain")
+        cold = time.perf_counter() - started
+        print(f"\ncold start, process start -> first /explain answer (fast client): {cold:.2f} s   (goal <= 8 s); "
+              f"the server answered its first request after {ready:.2f} s")
+
+        client = make_client(url)
+        bare = make_client(url, verify=False, download=False)
+        for i in range(5):  # warm the clients and the server
+            for c in (client, fast, bare):
+                c.predict(images[i % len(images)], api_name="/explain")
+        explain = lambda c: lambda i: c.predict(images[i % len(images)], api_name="/explain")  # noqa: E731
+
+        default_ms = timed(explain(client), n)
+        httpx.post(f"{url}gradio_api/profiling/clear", timeout=30)
+        cpu_before = cpu_seconds(app.pid)
+        fast_ms = timed(explain(fast), n)
+        explain_cpu = (cpu_seconds(app.pid) - cpu_before) / n * 1000
+        explain_server = server_side(url, "explain")
+        answer_ms = timed(explain(bare), n)
+        fetcher, fetch_pool = httpx.Client(timeout=30), ThreadPoolExecutor(8)
+
+        def answer_and_fetch(i):
+            out = bare.predict(images[i % len(images)], api_name="/explain")
+            urls = [o["url"] for o in out if isinstance(o, dict) and o.get("url")]
+            list(fetch_pool.map(lambda u: fetcher.get(u).content, urls))
+
+        parallel_ms = timed(answer_and_fetch, n)
+        print("/explain, one client, upload -> 9 panels (7 images):   (goal p50 <= 250 ms, p95 <= 400 ms)")
+        print(f"  gradio_client defaults:                 {stats(default_ms)}")
+        print(f"  fast client (ssl_verify=False):         {stats(fast_ms)}")
+        print(f"  answer only (panel URLs, no downloads): {stats(answer_ms)}")
+        print(f"  answer + panels fetched in parallel:    {stats(parallel_ms)}   (what a browser does)")
+        if explain_server:
+            print(f"  server-side work: preprocess {explain_server['preprocess']:.1f} + handler "
+                  f"{explain_server['handler']:.1f} + postprocess {explain_server['postprocess']:.1f} ms (p50 "
+                  f"each); total p50 {explain_server['work_p50']:.1f} ms, p95 {explain_server['work_p95']:.1f} ms"
+                  "   (goal <= 30 ms)")
+        print(f"  server CPU per /explain, all included (upload, queue, handler, serving 7 images): "
+              f"{explain_cpu:.1f} ms")
+
+        settings = [dict(head_fusion="max"), dict(discard_ratio=0.5), dict(opacity=0.8), dict(layer=2),
+                    dict(head="head 3"), dict(patch=27), dict(method="last_layer"), dict()]
+        httpx.post(f"{url}gradio_api/profiling/clear", timeout=30)
+        cpu_before = cpu_seconds(app.pid)
+        redraw_ms = timed(lambda i: fast.predict(**settings[i % len(settings)], api_name="/redraw"), n)
+        redraw_cpu = (cpu_seconds(app.pid) - cpu_before) / n * 1000
+        redraw_server = server_side(url, "redraw")
+        print(f"/redraw (a settings change; 6 images), fast client: {stats(redraw_ms)}")
+        if redraw_server:
+            print(f"  server-side work p50 {redraw_server['work_p50']:.1f} ms, "
+                  f"p95 {redraw_server['work_p95']:.1f} ms; server CPU per call, all included: "
+                  f"{redraw_cpu:.1f} ms")
+
+        httpx.post(f"{url}gradio_api/profiling/clear", timeout=30)
+        rate, latencies = throughput(lambda: make_client(url, verify=False), lambda c, i: explain(c)(i),
+                                     args.clients, args.per_client)
+        loaded = server_side(url, "explain")
+        print(f"/explain, {args.clients} concurrent fast clients: {rate:.1f} explanations/s   (goal >= 10/s)")
+        print(f"  latency under load: {stats(latencies)}")
+        if loaded:
+            print(f"  server-side work under load p50 {loaded['work_p50']:.1f} ms, queue wait p50 "
+                  f"{loaded['queue_wait']:.1f} ms")
+    finally:
+        stop(app)
+
+    # --- the floor: the same round trips around a handler that does nothing -----------------------
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    floor_script = Path(DOWNLOADS) / "floor_app.py"
+    floor_script.write_text(FLOOR_APP)
+    floor = start([sys.executable, str(floor_script), str(port)])
+    try:
+        client = connect(url, floor)
+        fast = make_client(url, verify=False)
+        for _ in range(5):
+            for c in (client, fast):
+                c.predict(api_name="/noop")
+                c.predict(images[0], api_name="/noop_upload")
+        noop_ms = timed(lambda i: client.predict(api_name="/noop"), n)
+        noop_fast_ms = timed(lambda i: fast.predict(api_name="/noop"), n)
+        upload_ms = timed(lambda i: client.predict(images[i % len(images)], api_name="/noop_upload"), n)
+        cpu_before = cpu_seconds(floor.pid)
+        upload_fast_ms = timed(lambda i: fast.predict(images[i % len(images)], api_name="/noop_upload"), n)
+        floor_cpu = (cpu_seconds(floor.pid) - cpu_before) / n * 1000
+        floor_rate, _ = throughput(lambda: make_client(url, verify=False),
+                                   lambda c, i: c.predict(images[i % len(images)], api_name="/noop_upload"),
+                                   args.clients, args.per_client)
+    finally:
+        stop(floor)
+    print("\nfloor: a no-op endpoint returning one small image")
+    print(f"  gradio_client defaults:          {stats(noop_ms)}")
+    print(f"  fast client:                     {stats(noop_fast_ms)}")
+    print(f"  with an upload, defaults:        {stats(upload_ms)}")
+    print(f"  with an upload, fast client:     {stats(upload_fast_ms)}; server CPU {floor_cpu:.1f} ms per call; "
+          f"{floor_rate:.1f}/s with {args.clients} fast clients")
+
+    ratio = lambda a, b: np.percentile(a, 50) / np.percentile(b, 50)  # noqa: E731
+    print("\n/explain p50 over the floor's p50 (same client settings):")
+    print(f"  defaults: {ratio(default_ms, noop_ms):.2f}x the no-op floor, {ratio(default_ms, upload_ms):.2f}x "
+          "the upload floor")
+    print(f"  fast client: {ratio(fast_ms, noop_fast_ms):.2f}x the no-op floor, "
+          f"{ratio(fast_ms, upload_fast_ms):.2f}x the upload floor; throughput {rate / floor_rate:.2f}x the "
+          "floor's")
+    return 0
+
+
+DOWNLOADS = tempfile.gettempdir()
+
+if __name__ == "__main__":
+    sys.exit(main())
