@@ -249,6 +249,40 @@ class AdaptiveThreads:
             self.timings = {c: [] for c in self.choices}
 
 
+def make_batch(data: ImageTensors, indices: torch.Tensor, policy: str, mean, std, device: torch.device,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index the uint8 images, normalise and augment the whole batch with tensor ops."""
+    images = normalize(data.images[indices].to(device, non_blocking=True), mean, std)
+    labels = data.labels[indices].to(device, non_blocking=True)
+    return augment(images, policy, generator), labels
+
+
+def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+               labels: torch.Tensor, cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step; returns the logits and the loss."""
+    with autocast(device, cfg.amp):
+        logits = net(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
+    optimizer.step()
+    return logits, loss
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only (not biases, norms, CLS or positions)."""
+    def decays(name: str, p: torch.Tensor) -> bool:
+        return p.ndim >= 2 and "pos_embed" not in name and "cls_token" not in name
+
+    params = list(model.named_parameters())
+    return torch.optim.AdamW([
+        {"params": [p for n, p in params if decays(n, p)], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0},
+    ], lr=cfg.lr)
+
+
 # ----------------------------------------------------------------------------------------------
 # The run
 
@@ -302,10 +336,7 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, train_set.classes).to(device)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    optimizer = build_optimizer(model, cfg)
     local_batch = cfg.batch_size // world
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -381,17 +412,9 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
             batch_idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             aug_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             batch_idx = batch_idx[rank * local_batch:(rank + 1) * local_batch]
-            images = normalize(train_set.images[batch_idx].to(device, non_blocking=True), mean, std)
-            labels = train_set.labels[batch_idx].to(device, non_blocking=True)
-            images = augment(images, cfg.augment, torch.Generator().manual_seed(aug_seed + rank))
-            with autocast(device, cfg.amp):
-                logits = net(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
-            optimizer.step()
+            images, labels = make_batch(train_set, batch_idx, cfg.augment, mean, std, device,
+                                        torch.Generator().manual_seed(aug_seed + rank))
+            logits, loss = train_step(net, optimizer, images, labels, cfg, device)
             if per_step and scheduler is not None:
                 scheduler.step()
             if threads is not None:
