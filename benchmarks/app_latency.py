@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=60, help="sequential requests per measurement")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients for the throughput run")
     parser.add_argument("--per-client", type=int, default=10, help="requests per concurrent client")
+    parser.add_argument("--app-args", default="", help="extra arguments for demo/app.py, e.g. '--workers 1'")
     args = parser.parse_args(argv)
 
     global DOWNLOADS
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     started = time.perf_counter()
-    app = start([sys.executable, "demo/app.py", "--checkpoint", args.checkpoint, "--port", str(port)],
+    app = start([sys.executable, "demo/app.py", "--checkpoint", args.checkpoint, "--port", str(port),
+                 *args.app_args.split()],
                 env={"GRADIO_PROFILING": "1"})
     try:
         fast = connect(url, app, verify=False)

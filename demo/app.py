@@ -465,8 +465,8 @@ def panel(label: str, elem_id: str, height: int, clickable: bool = False, show_l
                     elem_classes=["pixelated", "clickable"] if clickable else None, **kwargs)
 
 
-def build_demo(model: ViTClassifier) -> gr.Blocks:
-    """The explorer around one loaded model. Launch with `launch(demo)`."""
+def build_demo(model: ViTClassifier, workers: int = 2) -> gr.Blocks:
+    """The explorer around one loaded model, `workers` requests at a time. Launch with `launch(demo)`."""
     model.eval()
     examples = sorted(EXAMPLES_DIR.glob("*.jpg")) + sorted(EXAMPLES_DIR.glob("*.png"))
     gallery_items = [(str(p), example_label(p.stem, model.class_names) or p.stem) for p in examples]
@@ -607,10 +607,10 @@ def build_demo(model: ViTClassifier) -> gr.Blocks:
         def on_new_image():  # curves and checks of the previous image no longer apply
             return None, None, "", ""
 
-        # The fast handlers share one worker: one session's clicks and slider moves are then drawn
-        # in the order they were made (two workers gave no more throughput on 2 cores, and could
-        # let an older redraw land last). The slow buttons have a worker of their own.
-        fast = dict(concurrency_id="fast", concurrency_limit=1)
+        # The fast handlers share `workers` threads (torch runs one thread per request, so two
+        # requests use both cores of a small machine); the slow buttons have a worker of their own.
+        # With one worker, one session's clicks and slider moves are also drawn strictly in order.
+        fast = dict(concurrency_id="fast", concurrency_limit=workers)
         slow = dict(concurrency_id="slow", concurrency_limit=1)
         faith_outputs = [deletion_plot, insertion_plot, auc_table, sanity_table]
         # preprocess=False: the handler gets the raw upload and decodes it itself, so corrupt or
@@ -722,6 +722,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="interface to bind; 0.0.0.0 to serve the local network")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--share", action="store_true", help="also serve on a public *.gradio.live link")
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("VIT_EXPLORER_WORKERS", 2)),
+                        help="requests handled at the same time (default 2)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("VIT_EXPLORER_THREADS", 1)),
                         help="torch threads per request (default 1: the model is small and requests "
                              "run side by side, so intra-op threads only contend)")
@@ -737,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     warm_up(model)
-    launch(build_demo(model), host=args.host, port=args.port, share=args.share)
+    launch(build_demo(model, workers=max(1, args.workers)), host=args.host, port=args.port, share=args.share)
     return 0
 
 
