@@ -51,11 +51,12 @@ ROOT = DEMO_DIR.parent
 if str(ROOT) not in sys.path:  # `python demo/app.py` from anywhere finds vit_core
     sys.path.insert(0, str(ROOT))
 
-from vit_core import ViTClassifier, explain, preprocess, to_model_pixels  # noqa: E402
+from vit_core import ViTClassifier, preprocess, to_model_pixels  # noqa: E402
 from vit_core import faithfulness as faith  # noqa: E402
 from vit_core import viz  # noqa: E402
+# `explain` from its module: importing the vit_core.explain CLI module rebinds `vit_core.explain`.
 from vit_core.rollout import (  # noqa: E402
-    HEAD_FUSIONS, Explanation, attention_rollout, cls_patch_map, fuse_heads, token_map)
+    HEAD_FUSIONS, Explanation, attention_rollout, cls_patch_map, explain, fuse_heads, token_map)
 
 EXAMPLES_DIR = DEMO_DIR / "examples"
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "vit-cifar10"

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 import demo.app as app
-from vit_core import ViTClassifier, explain, preprocess, to_model_pixels
+from vit_core import ViTClassifier, preprocess, to_model_pixels
+from vit_core.rollout import explain
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "demo" / "examples"
