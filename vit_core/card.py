@@ -64,7 +64,15 @@ def write_model_card(out: str | Path) -> Path:
         f"Machine: {info['machine']} (×{info['world_size']} process(es)).",
     ]
     if summary:
-        lines += [f"Wall time: {summary['wall_seconds'] / 60:.1f} min for {summary['epochs_run']} epochs."]
+        lines += [f"Wall time: {summary['wall_seconds'] / 60:.1f} min of training for {summary['epochs_run']} "
+                  f"epochs; {summary['seconds_since_first_start'] / 60:.1f} min from the first start to the "
+                  "end, restarts and lost partial epochs included."]
+    segments = info.get("segments", [])
+    if len(segments) > 1:
+        lines += ["", "The run was started and resumed (`--resume`) in these segments; each resume continues "
+                  "from the last completed epoch's checkpoint, and a partial epoch cut by a restart is lost:", ""]
+        lines += [f"{i + 1}. {s['started']}, from epoch {s['from_epoch']}: `{s['command']}`"
+                  for i, s in enumerate(segments)]
     lines += ["", "## Results", ""]
     if best:
         lines += [f"- Validation accuracy (best epoch {best['epoch']}): {best['val_acc'] * 100:.2f} %"]

@@ -436,3 +436,23 @@ def plot_training_history(history: list[dict]) -> Image.Image:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return figure_to_image(fig)
+
+
+def plot_confusion(confusion, class_names: list[str]) -> Image.Image:
+    """Confusion matrix (rows: true class, columns: predicted), each row as a fraction, with counts."""
+    counts = _to_numpy(confusion).astype(np.int64)
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
+    shown = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=45, ha="right")
+    ax.set_yticks(ticks, class_names)
+    ax.set(xlabel="predicted", ylabel="true class", title="confusion matrix (test)")
+    for i in ticks:
+        for j in ticks:
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if rates[i, j] > 0.5 else "black")
+    fig.colorbar(shown, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return figure_to_image(fig)
