@@ -121,3 +121,21 @@ def test_module_entry_point(setup):
     result = subprocess.run(command[:4] + command[5:], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert (tmp / "out" / "plane.npz").exists()
+
+
+def test_importing_the_cli_module_keeps_vit_core_explain_callable():
+    import importlib
+
+    import torch
+
+    import vit_core
+    from vit_core.rollout import explain as explain_function
+
+    importlib.import_module("vit_core.explain")  # rebinds the package attribute to the module
+    from toys import tiny_vit
+
+    model = tiny_vit()
+    images = torch.randn(1, 3, 32, 32)
+    via_package = vit_core.explain(model, images)
+    direct = explain_function(model, images)
+    assert torch.equal(via_package.rollout, direct.rollout)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path}: predicted {names[predicted]} ({arrays['probs'][i][predicted]:.2f}); explained "
               f"{names[explained]}; wrote {out / stem}_*.png and {stem}.npz")
     return 0
+
+
+
+class _CallableModule(types.ModuleType):
+    """`vit_core.explain` names both the package's explain() function and this command-line module.
+    Importing a submodule rebinds the package attribute to the module, so the module forwards calls
+    to the function: `vit_core.explain(model, images)` works whichever was imported first."""
+
+    def __call__(self, *args, **kwargs):
+        return explain(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":
