@@ -134,7 +134,8 @@ def test_two_process_torchrun_smoke_run(toy_data, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
          "--master_port", str(_free_port()), str(ROOT / "train.py"), "--data", str(toy_data), "--out", str(out),
-         "--preset", "tiny", "--epochs", "2", "--batch-size", "16", "--val-size", "16", "--num-threads", "1",
+         "--preset", "tiny", "--epochs", "2", "--warmup-epochs", "0.5", "--batch-size", "16", "--val-size", "16",
+         "--num-threads", "1",
          "--device", "cpu"],
         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
