@@ -56,7 +56,7 @@ from vit_core import faithfulness as faith  # noqa: E402
 from vit_core import viz  # noqa: E402
 # `explain` from its module: importing the vit_core.explain CLI module rebinds `vit_core.explain`.
 from vit_core.rollout import (  # noqa: E402
-    HEAD_FUSIONS, Explanation, attention_rollout, cls_patch_map, explain, fuse_heads, token_map)
+    HEAD_FUSIONS, Explanation, explain, fuse_heads, token_map)
 
 EXAMPLES_DIR = DEMO_DIR / "examples"
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "vit-cifar10"
@@ -241,20 +241,11 @@ def current_explanation(model: ViTClassifier, session: Session, settings: Settin
     """The session's Explanation as the settings ask for it, without a forward pass: rollout and
     per-layer maps recomputed from the cached attentions for this head fusion and discard ratio;
     the gradient rollout of the chosen class (computed once per class, with the model)."""
-    cached = session.explanation
     target = target_index(model, session, settings)
     if target not in session.grad_maps:
         session.grad_maps[target] = explain(model, session.inputs, target=target).grad_rollout
-    attentions = cached.attentions
-    if (settings.head_fusion, settings.discard_ratio) == (cached.head_fusion, cached.discard_ratio):
-        rollout, layer_maps = cached.rollout, cached.layer_maps
-    else:
-        rollout = cls_patch_map(attention_rollout(attentions, settings.head_fusion, settings.discard_ratio))
-        layer_maps = cls_patch_map(fuse_heads(attentions, settings.head_fusion))
-    return dataclasses.replace(
-        cached, target=torch.tensor([target]), rollout=rollout, grad_rollout=session.grad_maps[target],
-        layer_maps=layer_maps, last_layer=layer_maps[:, -1], head_fusion=settings.head_fusion,
-        discard_ratio=settings.discard_ratio)
+    reconfigured = session.explanation.with_settings(settings.head_fusion, settings.discard_ratio)
+    return dataclasses.replace(reconfigured, target=torch.tensor([target]), grad_rollout=session.grad_maps[target])
 
 
 @dataclasses.dataclass

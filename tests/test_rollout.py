@@ -403,3 +403,22 @@ def test_token_map_bad_arguments(kwargs, message):
         token_map(torch.rand(2, 4, 17, 17), **kwargs)
     with pytest.raises(ValueError, match=r"\[L, H, T, T\]"):
         token_map(torch.rand(1, 2, 4, 17, 17), token=0, layer=0)
+
+
+def test_with_settings_equals_a_fresh_explanation_without_a_forward_pass(tiny_model):
+    import torch
+
+    from vit_core.rollout import explain
+
+    images = torch.randn(2, 3, tiny_model.image_size, tiny_model.image_size)
+    cached = explain(tiny_model, images)
+    calls = []
+    handle = tiny_model.register_forward_hook(lambda *a: calls.append(1))
+    redrawn = cached.with_settings("max", 0.5)
+    handle.remove()
+    fresh = explain(tiny_model, images, head_fusion="max", discard_ratio=0.5)
+    assert calls == []
+    for name in ("rollout", "layer_maps", "last_layer", "grad_rollout"):
+        torch.testing.assert_close(getattr(redrawn, name), getattr(fresh, name))
+    assert redrawn.head_fusion == "max" and redrawn.discard_ratio == 0.5
+    assert not torch.allclose(redrawn.rollout, cached.rollout)

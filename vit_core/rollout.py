@@ -14,6 +14,7 @@ Every map comes back raw (no rescaling) with patches in row-major order, the ord
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -117,6 +118,18 @@ class Explanation:
     def maps(self) -> dict[str, torch.Tensor]:
         """The explanation maps by method name, each [B, g, g]."""
         return {"rollout": self.rollout, "grad_rollout": self.grad_rollout, "last_layer": self.last_layer}
+
+    def with_settings(self, head_fusion: str, discard_ratio: float) -> "Explanation":
+        """The same explanation for another head fusion / discard ratio, recomputed from the cached
+        attentions (no forward pass). The gradient rollout does not depend on either and is kept."""
+        _check_rollout_args(head_fusion, discard_ratio)
+        if (head_fusion, discard_ratio) == (self.head_fusion, self.discard_ratio):
+            return self
+        layer_maps = cls_patch_map(fuse_heads(self.attentions, head_fusion))
+        return dataclasses.replace(
+            self, rollout=cls_patch_map(attention_rollout(self.attentions, head_fusion, discard_ratio)),
+            layer_maps=layer_maps, last_layer=layer_maps[:, -1], head_fusion=head_fusion,
+            discard_ratio=discard_ratio)
 
     def as_numpy(self) -> dict[str, np.ndarray]:
         arrays = {name: getattr(self, name).numpy() for name in

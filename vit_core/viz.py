@@ -18,6 +18,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
+from .faithfulness import auc
+
 HIGHLIGHT_COLOR = (255, 0, 0)
 BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (0, 0, 0)
@@ -384,13 +386,6 @@ def figure_to_image(fig: Figure, dpi: int = 100) -> Image.Image:
     return Image.open(buffer).convert("RGB")
 
 
-def _curve_auc(curve: np.ndarray) -> float:
-    """Trapezoid area under a curve sampled at evenly spaced x in [0, 1]."""
-    if len(curve) < 2:
-        return float(curve[0]) if len(curve) else float("nan")
-    return float(((curve[:-1] + curve[1:]) / 2).sum() / (len(curve) - 1))
-
-
 def plot_curves(curves: dict[str, np.ndarray], title: str, ylabel: str = "target probability") -> Image.Image:
     """Deletion or insertion curves: x = fraction of patches removed/inserted. Each value is a
     curve [K] or a batch of curves [B, K] (drawn as the mean with a +-1 std band); the legend
@@ -407,7 +402,7 @@ def plot_curves(curves: dict[str, np.ndarray], title: str, ylabel: str = "target
             raise ValueError(f"curve {name!r} must be [K] or [B, K] with K >= 2, got {values.shape}")
         mean = values.mean(axis=0)
         x = np.linspace(0.0, 1.0, len(mean))
-        (line,) = ax.plot(x, mean, label=f"{name} (AUC {_curve_auc(mean):.3f})")
+        (line,) = ax.plot(x, mean, label=f"{name} (AUC {float(auc(mean)):.3f})")
         if len(values) > 1:
             std = values.std(axis=0)
             ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
