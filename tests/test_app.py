@@ -301,7 +301,6 @@ def test_main_reports_a_missing_checkpoint(tmp_path, capsys):
     assert "No checkpoint directory" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="shipped checkpoint not there yet")
 def test_shipped_checkpoint_loads_offline_and_fits_a_space():
     assert (SHIPPED / "model.safetensors").stat().st_size < 10 * 2**20  # no Git LFS needed
     model = app.load_model(app.DEFAULT_CHECKPOINT)

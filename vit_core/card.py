@@ -8,6 +8,7 @@ from pathlib import Path
 TRAIN_INFO = "train_info.json"
 HISTORY = "history.json"
 EVAL_INFO = "eval.json"
+NOTES = "notes.md"
 
 
 def _read(path: Path):
@@ -90,6 +91,8 @@ def write_model_card(out: str | Path) -> Path:
     else:
         lines += ["- Test accuracy: not measured yet (`python -m vit_core.evaluate --checkpoint DIR --data DIR`)."]
     lines += ["", "![training statistics](training.png)", ""]
+    if (out / NOTES).exists():  # what the numbers alone do not tell, written by whoever ran it
+        lines += ["## Notes", "", (out / NOTES).read_text().strip(), ""]
     path = out / "README.md"
     path.write_text("\n".join(lines))
     return path
