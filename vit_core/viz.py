@@ -269,18 +269,24 @@ def overlay_map(image: Image.Image, patch_map, alpha: float = 0.5, cmap: str = "
     return out
 
 
+def _per_layer(stack, titles: list[str] | None, shape_message: str) -> tuple[np.ndarray, list[str]]:
+    """A per-layer stack [L, n, n] as numpy, with its titles ("layer 1" ... by default)."""
+    stack = _to_numpy(stack)
+    if stack.ndim != 3:
+        raise ValueError(f"{shape_message}, got shape {stack.shape}")
+    if titles is None:
+        titles = [f"layer {i + 1}" for i in range(len(stack))]
+    if len(titles) != len(stack):
+        raise ValueError(f"{len(titles)} titles for {len(stack)} layers")
+    return stack, titles
+
+
 def map_strip(maps, image: Image.Image | None = None, titles: list[str] | None = None, alpha: float = 0.6,
               cmap: str = "jet", scale: int = 4) -> Image.Image:
     """Per-layer maps [L, g, g] in a row, each normalised on its own, overlaid on `image` (upscaled
     by `scale`) when given; without an image each map cell is drawn 4 * scale pixels wide.
     Titles default to "layer 1" ... "layer L"."""
-    maps = _to_numpy(maps)
-    if maps.ndim != 3:
-        raise ValueError(f"maps must be [L, g, g], got shape {maps.shape}")
-    if titles is None:
-        titles = [f"layer {i + 1}" for i in range(len(maps))]
-    if len(titles) != len(maps):
-        raise ValueError(f"{len(titles)} titles for {len(maps)} maps")
+    maps, titles = _per_layer(maps, titles, "maps must be [L, g, g]")
     tiles = []
     for patch_map, title in zip(maps, titles):
         if image is not None:
@@ -364,13 +370,7 @@ def _matrix_frame(tokens: int, cell: int) -> tuple[Image.Image, tuple[int, int]]
 def attention_matrix_grid(matrices, titles: list[str] | None = None, cell: int = 2,
                           highlight_token: int | None = None) -> Image.Image:
     """[L, T, T] matrices as thumbnails side by side, titled "layer 1" ... by default."""
-    matrices = _to_numpy(matrices)
-    if matrices.ndim != 3:
-        raise ValueError(f"matrices must be [L, T, T], got shape {matrices.shape}")
-    if titles is None:
-        titles = [f"layer {i + 1}" for i in range(len(matrices))]
-    if len(titles) != len(matrices):
-        raise ValueError(f"{len(titles)} titles for {len(matrices)} matrices")
+    matrices, titles = _per_layer(matrices, titles, "matrices must be [L, T, T]")
     tiles = [attention_matrix_image(m, title=t, highlight_token=highlight_token, cell=cell, labels=False)
              for m, t in zip(matrices, titles)]
     return _hstack(tiles)
