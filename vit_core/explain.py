@@ -52,7 +52,7 @@ def load_checkpoint(checkpoint: str) -> ViTClassifier:
     if not os.path.isdir(checkpoint):
         raise InputError(f"checkpoint folder {checkpoint!r} does not exist")
     try:
-        return ViTClassifier.from_pretrained(checkpoint).eval()
+        return ViTClassifier.from_pretrained(checkpoint)  # returns eval mode
     except (OSError, ValueError, TypeError, RuntimeError) as error:
         raise InputError(f"cannot load the checkpoint in {checkpoint!r}: {error}") from error
 

@@ -212,13 +212,12 @@ def randomization_sanity(model: nn.Module, images: torch.Tensor, method: str = "
 
 def _explain_in_chunks(model, images: torch.Tensor, head_fusion: str, discard_ratio: float,
                        chunk: int = 64) -> dict[str, torch.Tensor]:
-    parts: dict[str, list[torch.Tensor]] = {"probs": [], "target": [], "rollout": [], "grad_rollout": [],
-                                            "last_layer": []}
+    parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(images), chunk):
         explanation = explain(model, images[start:start + chunk], head_fusion=head_fusion,
                               discard_ratio=discard_ratio)
-        for name in parts:
-            parts[name].append(getattr(explanation, name))
+        for name, value in {"probs": explanation.probs, "target": explanation.target, **explanation.maps()}.items():
+            parts.setdefault(name, []).append(value)
     return {name: torch.cat(values) for name, values in parts.items()}
 
 
@@ -260,7 +259,6 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, OSError, ValueError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    model.eval()
     if tuple(data.images.shape[-2:]) != (model.image_size, model.image_size):
         print(f"error: the data's image size {tuple(data.images.shape[-2:])} is not the model's "
               f"{model.image_size}x{model.image_size}", file=sys.stderr)
