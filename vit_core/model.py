@@ -33,10 +33,11 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 # Named configurations. `seed` is the report's network; `cpu` is the one the app ships, sized so a
-# single run on a 2-core CPU finishes in about two hours; `tiny` is for tests and smoke runs.
+# single run on a 2-core CPU finishes in about two hours (128 wide trains ~1.8x faster than 192, so
+# ~45 epochs fit instead of ~26, which matters more than width on a short budget); `tiny` is for tests.
 PRESETS: dict[str, dict] = {
     "seed": dict(emb_size=256, depth=6, n_heads=8, mlp_ratio=2.0, dropout=0.2),
-    "cpu": dict(emb_size=192, depth=6, n_heads=6, mlp_ratio=2.0, dropout=0.0),
+    "cpu": dict(emb_size=128, depth=6, n_heads=4, mlp_ratio=2.0, dropout=0.0),
     "tiny": dict(emb_size=32, depth=2, n_heads=2, mlp_ratio=2.0, dropout=0.0),
 }
 
