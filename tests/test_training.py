@@ -34,6 +34,20 @@ def test_a_few_epochs_lower_the_loss_and_export_the_best(toy_data, tmp_path):
     assert model.class_names == ["blue", "red"]
 
 
+def test_more_threads_than_allowed_cores_warns_and_the_card_says_so(toy_data, tmp_path, monkeypatch, capsys):
+    import vit_core.training as training
+
+    monkeypatch.setattr(training, "usable_cpu_count", lambda: 1)
+    previous = torch.get_num_threads()
+    try:
+        train(tiny_config(toy_data, tmp_path / "run", epochs=1, num_threads=2))
+    finally:
+        torch.set_num_threads(previous)
+    assert "may use only 1 core(s)" in capsys.readouterr().err
+    info = json.loads((tmp_path / "run" / "train_info.json").read_text())
+    assert "1 of" in info["machine"] and "(2 threads)" in info["machine"]
+
+
 def test_killed_run_resumed_ends_like_an_uninterrupted_one(toy_data, tmp_path):
     full = tiny_config(toy_data, tmp_path / "full", dropout=0.1)
     train(full)

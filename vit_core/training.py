@@ -210,7 +210,16 @@ def machine_description(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return (f"{cpu}, {usable_cpu_count()} of {os.cpu_count()} CPU cores usable, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads)")
+
+
+def usable_cpu_count() -> int:
+    """Cores this process may run on: a CPU-affinity mask (taskset, a container) can allow fewer than exist."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class AdaptiveThreads:
@@ -314,6 +323,11 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
         torch.cuda.set_device(device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    if device.type == "cpu" and torch.get_num_threads() > usable_cpu_count():
+        # More threads than allowed cores time-share one core and run slower than one thread.
+        print(f"warning: {torch.get_num_threads()} torch threads but this process may use only "
+              f"{usable_cpu_count()} core(s) (CPU affinity); widen it, e.g. `taskset -c 0-{os.cpu_count() - 1} "
+              f"python train.py ...`, or pass --num-threads {usable_cpu_count()}", file=sys.stderr, flush=True)
     threads = AdaptiveThreads(torch.get_num_threads()) if cfg.adaptive_threads and device.type == "cpu" else None
 
     out = Path(cfg.out)
