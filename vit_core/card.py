@@ -15,6 +15,15 @@ def _read(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _schedule(cfg: dict) -> str:
+    if cfg["schedule"] == "multistep":
+        return f"{cfg['epochs']} epochs, MultiStepLR (×{cfg['gamma']} at epochs {cfg['milestones'] or '50 % and 75 %'})"
+    if cfg.get("time_budget_min") is not None:  # the cosine follows the clock, so the epoch count is a cap
+        return (f"warmup {cfg['warmup_epochs']} epochs then cosine to zero over a {cfg['time_budget_min']:g}-minute "
+                f"wall-clock budget (`--time-budget`; at most {cfg['epochs']} epochs)")
+    return f"{cfg['epochs']} epochs, warmup {cfg['warmup_epochs']} epochs then cosine to zero"
+
+
 def write_model_card(out: str | Path) -> Path:
     out = Path(out)
     info, history, evaluation = _read(out / TRAIN_INFO), _read(out / HISTORY) or [], _read(out / EVAL_INFO)
@@ -51,8 +60,7 @@ def write_model_card(out: str | Path) -> Path:
         "## Recipe",
         "",
         f"AdamW (lr {cfg['lr']}, weight decay {cfg['weight_decay']}), batch {cfg['batch_size']}, "
-        f"{cfg['epochs']} epochs, schedule `{cfg['schedule']}` (warmup {cfg['warmup_epochs']} epochs), "
-        f"label smoothing {cfg['label_smoothing']}, gradient clipping {cfg['clip_grad']}, augmentation "
+        f"{_schedule(cfg)}, label smoothing {cfg['label_smoothing']}, gradient clipping {cfg['clip_grad']}, augmentation "
         f"`{cfg['augment']}` + horizontal flip, amp `{cfg['amp']}`. Validation and test predictions "
         "average each image with its mirror image.",
         "",
@@ -64,11 +72,13 @@ def write_model_card(out: str | Path) -> Path:
         "",
         f"Machine: {info['machine']} (×{info['world_size']} process(es)).",
     ]
-    if summary:
-        lines += [f"Wall time: {summary['wall_seconds'] / 60:.1f} min of training for {summary['epochs_run']} "
-                  f"epochs; {summary['seconds_since_first_start'] / 60:.1f} min from the first start to the "
-                  "end, restarts and lost partial epochs included."]
     segments = info.get("segments", [])
+    if summary:
+        wall = f"Wall time: {summary['wall_seconds'] / 60:.1f} min of training for {summary['epochs_run']} epochs"
+        if len(segments) > 1:
+            wall += (f"; {summary['seconds_since_first_start'] / 60:.1f} min from the first start to the end, "
+                     "restarts and lost partial epochs included")
+        lines += [wall + (", in one uninterrupted run." if len(segments) <= 1 else ".")]
     if len(segments) > 1:
         lines += ["", "The run was started and resumed (`--resume`) in these segments; each resume continues "
                   "from the last completed epoch's checkpoint, and a partial epoch cut by a restart is lost:", ""]
