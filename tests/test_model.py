@@ -167,7 +167,7 @@ def test_preprocess_rejects_non_images():
 
 def test_shipped_checkpoint_classifies_the_shipped_examples():
     # Guards against shipping untrained or mismatched weights: chance is 10 %; the shipped model
-    # (66.7 % on the CIFAR-10 test split) gets 20 of these 30 test images right.
+    # (74.3 % on the CIFAR-10 test split) gets 25 of these 30 test images right.
     from pathlib import Path
 
     from toys import ROOT
@@ -179,4 +179,4 @@ def test_shipped_checkpoint_classifies_the_shipped_examples():
         predicted = model(preprocess([Image.open(f) for f in files], model)).argmax(-1).tolist()
     truth = [model.class_names.index(Path(f).stem.rsplit("_", 1)[0]) for f in files]
     correct = sum(p == t for p, t in zip(predicted, truth))
-    assert correct >= 15, f"only {correct}/30 shipped examples classified correctly"
+    assert correct >= 20, f"only {correct}/30 shipped examples classified correctly"
