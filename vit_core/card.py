@@ -77,8 +77,10 @@ def write_model_card(out: str | Path) -> Path:
         wall = f"Wall time: {summary['wall_seconds'] / 60:.1f} min of training for {summary['epochs_run']} epochs"
         if len(segments) > 1:
             wall += (f"; {summary['seconds_since_first_start'] / 60:.1f} min from the first start to the end, "
-                     "restarts and lost partial epochs included")
-        lines += [wall + (", in one uninterrupted run." if len(segments) <= 1 else ".")]
+                     "restarts and lost partial epochs included.")
+        else:
+            wall += ", in one uninterrupted run."
+        lines += [wall]
     if len(segments) > 1:
         lines += ["", "The run was started and resumed (`--resume`) in these segments; each resume continues "
                   "from the last completed epoch's checkpoint, and a partial epoch cut by a restart is lost:", ""]

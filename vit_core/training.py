@@ -323,11 +323,12 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
         torch.cuda.set_device(device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    if device.type == "cpu" and torch.get_num_threads() > usable_cpu_count():
+    usable = usable_cpu_count()
+    if device.type == "cpu" and torch.get_num_threads() > usable:
         # More threads than allowed cores time-share one core and run slower than one thread.
         print(f"warning: {torch.get_num_threads()} torch threads but this process may use only "
-              f"{usable_cpu_count()} core(s) (CPU affinity); widen it, e.g. `taskset -c 0-{os.cpu_count() - 1} "
-              f"python train.py ...`, or pass --num-threads {usable_cpu_count()}", file=sys.stderr, flush=True)
+              f"{usable} core(s) (CPU affinity); widen it, e.g. `taskset -c 0-{os.cpu_count() - 1} "
+              f"python train.py ...`, or pass --num-threads {usable}", file=sys.stderr, flush=True)
     threads = AdaptiveThreads(torch.get_num_threads()) if cfg.adaptive_threads and device.type == "cpu" else None
 
     out = Path(cfg.out)
