@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from toys import make_image_folder
-from vit_core.data import DataError, augment, load_split, split_validation
+from vit_core.data import DataError, augment, load_split, random_erase, split_validation
 
 
 def test_image_folder_loads_into_uint8_tensors(toy_data):
@@ -84,3 +84,30 @@ def test_augmentation_is_reproducible_from_the_generator():
     a = augment(images, "rrc", torch.Generator().manual_seed(5))
     b = augment(images, "rrc", torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
+
+
+def test_random_erase_blanks_one_rectangle_per_chosen_image():
+    images = torch.rand(64, 3, 32, 32) + 1.0  # no zeros before erasing
+    out = random_erase(images, 1.0, torch.Generator().manual_seed(0))
+    erased = out == 0
+    assert torch.equal(erased[:, 0], erased[:, 1]) and torch.equal(erased[:, 0], erased[:, 2])
+    assert torch.equal(out[~erased], images[~erased])  # everything else untouched
+    for mask in erased[:, 0]:
+        rows, cols = mask.nonzero(as_tuple=True)
+        height = int(rows.max() - rows.min()) + 1
+        width = int(cols.max() - cols.min()) + 1
+        assert int(mask.sum()) == height * width  # one solid rectangle
+        assert 0.02 * 1024 * 0.5 <= height * width <= 1024 / 3 * 1.5  # area range, rounding aside
+    sizes = {int(m.sum()) for m in erased[:, 0]}
+    assert len(sizes) > 10  # sizes vary per image
+
+
+def test_random_erase_probability_and_reproducibility():
+    images = torch.rand(400, 3, 8, 8) + 1.0
+    assert random_erase(images, 0.0) is images
+    out = random_erase(images, 0.25, torch.Generator().manual_seed(1))
+    share = (out == 0).flatten(1).any(1).float().mean().item()
+    assert 0.17 < share < 0.33
+    assert torch.equal(out, random_erase(images, 0.25, torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="probability"):
+        random_erase(images, 1.5)

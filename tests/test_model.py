@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from toys import tiny_vit
 from vit_core import CheckpointMismatchError, ViTClassifier, normalize, patchify, preprocess
-from vit_core.model import PRESETS
+from vit_core.model import PRESETS, mimetic_attention_init_, sincos_position_init_
 
 
 def test_patchify_matches_a_naive_loop():
@@ -57,6 +57,59 @@ def test_attention_path_equals_fused_training_path():
         fused = model(x)
         explicit, _ = model(x, return_attention=True)
     torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-5)
+
+
+def _attention_products(mha: torch.nn.MultiheadAttention, head: int):
+    d = mha.embed_dim
+    k = d // mha.num_heads
+    w_q, w_k, w_v = mha.in_proj_weight.detach().split(d)
+    rows = slice(head * k, (head + 1) * k)
+    # nn.Linear stores [out, in]: the math's W_q (d x k) is w_q[rows].T.
+    return w_q[rows].T @ w_k[rows], w_v.T @ mha.out_proj.weight.detach().T
+
+
+def _mean_diagonal_and_off_diagonal(product: torch.Tensor) -> tuple[float, float]:
+    off = product - torch.diag(product.diagonal())
+    return product.diagonal().mean().item(), off.abs().sum().item() / (off.numel() - len(product))
+
+
+def test_mimetic_init_makes_qk_near_plus_identity_and_vo_near_minus_identity():
+    torch.manual_seed(0)
+    default = ViTClassifier.from_preset("cpu")
+    mimetic = ViTClassifier.from_preset("cpu")
+    mimetic.load_state_dict(default.state_dict())
+    mimetic_attention_init_(mimetic)
+    for block_default, block_mimetic in zip(default.blocks, mimetic.blocks):
+        for head in range(block_mimetic.attn.num_heads):
+            qk, vo = _attention_products(block_mimetic.attn, head)
+            qk_diag, qk_off = _mean_diagonal_and_off_diagonal(qk)
+            vo_diag, vo_off = _mean_diagonal_and_off_diagonal(vo)
+            assert qk_diag > 5 * qk_off and vo_diag < -5 * vo_off
+            qk0, vo0 = _attention_products(block_default.attn, head)
+            assert abs(qk0.diagonal().mean().item()) < _mean_diagonal_and_off_diagonal(qk0)[1]
+            assert abs(vo0.diagonal().mean().item()) < _mean_diagonal_and_off_diagonal(vo0)[1]
+    # Only attention weights change, and both attention paths still agree on the new weights.
+    changed = {n for (n, a), (_, b) in zip(default.named_parameters(), mimetic.named_parameters())
+               if not torch.equal(a, b)}
+    assert changed and all(".attn." in n for n in changed)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(mimetic(x), mimetic(x, return_attention=True)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sincos_position_code_makes_neighbouring_patches_alike():
+    model = ViTClassifier.from_preset("cpu")
+    sincos_position_init_(model, scale=0.2)
+    pos = model.pos_embed.detach()[0]
+    assert torch.count_nonzero(pos[0]) == 0  # CLS has no position
+    grid = model.grid_size
+    code = pos[1:].view(grid, grid, -1)
+    assert code.norm(dim=-1).std() < 1e-4  # every patch's code has the same length
+    similarity = lambda a, b: torch.cosine_similarity(code[a], code[b], dim=0).item()  # noqa: E731
+    # Similarity falls with distance along rows and columns, in row-major token order.
+    assert similarity((3, 3), (3, 4)) > similarity((3, 3), (3, 5)) > similarity((3, 3), (3, 7))
+    assert similarity((3, 3), (4, 3)) > similarity((3, 3), (7, 3))
+    assert similarity((3, 3), (4, 4)) > similarity((3, 3), (0, 7))
 
 
 def test_presets_build_and_seed_is_the_report():

@@ -11,7 +11,7 @@ import torch
 from toys import ROOT
 from train import main as train_main, parse_args
 from vit_core import ViTClassifier
-from vit_core.training import STATE_NAME, TrainConfig, TrainError, train
+from vit_core.training import STATE_NAME, TrainConfig, TrainError, build_model, train
 
 
 def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
@@ -89,11 +89,38 @@ def test_resume_without_a_checkpoint_is_a_clear_error(toy_data, tmp_path):
         train(tiny_config(toy_data, tmp_path / "empty", resume=True))
 
 
+def test_attn_init_flag_reaches_the_model(tmp_path):
+    def value_output_diagonal(cfg: TrainConfig) -> float:
+        torch.manual_seed(0)
+        attn = build_model(cfg, ["a", "b"]).blocks[0].attn
+        w_v = attn.in_proj_weight.detach().split(attn.embed_dim)[2]
+        return (w_v.T @ attn.out_proj.weight.detach().T).diagonal().mean().item()
+
+    cfg = parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--attn-init", "mimetic"])
+    assert cfg.attn_init == "mimetic"
+    assert value_output_diagonal(cfg) < -0.2  # W_v W_o starts near -0.4 I
+    assert abs(value_output_diagonal(tiny_config(tmp_path, tmp_path / "run", preset="cpu"))) < 0.05
+
+
+def test_random_erase_and_init_options_train_and_are_named_in_the_card(toy_data, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(toy_data, out, epochs=1, random_erase=0.5, attn_init="mimetic", pos_init="sincos"))
+    card = (out / "README.md").read_text()
+    assert "random erasing (p 0.5)" in card and "mimetic attention initialisation" in card
+    assert "sine-cosine" in card
+    plain = tmp_path / "plain"
+    train(tiny_config(toy_data, plain, epochs=1))
+    assert "random erasing" not in (plain / "README.md").read_text()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(epochs=0), "--epochs"),
     (dict(lr=-1.0), "--lr"),
     (dict(schedule="linear"), "--schedule"),
     (dict(augment="cutmix"), "--augment"),
+    (dict(attn_init="identity"), "--attn-init"),
+    (dict(random_erase=1.5), "--random-erase"),
+    (dict(pos_init="learned"), "--pos-init"),
     (dict(label_smoothing=1.5), "--label-smoothing"),
     (dict(preset="huge"), "--preset"),
     (dict(milestones=[5]), "--milestones"),

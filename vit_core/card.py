@@ -24,6 +24,18 @@ def _schedule(cfg: dict) -> str:
     return f"{cfg['epochs']} epochs, warmup {cfg['warmup_epochs']} epochs then cosine to zero"
 
 
+def _extras(cfg: dict) -> str:
+    """Recipe settings added later; runs that predate them read as their defaults."""
+    extras = ""
+    if cfg.get("random_erase", 0.0) > 0:
+        extras += f" + random erasing (p {cfg['random_erase']})"
+    if cfg.get("attn_init", "default") == "mimetic":
+        extras += "; mimetic attention initialisation (Trockman & Kolter 2023)"
+    if cfg.get("pos_init", "random") == "sincos":
+        extras += "; position embedding initialised as a 2D sine-cosine code"
+    return extras
+
+
 def write_model_card(out: str | Path) -> Path:
     out = Path(out)
     info, history, evaluation = _read(out / TRAIN_INFO), _read(out / HISTORY) or [], _read(out / EVAL_INFO)
@@ -61,8 +73,8 @@ def write_model_card(out: str | Path) -> Path:
         "",
         f"AdamW (lr {cfg['lr']}, weight decay {cfg['weight_decay']}), batch {cfg['batch_size']}, "
         f"{_schedule(cfg)}, label smoothing {cfg['label_smoothing']}, gradient clipping {cfg['clip_grad']}, augmentation "
-        f"`{cfg['augment']}` + horizontal flip, amp `{cfg['amp']}`. Validation and test predictions "
-        "average each image with its mirror image.",
+        f"`{cfg['augment']}` + horizontal flip{_extras(cfg)}, amp `{cfg['amp']}`. Validation and test "
+        "predictions average each image with its mirror image.",
         "",
         "Command:",
         "",

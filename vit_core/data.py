@@ -183,3 +183,31 @@ def augment(images: torch.Tensor, policy: str, generator: torch.Generator | None
     theta[:, 0, 0], theta[:, 0, 2] = sx, tx
     theta[:, 1, 1], theta[:, 1, 2] = sy, ty
     return _sample(theta, images, mode)
+
+
+def random_erase(images: torch.Tensor, p: float, generator: torch.Generator | None = None,
+                 area: tuple[float, float] = (0.02, 1 / 3),
+                 ratio: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2017) for a normalised batch [B, C, H, W]: with probability `p`
+    an image gets one rectangle (`area` fraction of the image, aspect `ratio`) set to zero, which
+    after normalisation is the dataset mean. A regulariser: the class must be read from what is left.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"erase probability must be in [0, 1], got {p}")
+    if p == 0.0:
+        return images
+    batch, _, height, width = images.shape
+    rand = lambda: torch.rand(batch, generator=generator)  # noqa: E731
+    erase_area = (area[0] + rand() * (area[1] - area[0])) * height * width
+    aspect = torch.exp(math.log(ratio[0]) + rand() * (math.log(ratio[1]) - math.log(ratio[0])))
+    box_h = torch.sqrt(erase_area * aspect).round().clamp(1, height)
+    box_w = torch.sqrt(erase_area / aspect).round().clamp(1, width)
+    top = (rand() * (height - box_h + 1)).floor()
+    left = (rand() * (width - box_w + 1)).floor()
+    chosen = rand() < p
+    ys = torch.arange(height, dtype=torch.float32)[None, :, None]
+    xs = torch.arange(width, dtype=torch.float32)[None, None, :]
+    inside = ((ys >= top[:, None, None]) & (ys < (top + box_h)[:, None, None])
+              & (xs >= left[:, None, None]) & (xs < (left + box_w)[:, None, None]))
+    mask = (inside & chosen[:, None, None]).to(images.device)
+    return images.masked_fill(mask[:, None], 0.0)

@@ -104,6 +104,54 @@ class Block(nn.Module):
         return mha.out_proj(out), attention
 
 
+def mimetic_attention_init_(model: nn.Module, qk: tuple[float, float] = (0.7, 0.7),
+                             vo: tuple[float, float] = (0.4, 0.4)) -> None:
+    """Mimetic initialisation (Trockman & Kolter, ICML 2023) of every `nn.MultiheadAttention`.
+
+    Trained ViTs have W_q W_k^T close to +identity and W_v W_o close to -identity; starting there
+    (plus a random part) lets a small ViT learn from a small dataset faster. For each head,
+    W_q W_k^T ~ a Z + b I with (a, b) = `qk`, and for the layer, W_v W_o ~ a Z - b I with
+    (a, b) = `vo`, Z ~ N(0, 1/d). Each target is split into two factors by SVD: the square root of
+    the singular values goes to each side (a head keeps the top head_dim singular directions).
+    Uses the global torch RNG, so `torch.manual_seed` makes it reproducible.
+    """
+    for mha in (m for m in model.modules() if isinstance(m, nn.MultiheadAttention)):
+        d, heads = mha.embed_dim, mha.num_heads
+        head_dim = d // heads
+        eye = torch.eye(d)
+        with torch.no_grad():
+            # nn.Linear weights are [out, in], so q = x W_q with W_q = in_proj_weight[:d].T.
+            for h in range(heads):
+                u, s, vh = torch.linalg.svd(qk[0] * torch.randn(d, d) / math.sqrt(d) + qk[1] * eye)
+                root = s[:head_dim].sqrt()
+                rows = slice(h * head_dim, (h + 1) * head_dim)
+                mha.in_proj_weight[rows] = (u[:, :head_dim] * root).T  # W_q^h = U S^1/2
+                mha.in_proj_weight[d:2 * d][rows] = (vh[:head_dim].T * root).T  # W_k^h = V S^1/2
+            u, s, vh = torch.linalg.svd(vo[0] * torch.randn(d, d) / math.sqrt(d) - vo[1] * eye)
+            root = s.sqrt()
+            mha.in_proj_weight[2 * d:] = (u * root).T  # W_v = U S^1/2
+            mha.out_proj.weight.copy_((root[:, None] * vh).T)  # W_o = S^1/2 V^T, stored as its transpose
+
+
+def sincos_position_init_(model: "ViTClassifier", scale: float = 0.2) -> None:
+    """Start the learnable position embedding as a 2D sine-cosine code, `scale` times its unit size.
+
+    Nearby patches get similar codes, so with attention that starts near the identity (mimetic
+    init) each token first attends to its neighbourhood, much like a convolution. CLS gets zeros.
+    """
+    grid, emb = model.grid_size, model.pos_embed.shape[-1]
+    quarter = emb // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32),
+                                torch.arange(grid, dtype=torch.float32), indexing="ij")
+    angles_y = rows.flatten()[:, None] * freqs  # token order is row-major, as in `patchify`
+    angles_x = cols.flatten()[:, None] * freqs
+    code = torch.cat([angles_y.sin(), angles_y.cos(), angles_x.sin(), angles_x.cos()], dim=1)
+    with torch.no_grad():
+        model.pos_embed.zero_()
+        model.pos_embed[0, 1:, :4 * quarter] = scale * code
+
+
 class ViTClassifier(
     nn.Module,
     PyTorchModelHubMixin,

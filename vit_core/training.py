@@ -22,13 +22,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import AUGMENTATIONS, ImageTensors, augment, load_split, split_validation
-from .model import PRESETS, ViTClassifier, normalize
+from .data import AUGMENTATIONS, ImageTensors, augment, load_split, random_erase, split_validation
+from .model import PRESETS, ViTClassifier, mimetic_attention_init_, normalize, sincos_position_init_
 
 STATE_NAME = "train_state.pt"
 HISTORY_NAME = "history.json"
 INFO_NAME = "train_info.json"
 SCHEDULES = ("cosine", "multistep")
+ATTN_INITS = ("default", "mimetic")
+POS_INITS = ("random", "sincos")
 
 # Settings that may change when a run is resumed; every other one must match the checkpoint.
 RESUMABLE_CHANGES = {"resume", "device", "num_threads", "push_to_hub", "patience", "data", "download",
@@ -55,6 +57,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     clip_grad: float = 1.0
     augment: str = "crop"
+    random_erase: float = 0.0  # probability of erasing one random rectangle per training image
+    attn_init: str = "default"  # or "mimetic": attention weights start near trained ones (model.py)
+    pos_init: str = "random"  # or "sincos": position embedding starts as a 2D sine-cosine code
     amp: str = "auto"  # auto: bf16 on CUDA only (on CPUs without bf16 units it is slower)
     device: str = "auto"
     seed: int = 0
@@ -92,6 +97,12 @@ class TrainConfig:
             problems.append("--clip-grad must not be negative (0 turns clipping off)")
         if self.augment not in AUGMENTATIONS:
             problems.append(f"--augment must be one of {AUGMENTATIONS}")
+        if not 0.0 <= self.random_erase <= 1.0:
+            problems.append("--random-erase must be a probability in [0, 1]")
+        if self.attn_init not in ATTN_INITS:
+            problems.append(f"--attn-init must be one of {ATTN_INITS}")
+        if self.pos_init not in POS_INITS:
+            problems.append(f"--pos-init must be one of {POS_INITS}")
         if self.amp not in ("auto", "bf16", "off"):
             problems.append("--amp must be auto, bf16 or off")
         if self.val_size < 1:
@@ -134,7 +145,12 @@ def build_model(cfg: TrainConfig, classes: list[str]) -> ViTClassifier:
     overrides = {"n_classes": len(classes), "class_names": classes}
     if cfg.dropout is not None:
         overrides["dropout"] = cfg.dropout
-    return ViTClassifier.from_preset(cfg.preset, **overrides)
+    model = ViTClassifier.from_preset(cfg.preset, **overrides)
+    if cfg.attn_init == "mimetic":
+        mimetic_attention_init_(model)
+    if cfg.pos_init == "sincos":
+        sincos_position_init_(model)
+    return model
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -259,11 +275,11 @@ class AdaptiveThreads:
 
 
 def make_batch(data: ImageTensors, indices: torch.Tensor, policy: str, mean, std, device: torch.device,
-               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+               generator: torch.Generator, erase: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Index the uint8 images, normalise and augment the whole batch with tensor ops."""
     images = normalize(data.images[indices].to(device, non_blocking=True), mean, std)
     labels = data.labels[indices].to(device, non_blocking=True)
-    return augment(images, policy, generator), labels
+    return random_erase(augment(images, policy, generator), erase, generator), labels
 
 
 def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
@@ -298,8 +314,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
 
 def _check_resume_compatible(saved: dict, cfg: TrainConfig) -> None:
     current = dataclasses.asdict(cfg)
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in current.items()
-             if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    # A setting added after the checkpoint was written counts as its default.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    diffs = [f"{k}: checkpoint {saved.get(k, defaults[k])!r} vs now {v!r}" for k, v in current.items()
+             if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v]
     if diffs:
         raise TrainError("cannot resume: the checkpoint was made with other settings (" + "; ".join(diffs)
                          + "). Resume with the same settings, or train into a new --out.")
@@ -428,7 +446,7 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
             aug_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             batch_idx = batch_idx[rank * local_batch:(rank + 1) * local_batch]
             images, labels = make_batch(train_set, batch_idx, cfg.augment, mean, std, device,
-                                        torch.Generator().manual_seed(aug_seed + rank))
+                                        torch.Generator().manual_seed(aug_seed + rank), cfg.random_erase)
             logits, loss = train_step(net, optimizer, images, labels, cfg, device)
             if per_step and scheduler is not None:
                 scheduler.step()
