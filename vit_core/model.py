@@ -7,6 +7,9 @@ embedded, a learnable CLS token and position embedding are added, and `depth` pr
 Training uses the fused attention kernel (`need_weights=False`). For explanations the same blocks
 can also return each head's softmax attention, computed from the very same parameters inside one
 forward pass, with the probabilities kept in the autograd graph so gradients can reach them.
+
+Two optional starting points help a ViT learn from a dataset as small as CIFAR-10:
+`mimetic_attention_init_` and `sincos_position_init_` (train.py's `--attn-init`, `--pos-init`).
 """
 
 from __future__ import annotations
