@@ -36,6 +36,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--random-erase", type=float, default=d.random_erase, metavar="P", help="erase one random rectangle of a training image with probability P (default %(default)s)")
     p.add_argument("--attn-init", default=d.attn_init, choices=ATTN_INITS, help="mimetic = start attention with W_q W_k^T near +I and W_v W_o near -I, as trained ViTs have (Trockman & Kolter 2023) (default %(default)s)")
     p.add_argument("--pos-init", default=d.pos_init, choices=POS_INITS, help="sincos = start the learnable position embedding as a 2D sine-cosine code, so neighbouring patches look alike (default %(default)s)")
+    p.add_argument("--patch-drop", type=float, default=d.patch_drop, metavar="P", help="leave a random share P of each training image's patch tokens out (PatchDropout): faster steps, more epochs per hour (default %(default)s)")
+    p.add_argument("--patch-drop-end", type=float, default=d.patch_drop_end, metavar="F", help="train on whole images after this fraction of the schedule (default %(default)s)")
     p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
     p.add_argument("--amp", default=d.amp, choices=("auto", "bf16", "off"), help="bf16 autocast; auto = on CUDA only (default %(default)s)")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, mps (default %(default)s)")
@@ -55,7 +57,7 @@ def parse_args(argv=None) -> TrainConfig:
         data=a.data, out=a.out, preset=a.preset, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
         weight_decay=a.weight_decay, schedule=a.schedule, warmup_epochs=a.warmup_epochs,
         milestones=a.milestones, gamma=a.gamma, label_smoothing=a.label_smoothing, clip_grad=a.clip_grad,
-        augment=a.augment, random_erase=a.random_erase, attn_init=a.attn_init, pos_init=a.pos_init, amp=a.amp, device=a.device, seed=a.seed, val_size=a.val_size,
+        augment=a.augment, random_erase=a.random_erase, attn_init=a.attn_init, pos_init=a.pos_init, patch_drop=a.patch_drop, patch_drop_end=a.patch_drop_end, amp=a.amp, device=a.device, seed=a.seed, val_size=a.val_size,
         limit_train=a.limit_train, patience=a.patience, time_budget_min=a.time_budget, dropout=a.dropout, resume=a.resume,
         download=a.download, push_to_hub=a.push_to_hub, num_threads=a.num_threads, adaptive_threads=a.adaptive_threads, command=command)
 

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from toys import tiny_vit
 from vit_core import CheckpointMismatchError, ViTClassifier, normalize, patchify, preprocess
-from vit_core.model import PRESETS, mimetic_attention_init_, sincos_position_init_
+from vit_core.model import PRESETS, drop_patch_tokens, mimetic_attention_init_, sincos_position_init_
 
 
 def test_patchify_matches_a_naive_loop():
@@ -50,13 +50,42 @@ def test_output_and_attention_shapes():
         assert (attention >= 0).all()
 
 
-def test_attention_path_equals_fused_training_path():
-    model = tiny_vit()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        fused = model(x)
-        explicit, _ = model(x, return_attention=True)
+def test_attention_path_equals_fused_kernel_values_and_gradients():
+    # CPU forwards use the spelled-out attention, CUDA ones MHA's fused kernel: both must be one function.
+    block = tiny_vit().blocks[0]
+    h = torch.randn(2, 65, 32, requires_grad=True)
+    fused = block.fused_attention(h)
+    explicit, _ = block.attention_with_weights(h)
     torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-5)
+    grad_fused = torch.autograd.grad(fused.square().sum(), [h, block.attn.in_proj_weight])
+    grad_explicit = torch.autograd.grad(explicit.square().sum(), [h, block.attn.in_proj_weight])
+    for a, b in zip(grad_fused, grad_explicit):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_patch_dropout_keeps_cls_and_a_random_subset_of_patch_tokens():
+    tokens = torch.arange(2 * 65, dtype=torch.float32).view(2, 65, 1).expand(2, 65, 4).contiguous()
+    torch.manual_seed(0)
+    kept = drop_patch_tokens(tokens, 0.25)
+    assert kept.shape == (2, 1 + 48, 4)
+    for image in range(2):
+        torch.testing.assert_close(kept[image, 0], tokens[image, 0])  # CLS first, untouched
+        ids = kept[image, 1:, 0].long() - image * 65
+        assert len(set(ids.tolist())) == 48 and ids.min() >= 1 and ids.max() <= 64  # distinct patches
+    assert not torch.equal(kept[0, 1:, 0] - 0, kept[1, 1:, 0] - 65)  # each image draws its own subset
+    assert drop_patch_tokens(tokens, 0.0) is tokens
+    with pytest.raises(ValueError, match="patch drop"):
+        drop_patch_tokens(tokens, 1.0)
+
+
+def test_model_trains_on_a_shorter_sequence_and_predicts_on_the_whole_image():
+    model = tiny_vit()
+    x = torch.randn(3, 3, 32, 32)
+    logits = model(x, drop_patches=0.5)
+    logits.sum().backward()
+    assert logits.shape == (3, 10) and model.pos_embed.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, drop_patches=0.0), model(x))
 
 
 def _attention_products(mha: torch.nn.MultiheadAttention, head: int):

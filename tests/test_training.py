@@ -113,8 +113,37 @@ def test_random_erase_and_init_options_train_and_are_named_in_the_card(toy_data,
     assert "random erasing" not in (plain / "README.md").read_text()
 
 
+def test_patch_dropout_shortens_training_sequences_until_its_end_then_trains_on_whole_images(
+        toy_data, tmp_path, monkeypatch):
+    import vit_core.model as model_module
+    import vit_core.training as training_module
+
+    first_block, lengths = [], []  # the token count the first block sees in each training forward
+    build, forward = training_module.build_model, model_module.Block.forward
+
+    def build_and_remember(cfg_, classes):
+        model = build(cfg_, classes)
+        first_block.append(model.blocks[0])
+        return model
+
+    def recording_forward(self, x, return_attention=False):
+        if self.training and self is first_block[0]:
+            lengths.append(x.shape[1])
+        return forward(self, x, return_attention)
+
+    monkeypatch.setattr(training_module, "build_model", build_and_remember)
+    monkeypatch.setattr(model_module.Block, "forward", recording_forward)
+    train(tiny_config(toy_data, tmp_path / "run", epochs=2, patch_drop=0.5, patch_drop_end=0.5))
+    half = len(lengths) // 2
+    assert half > 0 and set(lengths[:half]) == {1 + 32} and set(lengths[half:]) == {1 + 64}
+    assert "patch dropout (50% of patch tokens left out for the first 50% of the schedule)" in \
+        (tmp_path / "run" / "README.md").read_text()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(epochs=0), "--epochs"),
+    (dict(patch_drop=1.0), "--patch-drop"),
+    (dict(patch_drop_end=1.5), "--patch-drop-end"),
     (dict(lr=-1.0), "--lr"),
     (dict(schedule="linear"), "--schedule"),
     (dict(augment="cutmix"), "--augment"),

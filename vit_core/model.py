@@ -4,9 +4,11 @@ An image is cut into square patches with `Tensor.unfold`, each patch is flattene
 embedded, a learnable CLS token and position embedding are added, and `depth` pre-norm blocks of
 `nn.MultiheadAttention` + MLP follow. The classifier reads the CLS token.
 
-Training uses the fused attention kernel (`need_weights=False`). For explanations the same blocks
-can also return each head's softmax attention, computed from the very same parameters inside one
-forward pass, with the probabilities kept in the autograd graph so gradients can reach them.
+On CUDA, plain forward passes use the fused attention kernel (`need_weights=False`); on a CPU the
+attention is spelled out with matrix products, which for 65 tokens trains ~25 % faster than the
+CPU's fused kernel (benchmarks/attention_path.py). For explanations the blocks also return each
+head's softmax attention, computed from the very same parameters inside one forward pass, with the
+probabilities kept in the autograd graph so gradients can reach them.
 
 Two optional starting points help a ViT learn from a dataset as small as CIFAR-10:
 `mimetic_attention_init_` and `sincos_position_init_` (train.py's `--attn-init`, `--pos-init`).
@@ -60,6 +62,24 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return patches.permute(0, 2, 3, 1, 4, 5)  # [B, C, gh, gw, p, p] -> [B, gh, gw, C, p, p]
 
 
+def drop_patch_tokens(tokens: torch.Tensor, drop: float) -> torch.Tensor:
+    """Keep the CLS token and a random `1 - drop` share of the patch tokens of each image.
+
+    A training-time speed-up and regulariser (PatchDropout, Liu et al. 2023): tokens already carry
+    their position embedding, so the blocks see a valid, shorter sequence. Uses the global RNG.
+    """
+    if not 0.0 <= drop < 1.0:
+        raise ValueError(f"patch drop must be in [0, 1), got {drop}")
+    batch, tokens_in, emb = tokens.shape
+    n_patches = tokens_in - 1
+    keep = max(1, round(n_patches * (1.0 - drop)))
+    if keep == n_patches:
+        return tokens
+    kept = torch.rand(batch, n_patches, device=tokens.device).argsort(dim=1)[:, :keep] + 1
+    patches = tokens.gather(1, kept.unsqueeze(-1).expand(-1, -1, emb))
+    return torch.cat([tokens[:, :1], patches], dim=1)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
 
@@ -79,13 +99,17 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         h = self.norm1(x)
-        if return_attention:
+        if return_attention or not h.is_cuda:
             attn_out, attention = self.attention_with_weights(h)
         else:
-            attn_out, attention = self.attn(h, h, h, need_weights=False)[0], None
+            attn_out, attention = self.fused_attention(h), None
         x = x + attn_out
         x = x + self.mlp(self.norm2(x))
         return (x, attention) if return_attention else x
+
+    def fused_attention(self, h: torch.Tensor) -> torch.Tensor:
+        """`nn.MultiheadAttention`'s own fused path (what a CUDA forward uses); same parameters."""
+        return self.attn(h, h, h, need_weights=False)[0]
 
     def attention_with_weights(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The MHA computation spelled out with its own parameters.
@@ -228,18 +252,23 @@ class ViTClassifier(
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised images [B, C, S, S] -> tokens [B, 1 + patches, emb]."""
+    def embed(self, images: torch.Tensor, drop_patches: float = 0.0) -> torch.Tensor:
+        """Normalised images [B, C, S, S] -> tokens [B, 1 + patches, emb]; with `drop_patches`,
+        a random share of each image's patch tokens is left out (training only)."""
         patches = patchify(images, self.patch_size).flatten(1, 2).flatten(2)
         tokens = self.patch_embed(patches)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
-        return self.input_dropout(torch.cat([cls, tokens], dim=1) + self.pos_embed)
+        tokens = torch.cat([cls, tokens], dim=1) + self.pos_embed
+        if drop_patches > 0:
+            tokens = drop_patch_tokens(tokens, drop_patches)
+        return self.input_dropout(tokens)
 
-    def forward_features(self, images: torch.Tensor, return_attention: bool = False):
+    def forward_features(self, images: torch.Tensor, return_attention: bool = False,
+                         drop_patches: float = 0.0):
         """Final normalised tokens; with `return_attention`, also a tuple with every block's
         per-head softmax attention [B, heads, T, T] from this same forward pass. They stay in the
         autograd graph, so gradients with respect to them can be taken."""
-        x = self.embed(images)
+        x = self.embed(images, drop_patches)
         attentions = []
         for block in self.blocks:
             if return_attention:
@@ -253,11 +282,12 @@ class ViTClassifier(
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features[:, 0])
 
-    def forward(self, images: torch.Tensor, return_attention: bool = False):
+    def forward(self, images: torch.Tensor, return_attention: bool = False, drop_patches: float = 0.0):
         if return_attention:
-            features, attentions = self.forward_features(images, return_attention=True)
+            features, attentions = self.forward_features(images, return_attention=True,
+                                                         drop_patches=drop_patches)
             return self.forward_head(features), attentions
-        return self.forward_head(self.forward_features(images))
+        return self.forward_head(self.forward_features(images, drop_patches=drop_patches))
 
     @property
     def n_params(self) -> int:

@@ -61,6 +61,8 @@ class TrainConfig:
     random_erase: float = 0.0  # probability of erasing one random rectangle per training image
     attn_init: str = "default"  # or "mimetic": attention weights start near trained ones (model.py)
     pos_init: str = "random"  # or "sincos": position embedding starts as a 2D sine-cosine code
+    patch_drop: float = 0.0  # share of patch tokens left out of each training image (faster steps)
+    patch_drop_end: float = 0.85  # ... until this fraction of the schedule; then whole images
     amp: str = "auto"  # auto: bf16 on CUDA only (on CPUs without bf16 units it is slower)
     device: str = "auto"
     seed: int = 0
@@ -104,6 +106,10 @@ class TrainConfig:
             problems.append(f"--attn-init must be one of {ATTN_INITS}")
         if self.pos_init not in POS_INITS:
             problems.append(f"--pos-init must be one of {POS_INITS}")
+        if not 0.0 <= self.patch_drop < 1.0:
+            problems.append("--patch-drop must be in [0, 1)")
+        if not 0.0 <= self.patch_drop_end <= 1.0:
+            problems.append("--patch-drop-end must be a fraction of the schedule in [0, 1]")
         if self.amp not in ("auto", "bf16", "off"):
             problems.append("--amp must be auto, bf16 or off")
         if self.val_size < 1:
@@ -284,10 +290,11 @@ def make_batch(data: ImageTensors, indices: torch.Tensor, policy: str, mean, std
 
 
 def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-               labels: torch.Tensor, cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+               labels: torch.Tensor, cfg: TrainConfig, device: torch.device,
+               drop_patches: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step; returns the logits and the loss."""
     with autocast(device, cfg.amp):
-        logits = net(images)
+        logits = net(images, drop_patches=drop_patches)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -443,12 +450,18 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
                 factor = time_lr_factor(epoch * steps_per_epoch + step, warmup_steps, elapsed, budget_s)
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * factor
+                progress = elapsed / budget_s
+            else:
+                progress = (epoch * steps_per_epoch + step) / (cfg.epochs * steps_per_epoch)
+            # Patch dropout buys more steps per hour; the schedule's end on whole images lets the
+            # model settle to the full sequence it is evaluated and explained on.
+            drop = cfg.patch_drop if progress < cfg.patch_drop_end else 0.0
             batch_idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             aug_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             batch_idx = batch_idx[rank * local_batch:(rank + 1) * local_batch]
             images, labels = make_batch(train_set, batch_idx, cfg.augment, mean, std, device,
                                         torch.Generator().manual_seed(aug_seed + rank), cfg.random_erase)
-            logits, loss = train_step(net, optimizer, images, labels, cfg, device)
+            logits, loss = train_step(net, optimizer, images, labels, cfg, device, drop)
             if per_step and scheduler is not None:
                 scheduler.step()
             if threads is not None:
