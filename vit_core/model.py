@@ -7,8 +7,8 @@ embedded, a learnable CLS token and position embedding are added, and `depth` pr
 On CUDA, plain forward passes use the fused attention kernel (`need_weights=False`); on a CPU the
 attention is spelled out with matrix products, which for 65 tokens trains faster than the CPU's
 fused kernel (1.13x on 2 cores in benchmarks/attention_path.py). For explanations the blocks also
-return each head's softmax attention, computed from the very same parameters inside one forward pass, with the
-probabilities kept in the autograd graph so gradients can reach them.
+return each head's softmax attention, computed from the very same parameters inside one forward
+pass, with the probabilities kept in the autograd graph so gradients can reach them.
 
 Two optional starting points help a ViT learn from a dataset as small as CIFAR-10:
 `mimetic_attention_init_` and `sincos_position_init_` (train.py's `--attn-init`, `--pos-init`).
