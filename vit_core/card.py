@@ -31,7 +31,7 @@ def _extras(cfg: dict) -> str:
         extras += f" + random erasing (p {cfg['random_erase']})"
     if cfg.get("patch_drop", 0.0) > 0:
         extras += (f" + patch dropout ({cfg['patch_drop']:.0%} of patch tokens left out for the first "
-                   f"{cfg.get('patch_drop_end', 0.85):.0%} of the schedule)")
+                   f"{cfg['patch_drop_end']:.0%} of the schedule)")
     if cfg.get("attn_init", "default") == "mimetic":
         extras += "; mimetic attention initialisation (Trockman & Kolter 2023)"
     if cfg.get("pos_init", "random") == "sincos":
