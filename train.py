@@ -34,6 +34,7 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm, 0 = off (default %(default)s)")
     p.add_argument("--augment", default=d.augment, choices=AUGMENTATIONS, help="crop = pad-and-crop, rrc = the report's RandomResizedCrop; both with flips (default %(default)s)")
     p.add_argument("--random-erase", type=float, default=d.random_erase, metavar="P", help="erase one random rectangle of a training image with probability P (default %(default)s)")
+    p.add_argument("--cutmix", type=float, default=d.cutmix, metavar="P", help="paste a random box from another training image with probability P; the loss splits the two labels by area (CutMix) (default %(default)s)")
     p.add_argument("--attn-init", default=d.attn_init, choices=ATTN_INITS, help="mimetic = start attention with W_q W_k^T near +I and W_v W_o near -I, as trained ViTs have (Trockman & Kolter 2023) (default %(default)s)")
     p.add_argument("--pos-init", default=d.pos_init, choices=POS_INITS, help="sincos = start the learnable position embedding as a 2D sine-cosine code, so neighbouring patches look alike (default %(default)s)")
     p.add_argument("--patch-drop", type=float, default=d.patch_drop, metavar="P", help="leave a random share P of each training image's patch tokens out (PatchDropout): faster steps, more epochs per hour (default %(default)s)")
@@ -57,7 +58,7 @@ def parse_args(argv=None) -> TrainConfig:
         data=a.data, out=a.out, preset=a.preset, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
         weight_decay=a.weight_decay, schedule=a.schedule, warmup_epochs=a.warmup_epochs,
         milestones=a.milestones, gamma=a.gamma, label_smoothing=a.label_smoothing, clip_grad=a.clip_grad,
-        augment=a.augment, random_erase=a.random_erase, attn_init=a.attn_init, pos_init=a.pos_init, patch_drop=a.patch_drop, patch_drop_end=a.patch_drop_end, amp=a.amp, device=a.device, seed=a.seed, val_size=a.val_size,
+        augment=a.augment, random_erase=a.random_erase, cutmix=a.cutmix, attn_init=a.attn_init, pos_init=a.pos_init, patch_drop=a.patch_drop, patch_drop_end=a.patch_drop_end, amp=a.amp, device=a.device, seed=a.seed, val_size=a.val_size,
         limit_train=a.limit_train, patience=a.patience, time_budget_min=a.time_budget, dropout=a.dropout, resume=a.resume,
         download=a.download, push_to_hub=a.push_to_hub, num_threads=a.num_threads, adaptive_threads=a.adaptive_threads, command=command)
 

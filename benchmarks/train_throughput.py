@@ -84,12 +84,12 @@ def main() -> None:
 
     def pipeline_step():
         start = position[0] % max(1, len(data) - 128)
-        images, labels = make_batch(data, order[start:start + 128], "rrc", model.mean, model.std, device, generator)
+        images, labels, _ = make_batch(data, order[start:start + 128], "rrc", model.mean, model.std, device, generator)
         position[0] += 128
         train_step(model, optimizer, images, labels, cfg, device)
 
     # Bare step: ready tensors, no data work at all.
-    images, labels = make_batch(data, order[:128], "rrc", model.mean, model.std, device, generator)
+    images, labels, _ = make_batch(data, order[:128], "rrc", model.mean, model.std, device, generator)
 
     def bare_step():
         train_step(model, optimizer, images, labels, cfg, device)

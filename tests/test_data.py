@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from toys import make_image_folder
-from vit_core.data import DataError, augment, load_split, random_erase, split_validation
+from vit_core.data import DataError, augment, cutmix, load_split, random_erase, split_validation
 
 
 def test_image_folder_loads_into_uint8_tensors(toy_data):
@@ -111,3 +111,32 @@ def test_random_erase_probability_and_reproducibility():
     assert torch.equal(out, random_erase(images, 0.25, torch.Generator().manual_seed(1)))
     with pytest.raises(ValueError, match="probability"):
         random_erase(images, 1.5)
+
+
+def test_cutmix_pastes_one_box_from_the_neighbour_and_reports_each_images_own_share():
+    # Image i is filled with the value i, so every pixel tells which image it came from.
+    images = torch.arange(64, dtype=torch.float32)[:, None, None, None].expand(64, 3, 16, 16).clone()
+    out, own = cutmix(images, 1.0, torch.Generator().manual_seed(0))
+    for i in range(64):
+        pasted = out[i, 0] != i
+        assert torch.all(out[i, :, pasted] == (i - 1) % 64)  # from the previous image only
+        assert own[i].item() == pytest.approx(1 - pasted.float().mean().item())
+        if pasted.any():
+            rows, cols = pasted.nonzero(as_tuple=True)
+            box = (int(rows.max() - rows.min()) + 1) * (int(cols.max() - cols.min()) + 1)
+            assert int(pasted.sum()) == box  # one solid rectangle
+    assert own.min() < 0.3 and own.max() > 0.9  # box sizes vary
+
+
+def test_cutmix_probability_and_reproducibility():
+    images = torch.arange(400, dtype=torch.float32)[:, None, None, None].expand(400, 3, 8, 8).clone()
+    same, own = cutmix(images, 0.0)
+    assert same is images and torch.equal(own, torch.ones(400))
+    out, own = cutmix(images, 0.5, torch.Generator().manual_seed(1))
+    touched = (out != images).flatten(1).any(1)
+    assert torch.equal(touched, own < 1)
+    assert 0.3 < touched.float().mean().item() < 0.55  # p 0.5, minus boxes that round to nothing
+    again, _ = cutmix(images, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+    with pytest.raises(ValueError, match="probability"):
+        cutmix(images, -0.1)

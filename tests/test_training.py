@@ -113,6 +113,26 @@ def test_random_erase_and_init_options_train_and_are_named_in_the_card(toy_data,
     assert "random erasing" not in (plain / "README.md").read_text()
 
 
+def test_cutmix_trains_on_class_probabilities_split_by_area_and_is_named_in_the_card(
+        toy_data, tmp_path, monkeypatch):
+    import vit_core.training as training_module
+
+    targets_seen = []
+    step = training_module.train_step
+
+    def recording_step(net, optimizer, images, targets, *args, **kwargs):
+        targets_seen.append(targets)
+        return step(net, optimizer, images, targets, *args, **kwargs)
+
+    monkeypatch.setattr(training_module, "train_step", recording_step)
+    train(tiny_config(toy_data, tmp_path / "run", epochs=1, cutmix=1.0))
+    targets = torch.cat(targets_seen)
+    assert targets.dtype == torch.float32 and targets.shape[1] == 2  # the toy data has two classes
+    assert torch.allclose(targets.sum(1), torch.ones(len(targets)))
+    assert ((targets > 0).sum(1) == 2).any()  # some images carry two labels
+    assert "CutMix (p 1.0)" in (tmp_path / "run" / "README.md").read_text()
+
+
 def test_patch_dropout_shortens_training_sequences_until_its_end_then_trains_on_whole_images(
         toy_data, tmp_path, monkeypatch):
     import vit_core.model as model_module
@@ -142,6 +162,7 @@ def test_patch_dropout_shortens_training_sequences_until_its_end_then_trains_on_
     (dict(augment="cutmix"), "--augment"),
     (dict(attn_init="identity"), "--attn-init"),
     (dict(random_erase=1.5), "--random-erase"),
+    (dict(cutmix=2.0), "--cutmix"),
     (dict(pos_init="learned"), "--pos-init"),
     (dict(label_smoothing=1.5), "--label-smoothing"),
     (dict(preset="huge"), "--preset"),

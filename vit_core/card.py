@@ -29,6 +29,8 @@ def _extras(cfg: dict) -> str:
     extras = ""
     if cfg.get("random_erase", 0.0) > 0:
         extras += f" + random erasing (p {cfg['random_erase']})"
+    if cfg.get("cutmix", 0.0) > 0:
+        extras += f" + CutMix (p {cfg['cutmix']})"
     if cfg.get("patch_drop", 0.0) > 0:
         extras += (f" + patch dropout ({cfg['patch_drop']:.0%} of patch tokens left out for the first "
                    f"{cfg['patch_drop_end']:.0%} of the schedule)")

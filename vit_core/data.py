@@ -211,3 +211,34 @@ def random_erase(images: torch.Tensor, p: float, generator: torch.Generator | No
               & (xs >= left[:, None, None]) & (xs < (left + box_w)[:, None, None]))
     mask = (inside & chosen[:, None, None]).to(images.device)
     return images.masked_fill(mask[:, None], 0.0)
+
+
+def cutmix(images: torch.Tensor, p: float, generator: torch.Generator | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutMix (Yun et al. 2019) for a batch [B, C, H, W]: with probability `p` an image gets a
+    rectangle pasted from its neighbour in the batch (the batch rolled by one). The box covers a
+    uniform random share of the image, clipped at the borders.
+
+    Returns the mixed batch and, per image, the share of pixels still its own (1 where nothing was
+    pasted); the loss gives the image's label that weight and the neighbour's label the rest.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"cutmix probability must be in [0, 1], got {p}")
+    batch, _, height, width = images.shape
+    if p == 0.0:
+        return images, torch.ones(batch, device=images.device)
+    rand = lambda: torch.rand(batch, generator=generator)  # noqa: E731
+    side = torch.sqrt(rand())  # box sides as fractions: its area is uniform in [0, 1]
+    centre_y, centre_x = rand() * height, rand() * width
+    top = (centre_y - side * height / 2).round().clamp(0, height)
+    bottom = (centre_y + side * height / 2).round().clamp(0, height)
+    left = (centre_x - side * width / 2).round().clamp(0, width)
+    right = (centre_x + side * width / 2).round().clamp(0, width)
+    chosen = rand() < p
+    ys = torch.arange(height, dtype=torch.float32)[None, :, None]
+    xs = torch.arange(width, dtype=torch.float32)[None, None, :]
+    inside = ((ys >= top[:, None, None]) & (ys < bottom[:, None, None])
+              & (xs >= left[:, None, None]) & (xs < right[:, None, None])) & chosen[:, None, None]
+    own_share = 1.0 - inside.flatten(1).float().mean(1)
+    mask = inside.to(images.device)[:, None]
+    return torch.where(mask, images.roll(1, dims=0), images), own_share.to(images.device)

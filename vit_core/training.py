@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import AUGMENTATIONS, ImageTensors, augment, load_split, random_erase, split_validation
+from .data import AUGMENTATIONS, ImageTensors, augment, cutmix, load_split, random_erase, split_validation
 from .model import PRESETS, ViTClassifier, mimetic_attention_init_, normalize, sincos_position_init_
 
 STATE_NAME = "train_state.pt"
@@ -59,6 +59,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     augment: str = "crop"
     random_erase: float = 0.0  # probability of erasing one random rectangle per training image
+    cutmix: float = 0.0  # probability of pasting a box from another image (labels mixed by area)
     attn_init: str = "default"  # or "mimetic": attention weights start near trained ones (model.py)
     pos_init: str = "random"  # or "sincos": position embedding starts as a 2D sine-cosine code
     patch_drop: float = 0.0  # share of patch tokens left out of each training image (faster steps)
@@ -102,6 +103,8 @@ class TrainConfig:
             problems.append(f"--augment must be one of {AUGMENTATIONS}")
         if not 0.0 <= self.random_erase <= 1.0:
             problems.append("--random-erase must be a probability in [0, 1]")
+        if not 0.0 <= self.cutmix <= 1.0:
+            problems.append("--cutmix must be a probability in [0, 1]")
         if self.attn_init not in ATTN_INITS:
             problems.append(f"--attn-init must be one of {ATTN_INITS}")
         if self.pos_init not in POS_INITS:
@@ -282,20 +285,32 @@ class AdaptiveThreads:
 
 
 def make_batch(data: ImageTensors, indices: torch.Tensor, policy: str, mean, std, device: torch.device,
-               generator: torch.Generator, erase: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index the uint8 images, normalise and augment the whole batch with tensor ops."""
+               generator: torch.Generator, erase: float = 0.0, mix: float = 0.0
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Index the uint8 images, normalise and augment the whole batch with tensor ops.
+
+    Returns images, labels and the loss targets: the labels themselves, or with CutMix (`mix` > 0)
+    class probabilities that split each image between its label and its neighbour's by area.
+    """
     images = normalize(data.images[indices].to(device, non_blocking=True), mean, std)
     labels = data.labels[indices].to(device, non_blocking=True)
-    return random_erase(augment(images, policy, generator), erase, generator), labels
+    images = random_erase(augment(images, policy, generator), erase, generator)
+    if mix == 0.0:
+        return images, labels, labels
+    images, own_share = cutmix(images, mix, generator)
+    n_classes = len(data.classes)
+    own = F.one_hot(labels, n_classes).float() * own_share[:, None]
+    pasted = F.one_hot(labels.roll(1, 0), n_classes).float() * (1 - own_share[:, None])
+    return images, labels, own + pasted
 
 
 def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-               labels: torch.Tensor, cfg: TrainConfig, device: torch.device,
+               targets: torch.Tensor, cfg: TrainConfig, device: torch.device,
                drop_patches: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step; returns the logits and the loss."""
+    """One optimisation step on class indices or class probabilities; returns the logits and the loss."""
     with autocast(device, cfg.amp):
         logits = net(images, drop_patches=drop_patches)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.clip_grad > 0:
@@ -459,9 +474,11 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
             batch_idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             aug_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             batch_idx = batch_idx[rank * local_batch:(rank + 1) * local_batch]
-            images, labels = make_batch(train_set, batch_idx, cfg.augment, mean, std, device,
-                                        torch.Generator().manual_seed(aug_seed + rank), cfg.random_erase)
-            logits, loss = train_step(net, optimizer, images, labels, cfg, device, drop)
+            images, labels, targets = make_batch(train_set, batch_idx, cfg.augment, mean, std, device,
+                                                 torch.Generator().manual_seed(aug_seed + rank),
+                                                 cfg.random_erase, cfg.cutmix)
+            # With CutMix the training accuracy counts each image's own label.
+            logits, loss = train_step(net, optimizer, images, targets, cfg, device, drop)
             if per_step and scheduler is not None:
                 scheduler.step()
             if threads is not None:
