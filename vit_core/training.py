@@ -1,4 +1,4 @@
-"""The training loop behind `train.py`: in-memory data, batch augmentation (+ random erasing),
+"""The training loop behind `train.py`: in-memory data, batch augmentation (+ random erasing, CutMix),
 optional mimetic / sine-cosine initialisation for small-data training, AdamW, warmup + cosine
 or the report's MultiStepLR, label smoothing, gradient clipping, optional bf16 autocast, exact
 resume from an atomic per-epoch checkpoint, early stopping on a held-out validation split, and
