@@ -185,6 +185,15 @@ def augment(images: torch.Tensor, policy: str, generator: torch.Generator | None
     return _sample(theta, images, mode)
 
 
+def _box_mask(top: torch.Tensor, bottom: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+              height: int, width: int) -> torch.Tensor:
+    """[B, H, W] mask of one rectangle per image: rows [top, bottom), columns [left, right)."""
+    ys = torch.arange(height, dtype=torch.float32)[None, :, None]
+    xs = torch.arange(width, dtype=torch.float32)[None, None, :]
+    return ((ys >= top[:, None, None]) & (ys < bottom[:, None, None])
+            & (xs >= left[:, None, None]) & (xs < right[:, None, None]))
+
+
 def random_erase(images: torch.Tensor, p: float, generator: torch.Generator | None = None,
                  area: tuple[float, float] = (0.02, 1 / 3),
                  ratio: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
@@ -205,11 +214,8 @@ def random_erase(images: torch.Tensor, p: float, generator: torch.Generator | No
     top = (rand() * (height - box_h + 1)).floor()
     left = (rand() * (width - box_w + 1)).floor()
     chosen = rand() < p
-    ys = torch.arange(height, dtype=torch.float32)[None, :, None]
-    xs = torch.arange(width, dtype=torch.float32)[None, None, :]
-    inside = ((ys >= top[:, None, None]) & (ys < (top + box_h)[:, None, None])
-              & (xs >= left[:, None, None]) & (xs < (left + box_w)[:, None, None]))
-    mask = (inside & chosen[:, None, None]).to(images.device)
+    mask = (_box_mask(top, top + box_h, left, left + box_w, height, width)
+            & chosen[:, None, None]).to(images.device)
     return images.masked_fill(mask[:, None], 0.0)
 
 
@@ -235,10 +241,7 @@ def cutmix(images: torch.Tensor, p: float, generator: torch.Generator | None = N
     left = (centre_x - side * width / 2).round().clamp(0, width)
     right = (centre_x + side * width / 2).round().clamp(0, width)
     chosen = rand() < p
-    ys = torch.arange(height, dtype=torch.float32)[None, :, None]
-    xs = torch.arange(width, dtype=torch.float32)[None, None, :]
-    inside = ((ys >= top[:, None, None]) & (ys < bottom[:, None, None])
-              & (xs >= left[:, None, None]) & (xs < right[:, None, None])) & chosen[:, None, None]
+    inside = _box_mask(top, bottom, left, right, height, width) & chosen[:, None, None]
     own_share = 1.0 - inside.flatten(1).float().mean(1)
     mask = inside.to(images.device)[:, None]
     return torch.where(mask, images.roll(1, dims=0), images), own_share.to(images.device)
