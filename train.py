@@ -13,7 +13,7 @@ import sys
 
 from vit_core.data import AUGMENTATIONS, DataError
 from vit_core.model import PRESETS
-from vit_core.training import ATTN_INITS, POS_INITS, SCHEDULES, TrainConfig, TrainError, train
+from vit_core.training import ATTN_INITS, DISTILL_MODES, POS_INITS, SCHEDULES, TrainConfig, TrainError, train
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -39,8 +39,12 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--pos-init", default=d.pos_init, choices=POS_INITS, help="sincos = start the learnable position embedding as a 2D sine-cosine code, so neighbouring patches look alike (default %(default)s)")
     p.add_argument("--patch-drop", type=float, default=d.patch_drop, metavar="P", help="leave a random share P of each training image's patch tokens out (PatchDropout): faster steps, more epochs per hour (default %(default)s)")
     p.add_argument("--patch-drop-end", type=float, default=d.patch_drop_end, metavar="F", help="train on whole images after this fraction of the schedule (default %(default)s)")
+    p.add_argument("--teacher", default=d.teacher, help="knowledge distillation: 'none', 'auto' (train a CNN teacher into OUT/teacher first, reused on --resume), or a teacher folder (default %(default)s)")
+    p.add_argument("--teacher-epochs", type=int, default=d.teacher_epochs, help="epochs for --teacher auto (default %(default)s)")
+    p.add_argument("--distill", default=d.distill, choices=DISTILL_MODES, help="hard = learn the teacher's top class (DeiT), soft = its probabilities (default %(default)s)")
+    p.add_argument("--distill-weight", type=float, default=d.distill_weight, help="share of the loss that follows the teacher (default %(default)s)")
     p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
-    p.add_argument("--amp", default=d.amp, choices=("auto", "bf16", "off"), help="bf16 autocast; auto = on CUDA only (default %(default)s)")
+    p.add_argument("--amp", default=d.amp, choices=("auto", "bf16", "off"), help="bf16 autocast; auto = on CUDA and on CPUs with bf16 units (AVX512-BF16, AMX) (default %(default)s)")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, mps (default %(default)s)")
     p.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--adaptive-threads", action="store_true", help="on a shared CPU, keep re-picking the faster of 1 thread or --num-threads while training")
@@ -58,7 +62,7 @@ def parse_args(argv=None) -> TrainConfig:
         data=a.data, out=a.out, preset=a.preset, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
         weight_decay=a.weight_decay, schedule=a.schedule, warmup_epochs=a.warmup_epochs,
         milestones=a.milestones, gamma=a.gamma, label_smoothing=a.label_smoothing, clip_grad=a.clip_grad,
-        augment=a.augment, random_erase=a.random_erase, cutmix=a.cutmix, attn_init=a.attn_init, pos_init=a.pos_init, patch_drop=a.patch_drop, patch_drop_end=a.patch_drop_end, amp=a.amp, device=a.device, seed=a.seed, val_size=a.val_size,
+        augment=a.augment, random_erase=a.random_erase, cutmix=a.cutmix, attn_init=a.attn_init, pos_init=a.pos_init, patch_drop=a.patch_drop, patch_drop_end=a.patch_drop_end, teacher=a.teacher, teacher_epochs=a.teacher_epochs, distill=a.distill, distill_weight=a.distill_weight, amp=a.amp, device=a.device, seed=a.seed, val_size=a.val_size,
         limit_train=a.limit_train, patience=a.patience, time_budget_min=a.time_budget, dropout=a.dropout, resume=a.resume,
         download=a.download, push_to_hub=a.push_to_hub, num_threads=a.num_threads, adaptive_threads=a.adaptive_threads, command=command)
 

@@ -25,11 +25,13 @@ from tqdm import tqdm
 
 from .data import AUGMENTATIONS, ImageTensors, augment, cutmix, load_split, random_erase, split_validation
 from .model import PRESETS, ViTClassifier, mimetic_attention_init_, normalize, sincos_position_init_
+from .teacher import ConvTeacher, teacher_accuracy, teacher_logits, train_teacher
 
 STATE_NAME = "train_state.pt"
 HISTORY_NAME = "history.json"
 INFO_NAME = "train_info.json"
 SCHEDULES = ("cosine", "multistep")
+DISTILL_MODES = ("hard", "soft")
 ATTN_INITS = ("default", "mimetic")
 POS_INITS = ("random", "sincos")
 
@@ -64,7 +66,11 @@ class TrainConfig:
     pos_init: str = "random"  # or "sincos": position embedding starts as a 2D sine-cosine code
     patch_drop: float = 0.0  # share of patch tokens left out of each training image (faster steps)
     patch_drop_end: float = 0.85  # ... until this fraction of the schedule; then whole images
-    amp: str = "auto"  # auto: bf16 on CUDA only (on CPUs without bf16 units it is slower)
+    teacher: str = "none"  # "auto": train a CNN teacher into OUT/teacher first; or a teacher folder
+    teacher_epochs: int = 10  # for "auto"
+    distill: str = "hard"  # hard: the teacher's top class (DeiT); soft: its probabilities
+    distill_weight: float = 0.5  # share of the loss that follows the teacher
+    amp: str = "auto"  # auto: bf16 on CUDA and on CPUs with bf16 units (see uses_bf16)
     device: str = "auto"
     seed: int = 0
     val_size: int = 5000
@@ -113,6 +119,12 @@ class TrainConfig:
             problems.append("--patch-drop must be in [0, 1)")
         if not 0.0 <= self.patch_drop_end <= 1.0:
             problems.append("--patch-drop-end must be a fraction of the schedule in [0, 1]")
+        if self.distill not in DISTILL_MODES:
+            problems.append(f"--distill must be one of {DISTILL_MODES}")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            problems.append("--distill-weight must be in [0, 1]")
+        if self.teacher_epochs < 1:
+            problems.append("--teacher-epochs must be at least 1")
         if self.amp not in ("auto", "bf16", "off"):
             problems.append("--amp must be auto, bf16 or off")
         if self.val_size < 1:
@@ -190,9 +202,27 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma), False
 
 
+def uses_bf16(device: torch.device, amp: str) -> bool:
+    """"auto" picks bf16 on CUDA and on CPUs with bf16 matrix units (AVX512-BF16 / AMX), where it
+    trains faster (benchmarks/train_precision.py); elsewhere bf16 would be emulated and slower."""
+    if amp != "auto":
+        return amp == "bf16"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and cpu_has_bf16_units()
+
+
+def cpu_has_bf16_units() -> bool:
+    """Linux CPU flags name bf16 matrix instructions; elsewhere assume none (fp32 stays the safe pick)."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def autocast(device: torch.device, amp: str):
-    enabled = amp == "bf16" or (amp == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, amp))
 
 
 @torch.no_grad()
@@ -304,13 +334,29 @@ def make_batch(data: ImageTensors, indices: torch.Tensor, policy: str, mean, std
     return images, labels, own + pasted
 
 
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, mode: str,
+                      label_smoothing: float) -> torch.Tensor:
+    """Hard: cross-entropy with the teacher's top class (DeiT's hard distillation, which beat soft
+    targets there). Soft: KL divergence to the teacher's probabilities at temperature 1."""
+    if mode == "hard":
+        return F.cross_entropy(logits, teacher_logits.argmax(-1), label_smoothing=label_smoothing)
+    return F.kl_div(logits.log_softmax(-1), teacher_logits.log_softmax(-1), log_target=True,
+                    reduction="batchmean")
+
+
 def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                targets: torch.Tensor, cfg: TrainConfig, device: torch.device,
-               drop_patches: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on class indices or class probabilities; returns the logits and the loss."""
+               drop_patches: float = 0.0, teacher: torch.nn.Module | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on class indices or class probabilities, plus, with a teacher, its
+    predictions for the very same augmented images; returns the logits and the loss."""
     with autocast(device, cfg.amp):
         logits = net(images, drop_patches=drop_patches)
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+    if teacher is not None:
+        taught = distillation_loss(logits.float(), teacher_logits(teacher, images, uses_bf16(device, cfg.amp)), cfg.distill,
+                                   cfg.label_smoothing)
+        loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * taught
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.clip_grad > 0:
@@ -329,6 +375,32 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
         {"params": [p for n, p in params if decays(n, p)], "weight_decay": cfg.weight_decay},
         {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0},
     ], lr=cfg.lr)
+
+
+def prepare_teacher(cfg: TrainConfig, train_set: ImageTensors, val_set: ImageTensors, out: Path,
+                    device: torch.device, is_main: bool) -> ConvTeacher | None:
+    """The distillation teacher: none, a trained folder, or ("auto") one trained now into
+    OUT/teacher on the same training images (kept there, so a resumed run reuses it)."""
+    if cfg.teacher == "none":
+        return None
+    folder = out / "teacher" if cfg.teacher == "auto" else Path(cfg.teacher)
+    if cfg.teacher == "auto" and not (folder / "model.safetensors").exists():
+        if not is_main:
+            raise TrainError("train the teacher once first (--teacher auto in one process), then pass its folder")
+        print(f"training the CNN teacher into {folder} ({cfg.teacher_epochs} epochs)", flush=True)
+        start = time.perf_counter()
+        teacher = train_teacher(train_set, val_set, folder, epochs=cfg.teacher_epochs, seed=cfg.seed,
+                                device=device)
+        info = {"epochs": cfg.teacher_epochs, "minutes": (time.perf_counter() - start) / 60,
+                "val_acc": teacher_accuracy(teacher, val_set, device), "machine": machine_description(device)}
+        atomic_write_text(folder / "teacher_info.json", json.dumps(info, indent=2))
+    try:
+        teacher = ConvTeacher.from_pretrained(str(folder))
+    except (OSError, ValueError) as error:
+        raise TrainError(f"--teacher {cfg.teacher}: {error}") from error
+    if teacher.class_names != train_set.classes:
+        raise TrainError(f"--teacher {folder} knows classes {teacher.class_names}, the data has {train_set.classes}")
+    return teacher.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,6 +462,7 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
     train_set, val_set = split_validation(full_train, cfg.val_size, seed=cfg.seed)
     del full_train
 
+    teacher = prepare_teacher(cfg, train_set, val_set, out, device, is_main)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, train_set.classes).to(device)
     optimizer = build_optimizer(model, cfg)
@@ -478,7 +551,7 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
                                                  torch.Generator().manual_seed(aug_seed + rank),
                                                  cfg.random_erase, cfg.cutmix)
             # With CutMix the training accuracy counts each image's own label.
-            logits, loss = train_step(net, optimizer, images, targets, cfg, device, drop)
+            logits, loss = train_step(net, optimizer, images, targets, cfg, device, drop, teacher)
             if per_step and scheduler is not None:
                 scheduler.step()
             if threads is not None:
