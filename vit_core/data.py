@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .images import ImageError, decode_rgb
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".gif", ".tif", ".tiff"}
 
 
@@ -38,12 +40,14 @@ class ImageTensors:
 
 
 def _read_rgb(path: Path, size: int | None) -> torch.Tensor:
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        if size is not None and image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BICUBIC)
-        width, height = image.size
-        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    try:
+        image = decode_rgb(path)  # the app's and explain command's decoding, minus their size limits
+    except ImageError as error:
+        raise DataError(f"could not read the image {path}: {error}") from error
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    width, height = image.size
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return pixels.view(height, width, 3).permute(2, 0, 1)
 
 

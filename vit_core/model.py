@@ -1,4 +1,4 @@
-"""The Vision Transformer of the 2022 report, written to be read top to bottom.
+"""The Vision Transformer of the 2022 report the README follows, written to be read top to bottom.
 
 An image is cut into square patches with `Tensor.unfold`, each patch is flattened and linearly
 embedded, a learnable CLS token and position embedding are added, and `depth` pre-norm blocks of
@@ -23,9 +23,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
-from PIL import Image, ImageOps
+from PIL import Image
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
+
+from .images import to_rgb
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -325,14 +327,8 @@ class CheckpointMismatchError(ValueError):
     """The weights file does not match the architecture described by config.json."""
 
 
-def load_image(image: Image.Image) -> Image.Image:
-    """Any PIL image -> upright RGB, with transparency composited on white."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+# The name vit_core has always exported for this; the conversion lives with the image reader.
+load_image = to_rgb
 
 
 def normalize(batch_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -344,7 +340,7 @@ def normalize(batch_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[fl
 
 def to_model_pixels(image: Image.Image, image_size: int) -> Image.Image:
     """The RGB image the model actually sees: upright, alpha on white, resized to image_size."""
-    image = load_image(image)
+    image = to_rgb(image)
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.Resampling.BICUBIC, reducing_gap=3.0)
     return image

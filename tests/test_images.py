@@ -1,0 +1,147 @@
+"""vit_core.images: the one reader of image files (app uploads, the explain command, datasets)."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vit_core.images import FRAMES_KEY, ImageError, decode_rgb, read_image, to_rgb
+from vit_core.model import to_model_pixels
+
+ROOT = Path(__file__).resolve().parents[1]
+CAT = ROOT / "demo" / "examples" / "cat_0000.jpg"
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid-looking PNG header promising width x height pixels, with almost no data."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
+            + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + png_chunk(b"IEND", b""))
+
+
+def image_bytes(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def noise(size=(40, 30)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+BAD_FILES = {
+    # name: (bytes factory, part of the expected message)
+    "empty.png": (lambda: b"", "empty"),
+    "notes.txt": (lambda: b"just some text, not pixels\n" * 20, "not an image"),
+    "random.jpg": (lambda: os.urandom(2048), "not an image"),
+    "truncated.png": (lambda: image_bytes(noise(), "PNG")[:300], "damaged or truncated"),
+    "truncated.jpg": (lambda: image_bytes(noise((200, 200)), "JPEG")[:1500], "damaged or truncated"),
+    "bad-crc.png": (lambda: (lambda b: b[:60] + bytes([b[60] ^ 0xFF]) + b[61:])(image_bytes(noise(), "PNG")),
+                    "damaged or truncated"),
+    "bomb.png": (lambda: bomb_png(20_000, 20_000), "too large"),  # 400 MP: PIL refuses at open
+    "big.png": (lambda: bomb_png(8_000, 6_000), "megapixels"),   # 48 MP: over the 40 MP limit
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_files_get_a_clear_image_error(tmp_path, name):
+    make, message = BAD_FILES[name]
+    path = tmp_path / name
+    path.write_bytes(make())
+    with pytest.raises(ImageError, match=message):
+        read_image(path)
+    with pytest.raises(ImageError, match=message):  # a file object reads the same
+        with open(path, "rb") as file:
+            read_image(file)
+    assert issubclass(ImageError, ValueError)
+
+
+def test_missing_folder_and_oversized_files(tmp_path):
+    with pytest.raises(ImageError, match="missing"):
+        read_image(tmp_path / "nope.png")
+    with pytest.raises(ImageError, match="folder"):
+        read_image(tmp_path)
+    with pytest.raises(ImageError, match="limit is"):
+        read_image(CAT, max_bytes=100)
+    with pytest.raises(ImageError, match="megapixels"):
+        read_image(CAT, max_pixels=32 * 32 - 1)
+    assert read_image(CAT, max_pixels=32 * 32).size == (32, 32)
+
+
+def test_reads_an_example_as_rgb_from_a_path_or_a_file():
+    image = read_image(CAT)
+    assert image.mode == "RGB" and image.size == (32, 32) and image.info[FRAMES_KEY] == 1
+    with open(CAT, "rb") as file:
+        same = read_image(file)
+    assert np.array_equal(np.asarray(same), np.asarray(image))
+    with Image.open(CAT) as original:
+        assert np.array_equal(np.asarray(image), np.asarray(original.convert("RGB")))
+
+
+def test_animated_images_use_the_first_frame(tmp_path):
+    path = tmp_path / "anim.gif"
+    frames = [Image.new("RGB", (48, 48), color) for color in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0)
+    image = read_image(path)
+    assert image.info[FRAMES_KEY] == 3
+    assert to_model_pixels(image, 32).getpixel((16, 16)) == (255, 0, 0)
+
+
+def test_exif_orientation_and_alpha_are_honoured(tmp_path):
+    # Stored landscape, left half red; EXIF orientation 6 says "rotate 90° clockwise to view".
+    stored = Image.new("RGB", (64, 32), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 32, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    stored.save(path, exif=exif.tobytes(), quality=95)
+    upright = read_image(path)
+    assert upright.size == (32, 64)
+    top, bottom = np.asarray(upright)[8, 16], np.asarray(upright)[56, 16]
+    assert top[0] > 200 and top[2] < 60       # the red half is on top once upright
+    assert bottom[2] > 200 and bottom[0] < 60
+    assert np.array_equal(np.asarray(decode_rgb(path)), np.asarray(upright))
+
+    transparent = tmp_path / "transparent.png"
+    Image.new("RGBA", (50, 50), (0, 0, 0, 0)).save(transparent)
+    assert read_image(transparent).getpixel((10, 10)) == (255, 255, 255)
+    keyed = tmp_path / "keyed.png"  # palette image with a transparent index
+    palette = Image.new("P", (20, 20), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    palette.save(keyed, transparency=0)
+    assert read_image(keyed).getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((20, 20), 32768, dtype=np.uint16)).save(path)
+    image = read_image(path)
+    assert image.mode == "RGB" and all(abs(c - 127) <= 1 for c in image.getpixel((0, 0)))
+
+
+def test_float_images_in_the_unit_range_are_scaled():
+    image = to_rgb(Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32), mode="F"))
+    assert image.mode == "RGB" and all(abs(c - 127) <= 1 for c in image.getpixel((0, 0)))
+    with pytest.raises(TypeError):
+        to_rgb(np.zeros((4, 4, 3), dtype=np.uint8))
+
+
+def test_decode_rgb_has_no_size_limits_but_the_same_errors(tmp_path):
+    big = tmp_path / "big.png"
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(big)
+    assert decode_rgb(big).getpixel((0, 0)) == (10, 20, 30)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(ImageError, match="not an image"):
+        decode_rgb(broken)
