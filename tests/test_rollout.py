@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from vit_core import (Explanation, attention_rollout, cls_patch_map, discard_weakest, explain, fuse_heads,
                       gradient_rollout, patchify, token_map)
 
-from conftest import make_tiny
+from toys import tiny_vit
 
 A1 = [[0.5, 0.3, 0.2],
       [0.1, 0.6, 0.3],
@@ -159,7 +159,7 @@ def test_gradient_rollout_is_class_specific_one_block():
     # One block; classes 0 and 1 have opposite head rows, so their attention gradients are
     # opposite: G1 = -G0. Then max(0, G0 A) - max(0, -G0 A) = G0 A, hence (R = I + Ā, one layer)
     # map(class 0) - map(class 1) = mean_h(G0 * A)[CLS, patches] - a known, signed answer.
-    model = make_tiny(depth=1)
+    model = tiny_vit(image_size=16, sharpen=True, depth=1)
     with torch.no_grad():
         model.head.weight[1] = -model.head.weight[0]
         model.head.bias[1] = model.head.bias[0]

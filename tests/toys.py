@@ -1,4 +1,4 @@
-"""Builders for the model/data/training tests: a tiny ViT and a tiny generated ImageFolder."""
+"""Builders for the tests: the tiny ViT and a tiny generated ImageFolder."""
 
 from __future__ import annotations
 
@@ -13,12 +13,25 @@ from vit_core import ViTClassifier
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_vit(seed: int = 0, **overrides) -> ViTClassifier:
+# The one tiny ViT of the test suite: a few ms per forward pass on a busy CPU.
+TINY = dict(image_size=32, patch_size=4, emb_size=32, depth=2, n_heads=4, mlp_ratio=2.0, dropout=0.0,
+            n_classes=10)
+
+
+def tiny_vit(seed: int = 0, sharpen: bool = False, **overrides) -> ViTClassifier:
+    """A tiny ViT in eval mode, the same for the same seed and settings (`overrides` go to the
+    constructor). With `sharpen`, attention and logits are sharper than at init (q/k weights scaled,
+    larger position, CLS and head weights), so maps and class scores are not flat."""
     torch.manual_seed(seed)
-    kwargs = dict(image_size=32, patch_size=4, emb_size=32, depth=2, n_heads=4, mlp_ratio=2.0,
-                  dropout=0.0, n_classes=10)
-    kwargs.update(overrides)
-    return ViTClassifier(**kwargs).eval()
+    model = ViTClassifier(**{**TINY, **overrides})
+    if sharpen:
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.in_proj_weight.mul_(4.0)
+            model.pos_embed.normal_(0, 0.5)
+            model.cls_token.normal_(0, 0.5)
+            model.head.weight.normal_(0, 0.5)
+    return model.eval()
 
 
 def make_image_folder(root: Path, classes=("blue", "red"), per_class: int = 48, seed: int = 0,
