@@ -1,29 +1,47 @@
-"""Measure a checkpoint on the CIFAR-10 test split: accuracy, per-class accuracy, confusion matrix.
+"""Measure a classifier on uint8 images: batched, mirror-averaged class probabilities, accuracy,
+per-class accuracy and the confusion matrix.
 
-    python -m vit_core.evaluate --checkpoint checkpoints/vit-cifar10 --data ../shared/cifar10
-
-With `--write-card`, the figures are also saved beside the checkpoint (eval.json, confusion.png)
-and the model card is rebuilt from them.
+`predict_probs` is the one prediction path of evaluation and of training's validation;
+`python -m vit_core.cli.evaluate` runs `evaluate` on the CIFAR-10 test split.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import shlex
-import sys
-import time
-from pathlib import Path
-
 import torch
 
-from .data import DataError, load_split
-from .model import ViTClassifier
-from .training import pick_device, predict_probs
+from .devices import autocast
+from .model import ViTClassifier, normalize
+
+
+@torch.no_grad()
+def predict_probs(model: ViTClassifier, images_uint8: torch.Tensor, device: torch.device,
+                  batch_size: int = 500, mirror: bool = True, amp: str = "off") -> torch.Tensor:
+    """Class probabilities [N, classes] on the CPU for uint8 images [N, C, H, W], `batch_size` at a
+    time on `device`; with `mirror`, each averaged with its horizontally flipped image's. `amp` is
+    "off", "bf16" or "auto" (see `devices.uses_bf16`). The model runs in eval mode and is left in
+    the mode it came in."""
+    if len(images_uint8) == 0:
+        raise ValueError("predict_probs needs at least one image")
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(images_uint8), batch_size):
+            x = normalize(images_uint8[start:start + batch_size].to(device), model.mean, model.std)
+            with autocast(device, amp):
+                probs = model(x).float().softmax(-1)
+                if mirror:
+                    probs = (probs + model(x.flip(-1)).float().softmax(-1)) / 2
+            out.append(probs.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
 
 
 def evaluate(model: ViTClassifier, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
              mirror: bool = True) -> dict:
+    """Accuracy, per-class accuracy (by class name), confusion matrix (rows: true class) and the
+    number of images, for uint8 `images` [N, C, H, W] with int64 `labels` [N]."""
     probs = predict_probs(model, images, device, mirror=mirror)
     predicted = probs.argmax(-1)
     n_classes = probs.shape[-1]
@@ -37,45 +55,3 @@ def evaluate(model: ViTClassifier, images: torch.Tensor, labels: torch.Tensor, d
         "n_images": len(labels),
         "mirror": mirror,
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="folder from save_pretrained, or a Hub repo id")
-    parser.add_argument("--data", required=True, help="ImageFolder root with test/, or a torchvision CIFAR-10 root")
-    parser.add_argument("--no-mirror", action="store_true", help="do not average each prediction with its mirror image")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--write-card", action="store_true", help="save eval.json + confusion.png beside the checkpoint and rebuild its README")
-    args = parser.parse_args(argv)
-    try:
-        model = ViTClassifier.from_pretrained(args.checkpoint)
-        test = load_split(args.data, "test")
-    except (DataError, OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if test.classes != model.class_names:
-        print(f"error: the data's classes {test.classes} differ from the model's {model.class_names}", file=sys.stderr)
-        return 2
-    device = pick_device(args.device)
-    start = time.perf_counter()
-    result = evaluate(model.to(device), test.images, test.labels, device, mirror=not args.no_mirror)
-    result["seconds"] = time.perf_counter() - start
-    result["data"] = str(Path(args.data) / "test")
-    result["command"] = "python -m vit_core.evaluate " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    print(f"test accuracy: {result['accuracy'] * 100:.2f} % on {result['n_images']} images "
-          f"(mirror averaging {'on' if result['mirror'] else 'off'})")
-    for name, acc in result["per_class"].items():
-        print(f"  {name:>12s}: {acc * 100:5.1f} %")
-    if args.write_card:
-        from .card import write_model_card
-        from .viz import plot_confusion
-
-        out = Path(args.checkpoint)
-        (out / "eval.json").write_text(json.dumps(result, indent=2))
-        plot_confusion(torch.tensor(result["confusion"]), model.class_names).save(out / "confusion.png")
-        print(f"wrote {out / 'eval.json'}, {out / 'confusion.png'}, {write_model_card(out)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import AUGMENTATIONS, ImageTensors, augment, cutmix, load_split, random_erase, split_validation
+from .devices import DeviceError, autocast, pick_device, uses_bf16
+from .evaluate import predict_probs
 from .model import PRESETS, ViTClassifier, mimetic_attention_init_, normalize, sincos_position_init_
 from .teacher import ConvTeacher, teacher_accuracy, teacher_logits, train_teacher
 
@@ -147,22 +149,6 @@ class TrainConfig:
 # Small pieces
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise TrainError(f"unknown --device {name!r}: {error}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda asked for, but no CUDA GPU is available")
-    return device
-
-
 def build_model(cfg: TrainConfig, classes: list[str]) -> ViTClassifier:
     overrides = {"n_classes": len(classes), "class_names": classes}
     if cfg.dropout is not None:
@@ -200,47 +186,6 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup)), True
     milestones = cfg.milestones or [cfg.epochs // 2, (3 * cfg.epochs) // 4]
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma), False
-
-
-def uses_bf16(device: torch.device, amp: str) -> bool:
-    """"auto" picks bf16 on CUDA and on CPUs with bf16 matrix units (AVX512-BF16 / AMX), where it
-    trains faster (benchmarks/train_precision.py); elsewhere bf16 would be emulated and slower."""
-    if amp != "auto":
-        return amp == "bf16"
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and cpu_has_bf16_units()
-
-
-def cpu_has_bf16_units() -> bool:
-    """Linux CPU flags name bf16 matrix instructions; elsewhere assume none (fp32 stays the safe pick)."""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast(device: torch.device, amp: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, amp))
-
-
-@torch.no_grad()
-def predict_probs(model: ViTClassifier, images_uint8: torch.Tensor, device: torch.device,
-                  batch_size: int = 500, mirror: bool = True, amp: str = "off") -> torch.Tensor:
-    """Class probabilities for uint8 images; with `mirror`, averaged with the flipped image's."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(images_uint8), batch_size):
-        x = normalize(images_uint8[start:start + batch_size].to(device), model.mean, model.std)
-        with autocast(device, amp):
-            probs = model(x).float().softmax(-1)
-            if mirror:
-                probs = (probs + model(x.flip(-1)).float().softmax(-1)) / 2
-        out.append(probs.cpu())
-    model.train(was_training)
-    return torch.cat(out)
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -426,7 +371,10 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
     """
     cfg.validate()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = pick_device(cfg.device)
+    try:
+        device = pick_device(cfg.device)
+    except DeviceError as error:
+        raise TrainError(str(error)) from error
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if distributed else 0
