@@ -44,26 +44,26 @@ import gradio as gr
 import gradio.utils as gr_utils
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 DEMO_DIR = Path(__file__).resolve().parent
 ROOT = DEMO_DIR.parent
 if str(ROOT) not in sys.path:  # `python demo/app.py` from anywhere finds vit_core
     sys.path.insert(0, str(ROOT))
 
-from vit_core import ViTClassifier, preprocess, to_model_pixels  # noqa: E402
+from vit_core import CheckpointError, ViTClassifier, load_checkpoint, preprocess, to_model_pixels  # noqa: E402
 from vit_core import faithfulness as faith  # noqa: E402
 from vit_core import viz  # noqa: E402
-# `explain` from its module: importing the vit_core.explain CLI module rebinds `vit_core.explain`.
+from vit_core.images import FRAMES_KEY, MAX_FILE_BYTES, ImageError, read_image  # noqa: E402
 from vit_core.rollout import (  # noqa: E402
     HEAD_FUSIONS, Explanation, explain, fuse_heads, token_map)
 
 EXAMPLES_DIR = DEMO_DIR / "examples"
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "vit-cifar10"
 
-MAX_FILE_SIZE = "10mb"            # enforced by Gradio at upload (HTTP 413)
-MAX_FILE_BYTES = 10 * 1024 * 1024  # and again here, for files that reach a handler another way
-MAX_PIXELS = 40_000_000           # larger images are refused before any pixel is decoded
+# Uploads over vit_core's file-size limit are refused by Gradio at upload (HTTP 413), and again by
+# read_image for files that reach a handler another way; its pixel limit is checked from the header.
+MAX_FILE_SIZE = f"{MAX_FILE_BYTES // 2**20}mb"
 
 METHODS = {  # value -> label
     "rollout": "rollout",
@@ -155,58 +155,18 @@ class Session:
 # ------------------------------------------------------------------------------------------------
 # Reading uploads: every failure becomes a gr.Error with a sentence a user can act on
 
-def read_image(path: str | os.PathLike | None) -> tuple[Image.Image, list[str]]:
-    """Decode an uploaded file into an RGB-able PIL image (first frame of an animation), refusing
-    empty, oversized, non-image, truncated and decompression-bomb files before they cost much."""
+def read_upload(path: str | os.PathLike | None) -> tuple[Image.Image, list[str]]:
+    """An uploaded file -> RGB image (`vit_core.images.read_image`: first frame of an animation,
+    upright, transparency on white, size limits) and notes about its decoding. Empty, oversized,
+    non-image, truncated and decompression-bomb files raise gr.Error with the reader's message."""
     if path is None or str(path) == "":
         raise gr.Error("No image: upload one or pick an example.")
-    path = Path(path)
-    if not path.is_file():
-        raise gr.Error("The uploaded file is missing on the server; please upload it again.")
-    size = path.stat().st_size
-    if size == 0:
-        raise gr.Error("The file is empty (0 bytes).")
-    if size > MAX_FILE_BYTES:
-        raise gr.Error(f"The file is {size / 2**20:.1f} MB; the limit is {MAX_FILE_BYTES // 2**20} MB.")
-    notes: list[str] = []
     try:
-        with Image.open(path) as probe:  # reads the header only; PIL refuses gross bombs here
-            width, height = probe.size
-            if width * height > MAX_PIXELS:
-                raise gr.Error(f"The image is {width}×{height} pixels; the limit is "
-                               f"{MAX_PIXELS / 1e6:.0f} megapixels.")
-            probe.verify()  # structure and checksums, where the format has them
-        with Image.open(path) as image:
-            frames = getattr(image, "n_frames", 1)
-            if frames > 1:
-                image.seek(0)
-                notes.append(f"animated image: first of {frames} frames used")
-            image.load()  # full decode of the frame: truncated data fails here
-            image = image.copy()  # detached from the file (keeps info: EXIF, transparency)
-    except gr.Error:
-        raise
-    except Image.DecompressionBombError:
-        raise gr.Error("The image is too large to decode safely (possible decompression bomb).") from None
-    except UnidentifiedImageError:
-        raise gr.Error("This file is not an image I can read. Upload a PNG, JPEG, GIF, BMP, WebP or "
-                       "TIFF file.") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:  # truncated or corrupt data
-        raise gr.Error(f"The image file is damaged or truncated and cannot be decoded ({err}).") from None
-    if image.width == 0 or image.height == 0:
-        raise gr.Error("The image has no pixels.")
-    return to_8bit(image), notes
-
-
-def to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit and float images (which PIL would clip when converting to RGB) scaled to 8 bits."""
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode == "F" and values.size and np.nanmax(values) <= 1.0:
-            values = values * 255.0
-        elif image.mode != "F":
-            values = values / 257.0
-        return Image.fromarray(np.clip(np.nan_to_num(values), 0, 255).astype(np.uint8), mode="L")
-    return image
+        image = read_image(path, max_bytes=MAX_FILE_BYTES)
+    except ImageError as error:
+        raise gr.Error(str(error)) from None
+    frames = image.info.get(FRAMES_KEY, 1)
+    return image, [f"animated image: first of {frames} frames used"] if frames > 1 else []
 
 
 def analyze(model: ViTClassifier, image: Image.Image, name: str = "image",
@@ -328,10 +288,11 @@ def faithfulness(model: ViTClassifier, session: Session, settings: Settings, ste
     maps = {settings.method: expl.maps()[settings.method], "random": faith.random_maps(1, grid, seed=0)}
     results = faith.deletion_insertion(model, session.inputs, maps, expl.target, steps=steps)
     target_name = model.class_names[int(expl.target[0])]
+    aucs = {mode: {k: _scalar(v[f"{mode}_auc"]) for k, v in results.items()} for mode in ("deletion", "insertion")}
     deletion = viz.plot_curves({k: np.asarray(v["deletion"]) for k, v in results.items()},
-                               title=f"deletion (lower is better), class {target_name}")
+                               title=f"deletion (lower is better), class {target_name}", aucs=aucs["deletion"])
     insertion = viz.plot_curves({k: np.asarray(v["insertion"]) for k, v in results.items()},
-                                title=f"insertion (higher is better), class {target_name}")
+                                title=f"insertion (higher is better), class {target_name}", aucs=aucs["insertion"])
     rows = ["| map | deletion AUC ↓ | insertion AUC ↑ |", "|---|---|---|"]
     for name, result in results.items():
         rows.append(f"| {METHODS.get(name, name)} | {_scalar(result['deletion_auc']):.3f} | "
@@ -545,7 +506,7 @@ def build_demo(model: ViTClassifier, workers: int = 2) -> gr.Blocks:
             # Parameters an API caller sends as None get the control defaults.
             defaults = dataclasses.astuple(Settings())
             settings = settings_of(*[d if v is None else v for v, d in zip(values, defaults)])
-            picture, notes = read_image(upload_path(image))
+            picture, notes = read_upload(upload_path(image))
             state = analyze(model, picture, name=upload_name(image), notes=notes)
             panels = render(model, state, settings)
             return [png(panels.model_view), png(panels.patch_grid), png(panels.overlay),
@@ -572,7 +533,7 @@ def build_demo(model: ViTClassifier, workers: int = 2) -> gr.Blocks:
             return handler
 
         def on_predict(image):
-            picture, _ = read_image(upload_path(image))
+            picture, _ = read_upload(upload_path(image))
             return predict_probs(model, picture)
 
         def require(state) -> Session:
@@ -649,26 +610,6 @@ def _export_dir() -> Path:
 # ------------------------------------------------------------------------------------------------
 # Loading, launching, command line
 
-def load_model(checkpoint: str | os.PathLike) -> ViTClassifier:
-    """A local directory (absolute, relative to the working directory, or to the repository) or a
-    Hugging Face Hub repo id. Raises RuntimeError with a message to show the user."""
-    text = str(checkpoint)
-    for candidate in (Path(text), ROOT / text):
-        if candidate.is_dir():
-            try:
-                return ViTClassifier.from_pretrained(str(candidate))
-            except Exception as err:
-                raise RuntimeError(f"Cannot load the checkpoint in {candidate}: {err}") from err
-    if text.count("/") != 1 or text.startswith((".", "/")):
-        raise RuntimeError(f"No checkpoint directory {text!r} (looked in {Path.cwd()} and {ROOT}); pass a "
-                           "directory with config.json + model.safetensors or a Hub repo id like user/name.")
-    try:
-        return ViTClassifier.from_pretrained(text)
-    except Exception as err:
-        raise RuntimeError(f"Cannot load {text!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
-                           "Offline? Pass a local checkpoint directory instead.") from err
-
-
 def warm_up(model: ViTClassifier) -> None:
     """One explanation and one drawing of every panel, so the first user does not pay for them."""
     blank = Image.new("RGB", (model.image_size, model.image_size), (128, 128, 128))
@@ -726,8 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     try:
-        model = load_model(args.checkpoint)
-    except RuntimeError as err:
+        model = load_checkpoint(args.checkpoint, search_dirs=[ROOT])  # relative paths: cwd, then the repo
+    except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     warm_up(model)

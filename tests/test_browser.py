@@ -31,7 +31,7 @@ def server():
         pytest.skip("no Chromium at /usr/bin/chromium (run `make browser`)")
     pytest.importorskip("playwright.sync_api")
     if (app.DEFAULT_CHECKPOINT / "model.safetensors").exists():
-        model = app.load_model(app.DEFAULT_CHECKPOINT)  # the real thing, as users see it
+        model = app.load_checkpoint(app.DEFAULT_CHECKPOINT)  # the real thing, as users see it
     else:
         torch.manual_seed(0)
         model = ViTClassifier(emb_size=32, depth=2, n_heads=2, dropout=0.0).eval()

@@ -5,13 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
-from vit_core import faithfulness as fa
 from vit_core import ViTClassifier
-
-from conftest import make_tiny
+from vit_core import faithfulness as fa
 
 
 class OnePatchModel(nn.Module):
@@ -164,40 +161,14 @@ def test_randomization_sanity_gradient_depends_on_head(tiny_model, tiny_images):
         fa.randomization_sanity(tiny_model, tiny_images, method="saliency")
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-
-def write_folder(root, n_per_class: int = 3):
-    rng = np.random.default_rng(0)
-    for name in ("cat", "dog"):
-        (root / "test" / name).mkdir(parents=True)
-        for i in range(n_per_class):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "test" / name / f"{i}.png")
-
-
-def test_cli_prints_aucs(tmp_path, capsys):
-    model = make_tiny(image_size=32, patch_size=8, n_classes=2, class_names=["cat", "dog"])
-    model.save_pretrained(tmp_path / "ckpt")
-    write_folder(tmp_path / "data")
-    code = fa.main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"), "-n", "5",
-                    "--sanity", "2"])
-    out = capsys.readouterr().out
-    assert code == 0
-    assert "5 test images" in out
-    for method in ("rollout", "grad_rollout", "last_layer", "random"):
-        line = next(line for line in out.splitlines() if line.startswith(method + " "))
-        assert line.count("±") == 2
-    assert "embedding:" in out
-
-
-def test_cli_bad_paths(tmp_path, capsys):
-    assert fa.main(["--checkpoint", str(tmp_path / "missing"), "--data", str(tmp_path)]) == 2
-    assert "error" in capsys.readouterr().err
-    model = make_tiny()  # 16x16 model, 32x32 data
-    model.save_pretrained(tmp_path / "ckpt")
-    write_folder(tmp_path / "data", n_per_class=1)
-    assert fa.main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "nodata")]) == 2
-    assert fa.main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data")]) == 2
-    assert "image size" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        fa.main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"), "--discard-ratio", "1"])
-    assert exit_info.value.code == 2
+def test_randomisation_draws_from_the_models_own_initialisation(tiny_model, tiny_images):
+    rng_before = torch.random.get_rng_state()
+    fresh = fa._fresh_weights(tiny_model, seed=5)
+    fa.randomization_sanity(tiny_model, tiny_images, method="rollout", seed=5)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # the global RNG is not consumed
+    expected = ViTClassifier(**tiny_model._hub_mixin_config)
+    torch.manual_seed(5)
+    expected.reset_parameters()
+    for name, value in expected.state_dict().items():
+        assert torch.equal(fresh[name], value), name
+    assert not torch.equal(fresh["head.weight"], tiny_model.state_dict()["head.weight"])

@@ -207,6 +207,12 @@ def test_plot_curves_and_training_history():
         viz.plot_curves({}, "empty")
     with pytest.raises(ValueError):
         viz.plot_curves({"short": np.array([1.0])}, "too short")
+    # The legend shows the AUCs the caller measured; drawing computes none itself.
+    curve = {"rollout": np.linspace(1, 0, 65)}
+    with_auc = np.asarray(viz.plot_curves(curve, "deletion", aucs={"rollout": 0.5}))
+    assert not np.array_equal(with_auc, np.asarray(viz.plot_curves(curve, "deletion")))
+    with pytest.raises(ValueError, match="not drawn"):
+        viz.plot_curves(curve, "deletion", aucs={"random": 0.5})
     history = [dict(epoch=e, train_loss=1 / e, val_loss=1 / e, train_acc=e / 10, val_acc=e / 11, lr=1e-3)
                for e in range(1, 4)]
     assert viz.plot_training_history(history).mode == "RGB"

@@ -1,5 +1,11 @@
-"""vit_core: a small Vision Transformer for CIFAR-10 and the tools to see what it attends to."""
+"""vit_core: a small Vision Transformer for CIFAR-10 and the tools to see what it attends to.
 
+The command-line tools live in `vit_core.cli` (`python -m vit_core.cli.explain`, `.evaluate`,
+`.faithfulness`); this package only holds the library.
+"""
+
+from .checkpoints import CheckpointError, load_checkpoint
+from .images import ImageError, read_image
 from .model import (
     CIFAR10_CLASSES,
     PRESETS,
@@ -24,6 +30,7 @@ from .rollout import (
 )
 
 __all__ = [
+    "CheckpointError", "load_checkpoint", "ImageError", "read_image",
     "CIFAR10_CLASSES", "PRESETS", "CheckpointMismatchError", "ViTClassifier", "load_image",
     "normalize", "patchify", "preprocess", "to_model_pixels",
     "HEAD_FUSIONS", "Explanation", "attention_rollout", "cls_patch_map", "discard_weakest", "explain",

@@ -10,22 +10,20 @@
   trained model's by Spearman rank correlation. A map that stays the same explains the
   architecture or the input, not what was learned.
 
-`python -m vit_core.faithfulness --checkpoint DIR --data DIR -n 500` prints the AUCs of attention
-rollout, gradient rollout, last-layer attention and random maps over n test images.
+`python -m vit_core.cli.faithfulness --checkpoint DIR --data DIR -n 500` prints the AUCs of
+attention rollout, gradient rollout, last-layer attention and random maps over n test images.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-import sys
-import time
 
 import numpy as np
 import torch
 from torch import nn
 
+from .model import ViTClassifier
 from .rollout import Explanation, explain
 
 PERTURBATION_MODES = ("deletion", "insertion")
@@ -152,31 +150,29 @@ def spearman(a, b) -> float:
     return float((ra * rb).sum() / denominator)
 
 
+def _fresh_weights(model: ViTClassifier, seed: int) -> dict[str, torch.Tensor]:
+    """The state of a CPU copy of `model` re-initialised by its own `reset_parameters`, drawn from
+    `seed` (on the CPU, so any device gives the same draw); the global RNG is left as it was."""
+    fresh = copy.deepcopy(model).cpu()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh.reset_parameters()
+    return fresh.state_dict()
+
+
 @torch.no_grad()
-def _reinitialise(modules: list[nn.Module], generator: torch.Generator) -> None:
-    """Fresh random weights, drawn like ViTClassifier.reset_parameters but from `generator`."""
-    for root in modules:
-        if isinstance(root, nn.Parameter):
-            nn.init.trunc_normal_(root, std=0.02, generator=generator)
-            continue
-        for module in root.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02, generator=generator)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.MultiheadAttention):
-                nn.init.xavier_uniform_(module.in_proj_weight, generator=generator)
-                nn.init.zeros_(module.in_proj_bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+def _reinitialise(model: nn.Module, fresh: dict[str, torch.Tensor], prefixes: list[str]) -> None:
+    """Copy the fresh weights of every parameter and buffer under `prefixes` into `model`."""
+    for name, tensor in model.state_dict().items():
+        if any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes):
+            tensor.copy_(fresh[name])
 
 
 def _method_map(explanation: Explanation, method: str) -> torch.Tensor:
     return getattr(explanation, method)
 
 
-def randomization_sanity(model: nn.Module, images: torch.Tensor, method: str = "rollout", target=None,
+def randomization_sanity(model: ViTClassifier, images: torch.Tensor, method: str = "rollout", target=None,
                          head_fusion: str = "mean", discard_ratio: float = 0.0, seed: int = 0) -> list[dict]:
     """Cascading model randomisation on a deep copy of `model` (the given model is not touched):
     re-initialise the head (final norm + classifier), then block L, ..., block 1, then the
@@ -191,107 +187,17 @@ def randomization_sanity(model: nn.Module, images: torch.Tensor, method: str = "
     trained = explain(work, images, target=target, head_fusion=head_fusion, discard_ratio=discard_ratio)
     target_t = trained.target
     reference = _method_map(trained, method)
-    stages = [("head", [work.norm, work.head])]
-    stages += [(f"block {i + 1}", [work.blocks[i]]) for i in reversed(range(len(work.blocks)))]
-    stages += [("embedding", [work.patch_embed, work.cls_token, work.pos_embed])]
-    generator = torch.Generator().manual_seed(seed)
+    stages = [("head", ["norm", "head"])]
+    stages += [(f"block {i + 1}", [f"blocks.{i}"]) for i in reversed(range(len(work.blocks)))]
+    stages += [("embedding", ["patch_embed", "cls_token", "pos_embed"])]
+    fresh = _fresh_weights(work, seed)
     results = []
-    for stage, modules in stages:
-        _reinitialise(modules, generator)
+    for stage, prefixes in stages:
+        _reinitialise(work, fresh, prefixes)
         randomised = _method_map(
             explain(work, images, target=target_t, head_fusion=head_fusion, discard_ratio=discard_ratio), method)
         scores = np.array([spearman(r, m) for r, m in zip(reference, randomised)])
-        results.append({"stage": stage, "spearman": float(np.nanmean(scores)) if np.isfinite(scores).any()
-                        else float("nan"), "spearman_std": float(np.nanstd(scores))
-                        if np.isfinite(scores).any() else float("nan")})
+        finite = np.isfinite(scores).any()  # nanmean of no numbers would warn
+        results.append({"stage": stage, "spearman": float(np.nanmean(scores)) if finite else float("nan"),
+                        "spearman_std": float(np.nanstd(scores)) if finite else float("nan")})
     return results
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-def _explain_in_chunks(model, images: torch.Tensor, head_fusion: str, discard_ratio: float,
-                       chunk: int = 64) -> dict[str, torch.Tensor]:
-    parts: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, len(images), chunk):
-        explanation = explain(model, images[start:start + chunk], head_fusion=head_fusion,
-                              discard_ratio=discard_ratio)
-        for name, value in {"probs": explanation.probs, "target": explanation.target, **explanation.maps()}.items():
-            parts.setdefault(name, []).append(value)
-    return {name: torch.cat(values) for name, values in parts.items()}
-
-
-def _summary(values: torch.Tensor) -> str:
-    values = values.double()
-    std = values.std().item() if len(values) > 1 else 0.0
-    return f"{values.mean().item():.3f} ± {std:.3f} (sem {std / math.sqrt(len(values)):.3f})"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m vit_core.faithfulness",
-        description="Deletion/insertion AUC of attention rollout, gradient rollout, last-layer attention "
-                    "and random maps on test images (mean ± std over images, and the standard error).")
-    parser.add_argument("--checkpoint", required=True, help="folder with config.json and model.safetensors")
-    parser.add_argument("--data", required=True, help="CIFAR-10 root (ImageFolder train/ test/ or torchvision)")
-    parser.add_argument("-n", type=int, default=500, help="number of test images (a fixed random subset)")
-    parser.add_argument("--steps", type=int, default=None, help="curve steps (default: one patch per step)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--head-fusion", choices=("mean", "max", "min"), default="mean")
-    parser.add_argument("--discard-ratio", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the image subset and random maps")
-    parser.add_argument("--sanity", type=int, default=0, metavar="K",
-                        help="also run the model-randomisation check on the first K images")
-    parser.add_argument("--download", action="store_true", help="fetch CIFAR-10 with torchvision if missing")
-    args = parser.parse_args(argv)
-    if args.n < 1:
-        parser.error("-n must be at least 1")
-    if not 0.0 <= args.discard_ratio < 1.0:
-        parser.error(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
-
-    from .data import DataError, load_split
-    from .explain import InputError, load_checkpoint
-    from .model import normalize
-
-    try:
-        model = load_checkpoint(args.checkpoint)
-        data = load_split(args.data, "test", download=args.download, limit=args.n, seed=args.seed)
-    except (InputError, OSError, ValueError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if tuple(data.images.shape[-2:]) != (model.image_size, model.image_size):
-        print(f"error: the data's image size {tuple(data.images.shape[-2:])} is not the model's "
-              f"{model.image_size}x{model.image_size}", file=sys.stderr)
-        return 2
-    images = normalize(data.images, model.mean, model.std)
-    started = time.perf_counter()
-    explained = _explain_in_chunks(model, images, args.head_fusion, args.discard_ratio)
-    target = explained["target"]
-    maps = {name: explained[name] for name in ("rollout", "grad_rollout", "last_layer")}
-    maps["random"] = random_maps(len(images), model.grid_size, seed=args.seed)
-    accuracy = (target == data.labels).double().mean().item()
-    steps = args.steps or model.grid_size ** 2
-    print(f"checkpoint {args.checkpoint}: {len(images)} test images, accuracy {accuracy:.3f}; target = "
-          f"predicted class; head fusion {args.head_fusion}, discard ratio {args.discard_ratio}; "
-          f"{steps} steps over {model.grid_size ** 2} patches, fill = dataset mean")
-    try:
-        results = deletion_insertion(model, images, maps, target, steps=args.steps, batch_size=args.batch_size)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"{'method':<14} {'deletion AUC (lower is better)':<34} insertion AUC (higher is better)")
-    for name, entry in results.items():
-        print(f"{name:<14} {_summary(entry['deletion_auc']):<34} {_summary(entry['insertion_auc'])}")
-    if args.sanity > 0:
-        subset = images[:args.sanity]
-        print(f"model randomisation (Spearman with the trained map, {len(subset)} images):")
-        for method in SANITY_METHODS:
-            stages = randomization_sanity(model, subset, method=method, head_fusion=args.head_fusion,
-                                          discard_ratio=args.discard_ratio, seed=args.seed)
-            print(f"  {method:<13} " + "  ".join(f"{s['stage']}: {s['spearman']:+.2f}" for s in stages))
-    print(f"({time.perf_counter() - started:.1f} s)", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

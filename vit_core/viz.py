@@ -18,8 +18,6 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from .faithfulness import auc
-
 HIGHLIGHT_COLOR = (255, 0, 0)
 BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (0, 0, 0)
@@ -386,12 +384,17 @@ def figure_to_image(fig: Figure, dpi: int = 100) -> Image.Image:
     return Image.open(buffer).convert("RGB")
 
 
-def plot_curves(curves: dict[str, np.ndarray], title: str, ylabel: str = "target probability") -> Image.Image:
+def plot_curves(curves: dict[str, np.ndarray], title: str, ylabel: str = "target probability",
+                aucs: dict[str, float] | None = None) -> Image.Image:
     """Deletion or insertion curves: x = fraction of patches removed/inserted. Each value is a
-    curve [K] or a batch of curves [B, K] (drawn as the mean with a +-1 std band); the legend
-    shows each method's AUC (of the mean curve, which equals the mean AUC)."""
+    curve [K] or a batch of curves [B, K] (drawn as the mean with a +-1 std band). The legend
+    shows each method's area under the curve where `aucs` gives it (the caller measures it, e.g.
+    with `faithfulness.auc`; drawing computes no metrics)."""
     if not curves:
         raise ValueError("plot_curves needs at least one curve")
+    aucs = aucs or {}
+    if set(aucs) - set(curves):
+        raise ValueError(f"AUCs given for curves that are not drawn: {sorted(set(aucs) - set(curves))}")
     fig = Figure(figsize=(5, 3.6))
     ax = fig.subplots()
     for name, values in curves.items():
@@ -402,7 +405,8 @@ def plot_curves(curves: dict[str, np.ndarray], title: str, ylabel: str = "target
             raise ValueError(f"curve {name!r} must be [K] or [B, K] with K >= 2, got {values.shape}")
         mean = values.mean(axis=0)
         x = np.linspace(0.0, 1.0, len(mean))
-        (line,) = ax.plot(x, mean, label=f"{name} (AUC {float(auc(mean)):.3f})")
+        label = f"{name} (AUC {float(aucs[name]):.3f})" if name in aucs else name
+        (line,) = ax.plot(x, mean, label=label)
         if len(values) > 1:
             std = values.std(axis=0)
             ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)

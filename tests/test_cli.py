@@ -1,0 +1,255 @@
+"""The commands in vit_core.cli: what they write and print, and that bad input exits 2 with one
+line and writes nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from toys import make_image_folder, tiny_vit
+from vit_core import explain as explain_fn
+from vit_core import preprocess
+from vit_core.cli import evaluate as evaluate_cli
+from vit_core.cli import faithfulness as faithfulness_cli
+from vit_core.cli.explain import main
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUTS = ("patches", "attention", "attention_last", "layers", "rollout", "grad_rollout", "last_layer")
+
+
+# ---------------------------------------------------------------------------------------------- explain
+
+@pytest.fixture
+def setup(tmp_path):
+    model = tiny_vit(image_size=16, sharpen=True)
+    model.save_pretrained(tmp_path / "ckpt")
+    rng = np.random.default_rng(0)
+    images = []
+    for name, size in (("plane.png", (40, 30)), ("boat.jpg", (16, 16))):
+        path = tmp_path / name
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+        images.append(path)
+    (tmp_path / "broken.png").write_text("this is not an image")
+    return model, tmp_path, images
+
+
+def test_writes_drawings_and_npz(setup, capsys):
+    model, tmp, images = setup
+    out = tmp / "out"
+    code = main([*map(str, images), "--checkpoint", str(tmp / "ckpt"), "--out", str(out),
+                 "--head-fusion", "max", "--discard-ratio", "0.25"])
+    assert code == 0
+    for stem in ("plane", "boat"):
+        for kind in OUTPUTS:
+            with Image.open(out / f"{stem}_{kind}.png") as drawing:
+                assert drawing.mode == "RGB" and drawing.width > 16
+    with Image.open(out / "plane_patches.png") as grid:
+        assert grid.size == (4 * 32 + 5 * 2,) * 2     # 4x4 patches of 4 px at scale 8, 2 px gaps
+    saved = np.load(out / "plane.npz")
+    assert saved["attentions"].shape == (2, 4, 17, 17)
+    assert saved["rollout"].shape == saved["grad_rollout"].shape == saved["last_layer"].shape == (4, 4)
+    assert str(saved["head_fusion"]) == "max" and float(saved["discard_ratio"]) == 0.25
+    assert str(saved["image"]) == str(images[0])
+    # The saved arrays are the library's explanation of the same image.
+    with Image.open(images[0]) as img:
+        expected = explain_fn(model, preprocess(img.convert("RGB"), model), head_fusion="max", discard_ratio=0.25)
+    np.testing.assert_allclose(saved["attentions"], expected.attentions[0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(saved["rollout"], expected.rollout[0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(saved["grad_rollout"], expected.grad_rollout[0].numpy(), atol=1e-6)
+    assert "plane.png: predicted" in capsys.readouterr().out
+
+
+def test_target_by_name_and_index(setup):
+    model, tmp, images = setup
+    for target, index in (("cat", 3), ("7", 7)):
+        out = tmp / f"out_{target}"
+        assert main([str(images[0]), "--checkpoint", str(tmp / "ckpt"), "--out", str(out), "--target", target]) == 0
+        assert int(np.load(out / "plane.npz")["target"]) == index
+
+
+@pytest.mark.parametrize("bad", ["broken.png", "missing.png"])
+def test_bad_image_writes_nothing(setup, capsys, bad):
+    _, tmp, images = setup
+    out = tmp / "out"
+    code = main([str(images[0]), str(tmp / bad), "--checkpoint", str(tmp / "ckpt"), "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error" in err and bad in err
+    assert not out.exists()
+
+
+def test_bad_checkpoint_and_target(setup, capsys):
+    _, tmp, images = setup
+    out = tmp / "out"
+    assert main([str(images[0]), "--checkpoint", str(tmp / "nowhere"), "--out", str(out)]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+    (tmp / "empty").mkdir()
+    assert main([str(images[0]), "--checkpoint", str(tmp / "empty"), "--out", str(out)]) == 2
+    assert main([str(images[0]), "--checkpoint", str(tmp / "ckpt"), "--out", str(out), "--target", "unicorn"]) == 2
+    assert "unicorn" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args", [["--discard-ratio", "1.0"], ["--discard-ratio", "-0.1"], ["--head-fusion", "sum"]])
+def test_bad_settings_exit_2(setup, args):
+    _, tmp, images = setup
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(images[0]), "--checkpoint", str(tmp / "ckpt"), "--out", str(tmp / "out"), *args])
+    assert exit_info.value.code == 2
+    assert not (tmp / "out").exists()
+
+
+def test_same_stem_in_two_folders(setup):
+    _, tmp, images = setup
+    (tmp / "other").mkdir()
+    twin = tmp / "other" / "plane.png"
+    Image.open(images[1]).save(twin)
+    out = tmp / "out"
+    assert main([str(images[0]), str(twin), "--checkpoint", str(tmp / "ckpt"), "--out", str(out)]) == 0
+    assert len(list(out.glob("*.npz"))) == 2
+
+
+@pytest.mark.slow
+def test_module_entry_point(setup):
+    _, tmp, images = setup
+    command = [sys.executable, "-m", "vit_core.cli.explain", str(images[0]), str(tmp / "broken.png"),
+               "--checkpoint", str(tmp / "ckpt"), "--out", str(tmp / "out")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "broken.png" in result.stderr and not (tmp / "out").exists()
+    result = subprocess.run(command[:4] + command[5:], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp / "out" / "plane.npz").exists()
+
+
+def test_importing_the_cli_module_keeps_vit_core_explain_callable():
+    import importlib
+
+    import vit_core
+    from vit_core.rollout import explain as explain_function
+
+    importlib.import_module("vit_core.cli.explain")  # the command has its own name: nothing is rebound
+    assert vit_core.explain is explain_function
+    model = tiny_vit()
+    images = torch.randn(1, 3, 32, 32)
+    via_package = vit_core.explain(model, images)
+    direct = explain_function(model, images)
+    assert torch.equal(via_package.rollout, direct.rollout)
+
+
+# ---------------------------------------------------------------------------------------------- faithfulness
+
+def write_folder(root, n_per_class: int = 3):
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (root / "test" / name).mkdir(parents=True)
+        for i in range(n_per_class):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "test" / name / f"{i}.png")
+
+
+def test_faithfulness_prints_aucs(tmp_path, capsys):
+    model = tiny_vit(sharpen=True, patch_size=8, n_classes=2, class_names=["cat", "dog"])
+    model.save_pretrained(tmp_path / "ckpt")
+    write_folder(tmp_path / "data")
+    code = faithfulness_cli.main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"),
+                                  "-n", "5", "--sanity", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "5 test images" in out
+    for method in ("rollout", "grad_rollout", "last_layer", "random"):
+        line = next(line for line in out.splitlines() if line.startswith(method + " "))
+        assert line.count("±") == 2
+    assert "embedding:" in out
+
+
+def test_faithfulness_bad_paths(tmp_path, capsys):
+    assert faithfulness_cli.main(["--checkpoint", str(tmp_path / "missing"), "--data", str(tmp_path)]) == 2
+    assert "error" in capsys.readouterr().err
+    model = tiny_vit(image_size=16, sharpen=True)  # 16x16 model, 32x32 data
+    model.save_pretrained(tmp_path / "ckpt")
+    write_folder(tmp_path / "data", n_per_class=1)
+    assert faithfulness_cli.main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "nodata")]) == 2
+    assert faithfulness_cli.main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data")]) == 2
+    assert "image size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        faithfulness_cli.main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"),
+                               "--discard-ratio", "1"])
+    assert exit_info.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+
+@pytest.fixture
+def colour_checkpoint(tmp_path):
+    """A tiny model for the two-class toy data, saved; and that data."""
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    model = tiny_vit(sharpen=True, n_classes=2, class_names=["blue", "red"])
+    model.save_pretrained(tmp_path / "ckpt")
+    return model, tmp_path / "ckpt", data
+
+
+def test_evaluate_prints_the_accuracy_of_the_library_evaluate(colour_checkpoint, capsys):
+    from vit_core.data import load_split
+    from vit_core.evaluate import evaluate
+
+    model, ckpt, data = colour_checkpoint
+    assert evaluate_cli.main(["--checkpoint", str(ckpt), "--data", str(data), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    test = load_split(data, "test")
+    expected = evaluate(model, test.images, test.labels, torch.device("cpu"))
+    assert f"test accuracy: {expected['accuracy'] * 100:.2f} % on {len(test)} images (mirror averaging on)" in out
+    for name, accuracy in expected["per_class"].items():
+        assert f"{name:>12s}: {accuracy * 100:5.1f} %" in out
+    assert not (ckpt / "eval.json").exists()
+
+
+def test_evaluate_writes_the_card(colour_checkpoint, capsys):
+    import json
+    import shutil
+
+    _, ckpt, data = colour_checkpoint
+    assert evaluate_cli.main(["--checkpoint", str(ckpt), "--data", str(data), "--write-card"]) == 2
+    assert "train_info.json" in capsys.readouterr().err and not (ckpt / "eval.json").exists()
+    shutil.copy(ROOT / "checkpoints" / "vit-cifar10" / "train_info.json", ckpt)  # as train.py leaves it
+    assert evaluate_cli.main(["--checkpoint", str(ckpt), "--data", str(data), "--no-mirror", "--write-card"]) == 0
+    result = json.loads((ckpt / "eval.json").read_text())
+    assert result["mirror"] is False and result["n_images"] == 8
+    assert sum(map(sum, result["confusion"])) == 8
+    assert result["command"].startswith("python -m vit_core.cli.evaluate --checkpoint ")
+    assert (ckpt / "confusion.png").exists() and (ckpt / "README.md").exists()
+
+
+def test_evaluate_bad_input_is_one_line_and_status_2(colour_checkpoint, tmp_path, capsys):
+    _, ckpt, data = colour_checkpoint
+    cases = {
+        ("--device", "gpu"): "unknown --device 'gpu'",
+        ("--device", "cuda:99"): "cuda:99 asked for",
+        ("--checkpoint", str(tmp_path / "nowhere")): "No checkpoint directory",
+        ("--data", str(tmp_path / "nodata")): "no CIFAR-10 found",
+    }
+    for (flag, value), message in cases.items():
+        args = {"--checkpoint": str(ckpt), "--data": str(data), flag: value}
+        assert evaluate_cli.main([x for pair in args.items() for x in pair]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    tiny_vit(n_classes=3, class_names=["a", "b", "c"]).save_pretrained(tmp_path / "other")
+    assert evaluate_cli.main(["--checkpoint", str(tmp_path / "other"), "--data", str(data)]) == 2
+    assert "differ" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["evaluate", "faithfulness"])
+def test_module_entry_points_report_bad_input_without_a_traceback(tmp_path, command):
+    args = ["--checkpoint", str(tmp_path / "nowhere"), "--data", str(tmp_path)]
+    if command == "evaluate":
+        args += ["--device", "gpu"]
+    result = subprocess.run([sys.executable, "-m", f"vit_core.cli.{command}", *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr

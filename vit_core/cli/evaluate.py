@@ -1,0 +1,82 @@
+"""Measure a checkpoint on the CIFAR-10 test split: accuracy, per-class accuracy, confusion matrix.
+
+    python -m vit_core.cli.evaluate --checkpoint checkpoints/vit-cifar10 --data ../shared/cifar10
+
+With `--write-card`, the figures are also saved beside the checkpoint (eval.json, confusion.png)
+and the model card is rebuilt from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..card import TRAIN_INFO, write_model_card
+from ..checkpoints import CheckpointError, load_checkpoint
+from ..data import DataError, load_split
+from ..devices import DeviceError, pick_device
+from ..evaluate import evaluate
+from ..viz import plot_confusion
+from . import fail
+
+PROG = "python -m vit_core.cli.evaluate"
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="folder from save_pretrained, or a Hub repo id")
+    parser.add_argument("--data", required=True, help="ImageFolder root with test/, or a torchvision CIFAR-10 root")
+    parser.add_argument("--no-mirror", action="store_true", help="do not average each prediction with its mirror image")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    parser.add_argument("--write-card", action="store_true",
+                        help="save eval.json + confusion.png beside the checkpoint and rebuild its README")
+    return parser.parse_args(argv)
+
+
+def _print_result(result: dict) -> None:
+    print(f"test accuracy: {result['accuracy'] * 100:.2f} % on {result['n_images']} images "
+          f"(mirror averaging {'on' if result['mirror'] else 'off'})")
+    for name, acc in result["per_class"].items():
+        print(f"  {name:>12s}: {acc * 100:5.1f} %")
+
+
+def _write_card(folder: Path, result: dict, class_names: list[str]) -> None:
+    (folder / "eval.json").write_text(json.dumps(result, indent=2))
+    plot_confusion(torch.tensor(result["confusion"]), class_names).save(folder / "confusion.png")
+    print(f"wrote {folder / 'eval.json'}, {folder / 'confusion.png'}, {write_model_card(folder)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        model = load_checkpoint(args.checkpoint)
+        test = load_split(args.data, "test")
+    except (DeviceError, CheckpointError, DataError) as error:
+        return fail(error)
+    if test.classes != model.class_names:
+        return fail(f"the data's classes {test.classes} differ from the model's {model.class_names}")
+    if args.write_card and not (Path(args.checkpoint) / TRAIN_INFO).is_file():  # the card is built from it
+        return fail(f"--write-card needs a checkpoint folder written by train.py (with {TRAIN_INFO}); "
+                    f"{args.checkpoint!r} has none")
+    start = time.perf_counter()
+    result = evaluate(model.to(device), test.images, test.labels, device, mirror=not args.no_mirror)
+    result["seconds"] = time.perf_counter() - start
+    result["data"] = str(Path(args.data) / "test")
+    given = sys.argv[1:] if argv is None else argv
+    result["command"] = f"{PROG} " + " ".join(shlex.quote(a) for a in given)
+    _print_result(result)
+    if args.write_card:
+        _write_card(Path(args.checkpoint), result, model.class_names)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
