@@ -1,0 +1,428 @@
+"""Patch attribution maps beyond attention: occlusion, gradients, Integrated Gradients and LRP.
+
+Every method has the signature `fn(model, images, target) -> [B, g, g]`: `images` are normalised
+[B, C, S, S] (as from `vit_core.preprocess`), `target` is the class explained for each image (an int
+or a LongTensor [B]), and the map holds raw values, one per patch, in row-major order (the order of
+`vit_core.patchify`), positive where the patch supports the target. `attribute(model, images,
+method)` looks a method up by name in `ATTRIBUTION_METHODS` and defaults the target to the
+predicted class.
+
+The gradient methods take gradients with respect to the input only (`torch.autograd.grad`), so
+parameters keep their `requires_grad` flags and get no `.grad`; the model runs in eval mode and is
+left in the mode it came in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import ViTClassifier, patchify
+
+OCCLUSION_MODES = ("mean", "drop")
+OBJECTIVES = ("logit", "logprob")
+# Rows per forward pass in the batched methods: big enough to keep the matrix products efficient,
+# small enough that activations of a 6-block, 128-wide model stay well under a gigabyte.
+ROWS_PER_PASS = 512
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _check_images(model: ViTClassifier, images: torch.Tensor) -> torch.Tensor:
+    size = model.image_size
+    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[-2:] != (size, size):
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"images must be a normalised batch [B, C, {size}, {size}], got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be normalised floats (vit_core.normalize), got {images.dtype}")
+    if len(images) == 0:
+        raise ValueError("images must hold at least one image")
+    return images.detach()
+
+
+def target_tensor(target, batch: int, n_classes: int) -> torch.Tensor:
+    """`target` (an int or [B] class indices) as a LongTensor [batch]; ValueError when it is not a
+    class index in [0, n_classes) or does not match the batch."""
+    target_t = torch.as_tensor(target).flatten()
+    if target_t.is_floating_point() or target_t.is_complex() or target_t.dtype == torch.bool:
+        raise ValueError(f"target must hold integer class indices, got dtype {target_t.dtype}")
+    target_t = target_t.long()
+    if target_t.numel() == 1:
+        target_t = target_t.expand(batch)
+    if target_t.shape != (batch,):
+        raise ValueError(f"target must be an int or [B] = [{batch}] class indices, got {target_t.numel()} values")
+    if ((target_t < 0) | (target_t >= n_classes)).any():
+        raise ValueError(f"target must be a class index in [0, {n_classes}), got {target_t.tolist()}")
+    return target_t.clone()
+
+
+def _n_classes(model: ViTClassifier) -> int:
+    return len(model.class_names)
+
+
+def _score(logits: torch.Tensor, target: torch.Tensor, objective: str) -> torch.Tensor:
+    """Per-image explained quantity [B]: the target's logit or its log-probability."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    if objective == "logprob":
+        logits = logits.log_softmax(dim=-1)
+    return logits.gather(1, target[:, None].to(logits.device)).squeeze(1)
+
+
+def patch_sums(pixel_map: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Per-pixel values [B, C, S, S] -> per-patch sums over channels and pixels [B, g, g]."""
+    return patchify(pixel_map, patch_size).sum(dim=(-3, -2, -1))
+
+
+def _input_gradient(model: ViTClassifier, images: torch.Tensor, target: torch.Tensor,
+                    objective: str, forward: Callable | None = None) -> torch.Tensor:
+    """d score / d images for a batch; images are independent in eval mode, so one backward pass
+    of the summed scores gives every image's gradient."""
+    inputs = images.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = (forward or model)(inputs)
+        (gradient,) = torch.autograd.grad(_score(logits, target, objective).sum(), inputs)
+    return gradient
+
+
+def _forward_tokens(model: ViTClassifier, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits from a token sequence [B, T, E] whose first token is CLS: the blocks, final norm and
+    head of `model`. Any subset of the patch tokens is a valid sequence, as in training with
+    patch dropout (each token already carries its position embedding)."""
+    for block in model.blocks:
+        tokens = block(tokens)
+    return model.forward_head(model.norm(tokens))
+
+
+# ----------------------------------------------------------------------------------------------
+# Occlusion
+
+def _patch_keep_masks(model: ViTClassifier, device) -> torch.Tensor:
+    """[n, 1, S, S]: mask i is 0 on patch i and 1 elsewhere (row-major patches)."""
+    grid, patch = model.grid_size, model.patch_size
+    eye = torch.eye(grid * grid, device=device).view(-1, 1, grid, grid)
+    return 1.0 - eye.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)
+
+
+@torch.no_grad()
+def occlusion(model: ViTClassifier, images: torch.Tensor, target, mode: str = "mean") -> torch.Tensor:
+    """Leave-one-patch-out: the drop in the target's log-probability when one patch is removed.
+
+    `mode` "mean" fills the patch with the dataset mean (0 in normalised pixels), the fill the
+    deletion/insertion curves use; "drop" leaves the patch token out of the sequence (the CLS and
+    the other 63 tokens keep their position embeddings), so no out-of-distribution grey patch is
+    shown to the model. Exact by construction (no approximation); class-specific; costs one
+    forward row per patch plus one per image, batched over images and patches.
+    """
+    if mode not in OCCLUSION_MODES:
+        raise ValueError(f"unknown occlusion mode {mode!r}; choose one of {OCCLUSION_MODES}")
+    images = _check_images(model, images)
+    target = target_tensor(target, len(images), _n_classes(model))
+    n_patches = model.grid_size ** 2
+    chunk = max(1, ROWS_PER_PASS // (n_patches + 1))
+    maps = []
+    with _eval_mode(model):
+        for start in range(0, len(images), chunk):
+            x, t = images[start:start + chunk], target[start:start + chunk]
+            full = _score(model(x), t, "logprob")
+            if mode == "mean":
+                perturbed = (x[:, None] * _patch_keep_masks(model, x.device)[None]).flatten(0, 1)
+                logits = model(perturbed)
+            else:
+                tokens = model.embed(x)
+                # Sequence i keeps CLS and every patch token but patch i (token i + 1).
+                keep = torch.arange(1, n_patches + 1, device=x.device).expand(n_patches, -1)
+                keep = keep[~torch.eye(n_patches, dtype=torch.bool, device=x.device)].view(n_patches, -1)
+                keep = torch.cat([torch.zeros(n_patches, 1, dtype=torch.long, device=x.device), keep], 1)
+                logits = _forward_tokens(model, tokens[:, keep].flatten(0, 1))
+            removed = _score(logits, t.repeat_interleave(n_patches), "logprob").view(len(x), n_patches)
+            maps.append(full[:, None] - removed)
+    return torch.cat(maps).view(len(images), model.grid_size, model.grid_size).cpu()
+
+
+def occlusion_drop(model: ViTClassifier, images: torch.Tensor, target) -> torch.Tensor:
+    """`occlusion` with mode "drop": the patch token is left out of the sequence."""
+    return occlusion(model, images, target, mode="drop")
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient methods
+
+def input_x_gradient(model: ViTClassifier, images: torch.Tensor, target, objective: str = "logit") -> torch.Tensor:
+    """Input x gradient of the target's score, summed per patch (over channels and pixels).
+
+    The first-order Taylor estimate of what setting each patch to the dataset mean (0) would
+    change; exact only for a model linear in its input. Class-specific; one forward + one
+    backward pass.
+    """
+    images = _check_images(model, images)
+    target = target_tensor(target, len(images), _n_classes(model))
+    with _eval_mode(model):
+        gradient = _input_gradient(model, images, target, objective)
+    return patch_sums(images * gradient, model.patch_size)
+
+
+def attention_x_gradient(model: ViTClassifier, images: torch.Tensor, target, objective: str = "logit") -> torch.Tensor:
+    """Attention x gradient (Grad-SAM, Barkan et al. 2021; the "GradCAM" baseline of Chefer et
+    al. 2021): per block, ReLU(dScore/dA * A) averaged over heads, CLS row, patch columns; summed
+    over blocks.
+
+    Class-specific through the gradient; no completeness promise (the values are not in logit
+    units). One forward + one backward pass, the attentions being the ones the model's own
+    forward pass multiplies the values by (`forward(..., return_attention=True)`).
+    """
+    images = _check_images(model, images)
+    target = target_tensor(target, len(images), _n_classes(model))
+    with _eval_mode(model), torch.enable_grad():
+        inputs = images.clone().requires_grad_(True)  # so a graph exists even with frozen weights
+        logits, attentions = model(inputs, return_attention=True)
+        gradients = torch.autograd.grad(_score(logits, target, objective).sum(), attentions)
+    total = sum((g * a.detach()).clamp(min=0).mean(dim=1)[:, 0, 1:] for g, a in zip(gradients, attentions))
+    return total.view(len(images), model.grid_size, model.grid_size)
+
+
+def integrated_gradients(model: ViTClassifier, images: torch.Tensor, target, steps: int = 32,
+                         objective: str = "logit") -> torch.Tensor:
+    """Integrated Gradients (Sundararajan et al. 2017) from the dataset-mean image (0 after
+    normalisation), Gauss-Legendre quadrature with `steps` points, via Captum; summed per patch.
+
+    Completeness: the map sums to score(image) - score(mean image) up to the quadrature error.
+    Class-specific. Costs `steps` forward and backward rows per image, batched.
+    """
+    from captum.attr import IntegratedGradients  # imported here: captum takes seconds to import
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    images = _check_images(model, images)
+    target = target_tensor(target, len(images), _n_classes(model))
+
+    def forward(x):
+        logits = model(x)
+        return logits.log_softmax(dim=-1) if objective == "logprob" else logits
+
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    rows = max(len(images), ROWS_PER_PASS // len(images) * len(images))
+    with _eval_mode(model), torch.enable_grad():
+        pixels = IntegratedGradients(forward).attribute(
+            images, baselines=torch.zeros_like(images), target=target, n_steps=steps,
+            internal_batch_size=rows)
+    return patch_sums(pixels.detach(), model.patch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer-wise relevance propagation through modified gradients
+#
+# LRP rules are applied by the "modified gradient" trick: a dedicated forward pass computes the
+# very same logits, with some factors detached or their gradient rescaled, so that input x
+# gradient of that pass equals the relevance the rules would propagate layer by layer. Hand-written
+# because our attention is spelled out by hand, which LRP libraries built around Hugging Face or
+# torchvision modules cannot patch.
+
+@dataclass(frozen=True)
+class LRPRules:
+    """Which rule each kind of layer gets.
+
+    `qk_factor`, `v_factor`: the gradient factors on the attention's queries/keys and values
+    (AttnLRP's uniform rule halves the relevance at A @ V and again at Q @ K^T: 0.25 and 0.5;
+    CP-LRP holds the softmax constant: 0 and 1; 1 and 1 is the plain gradient). `gamma`: LRP's
+    gamma rule on every linear layer inside the blocks (0: epsilon rule, i.e. the plain
+    gradient). `final_norm_identity`: the identity rule on the final LayerNorm too; the blocks'
+    LayerNorms always get it and GELU always gets the identity rule.
+    """
+
+    qk_factor: float
+    v_factor: float
+    gamma: float = 0.0
+    final_norm_identity: bool = True
+
+
+LRP_RULES = {
+    "attnlrp": LRPRules(qk_factor=0.25, v_factor=0.5),
+    "cp_lrp": LRPRules(qk_factor=0.0, v_factor=1.0),
+    "lrp_composite": LRPRules(qk_factor=1.0, v_factor=1.0, gamma=0.05, final_norm_identity=False),
+}
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the backward pass multiplies the gradient by a constant factor."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def _scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    if factor == 1.0:
+        return x
+    return x.detach() if factor == 0.0 else _ScaleGradient.apply(x, factor)
+
+
+def _layer_norm_identity(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm with its standard deviation held constant in the backward pass: the identity
+    rule for the normalisation (the centring is linear and keeps its gradient)."""
+    centred = x - x.mean(dim=-1, keepdim=True)
+    std = (centred.pow(2).mean(dim=-1, keepdim=True) + norm.eps).sqrt()
+    y = centred / std.detach()
+    if norm.weight is not None:
+        y = y * norm.weight
+    return y + norm.bias if norm.bias is not None else y
+
+
+def _gelu_identity(gelu: nn.GELU, x: torch.Tensor) -> torch.Tensor:
+    """GELU(x) = x * gate(x); holding the gate constant makes x * gradient equal on both sides
+    of the activation: the identity rule."""
+    nonzero = x != 0
+    gate = F.gelu(x, approximate=gelu.approximate) / torch.where(nonzero, x, torch.ones_like(x))
+    gate = torch.where(nonzero, gate, torch.full_like(x, 0.5))  # the gate's limit at 0
+    return x * gate.detach()
+
+
+def _linear_gamma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gamma: float) -> torch.Tensor:
+    """F.linear(x, weight, bias) whose input x gradient is the gamma rule for mixed-sign inputs:
+    each output shares its relevance among the input contributions x_j w_kj, those of the
+    output's own sign boosted by (1 + gamma); the bias keeps its share. gamma = 0: plain gradient."""
+    out = F.linear(x, weight, bias)
+    if gamma == 0:
+        return out
+    pos_x, neg_x = x.clamp(min=0), x.clamp(max=0)
+    pos_w, neg_w = weight.clamp(min=0), weight.clamp(max=0)
+    positive = F.linear(pos_x, pos_w) + F.linear(neg_x, neg_w)  # sum of the positive contributions
+    negative = F.linear(pos_x, neg_w) + F.linear(neg_x, pos_w)
+    modified = out + gamma * torch.where(out > 0, positive, negative)
+    modified = modified + torch.where(modified >= 0, 1e-9, -1e-9)  # never divide by zero
+    return modified * (out / modified).detach()
+
+
+def _attention_lrp(block: nn.Module, h: torch.Tensor, rules: LRPRules) -> torch.Tensor:
+    """The block's multi-head attention (as in `Block.attention_with_weights`, eval mode) with
+    the rules' gradient factors on queries, keys and values and the gamma rule on its linear
+    maps. The softmax keeps its plain gradient, which in gradient x input form is AttnLRP's
+    softmax rule."""
+    mha = block.attn
+    batch, tokens, emb = h.shape
+    heads = mha.num_heads
+    head_dim = emb // heads
+    qkv = _linear_gamma(h, mha.in_proj_weight, mha.in_proj_bias, rules.gamma)
+    q, k, v = qkv.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k = _scale_gradient(q, rules.qk_factor), _scale_gradient(k, rules.qk_factor)
+    v = _scale_gradient(v, rules.v_factor)
+    attention = ((q @ k.transpose(-2, -1)) / math.sqrt(head_dim)).softmax(dim=-1)
+    out = (attention @ v).transpose(1, 2).reshape(batch, tokens, emb)
+    return _linear_gamma(out, mha.out_proj.weight, mha.out_proj.bias, rules.gamma)
+
+
+def _mlp_lrp(mlp: nn.Module, x: torch.Tensor, rules: LRPRules) -> torch.Tensor:
+    for layer in mlp:
+        if isinstance(layer, nn.GELU):
+            x = _gelu_identity(layer, x)
+        elif isinstance(layer, nn.Linear):
+            x = _linear_gamma(x, layer.weight, layer.bias, rules.gamma)
+        elif not isinstance(layer, nn.Dropout):
+            raise TypeError(f"no LRP rule for {type(layer).__name__} in the MLP")
+    return x
+
+
+def _lrp_rules(rules: str | LRPRules) -> LRPRules:
+    if isinstance(rules, LRPRules):
+        return rules
+    if rules not in LRP_RULES:
+        raise ValueError(f"unknown LRP rules {rules!r}; choose one of {tuple(LRP_RULES)} or pass LRPRules")
+    return LRP_RULES[rules]
+
+
+def lrp_forward(model: ViTClassifier, images: torch.Tensor, rules: str | LRPRules = "attnlrp") -> torch.Tensor:
+    """The model's eval-mode logits, computed so that input x gradient of them is the relevance
+    `rules` propagate (see `LRPRules`). Only the backward pass differs from `model(images)`;
+    additions, the residual stream, the embedding and the head keep their plain gradient."""
+    rules = _lrp_rules(rules)
+    x = model.embed(images)
+    for block in model.blocks:
+        x = x + _attention_lrp(block, _layer_norm_identity(block.norm1, x), rules)
+        x = x + _mlp_lrp(block.mlp, _layer_norm_identity(block.norm2, x), rules)
+    final = _layer_norm_identity(model.norm, x) if rules.final_norm_identity else model.norm(x)
+    return model.forward_head(final)
+
+
+def lrp(model: ViTClassifier, images: torch.Tensor, target, rules: str | LRPRules = "attnlrp",
+        objective: str = "logit") -> torch.Tensor:
+    """Relevance of each patch as input x modified gradient (`lrp_forward`), summed per patch.
+    Class-specific; one forward + one backward pass.
+
+    - "attnlrp" (Achtibat et al., ICML 2024): identity rule on LayerNorm and GELU, uniform rule on
+      both attention products, softmax rule; linear layers epsilon rule.
+    - "cp_lrp" (Ali et al., ICML 2022): the same with the attention probabilities held constant.
+      Conservative: the network it differentiates is affine in the input, so for the logit the
+      relevance summed over all pixels equals the target logit minus the biases' share (what the
+      same frozen network gives the all-zero input: biases, CLS token, position embedding); for a
+      model without those, exactly the logit.
+    - "lrp_composite": tuned on this project's checkpoint to agree with leave-one-patch-out:
+      identity rule on the blocks' LayerNorms and GELU, gamma rule (0.05) on the blocks' linear
+      layers, and the plain gradient through the attention and the final LayerNorm. Not
+      conservative (A @ V passes full relevance to both factors): a ranking, not a budget.
+      Its registry entry explains the log-probability, the quantity occlusion measures.
+    AttnLRP's softmax rule is not conservative either; its sum only approximates the logit.
+    """
+    rules = _lrp_rules(rules)
+    images = _check_images(model, images)
+    target = target_tensor(target, len(images), _n_classes(model))
+    with _eval_mode(model):
+        gradient = _input_gradient(model, images, target, objective,
+                                   forward=lambda x: lrp_forward(model, x, rules))
+    return patch_sums(images * gradient, model.patch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry
+
+ATTRIBUTION_METHODS: dict[str, Callable[..., torch.Tensor]] = {
+    "occlusion": occlusion,
+    "occlusion_drop": occlusion_drop,
+    "integrated_gradients": integrated_gradients,
+    "input_x_gradient": input_x_gradient,
+    "attention_x_gradient": attention_x_gradient,
+    "attnlrp": partial(lrp, rules="attnlrp"),
+    "cp_lrp": partial(lrp, rules="cp_lrp"),
+    "lrp_composite": partial(lrp, rules="lrp_composite", objective="logprob"),
+}
+
+
+@torch.no_grad()
+def predicted_class(model: ViTClassifier, images: torch.Tensor) -> torch.Tensor:
+    """The model's predicted class [B] (eval mode)."""
+    with _eval_mode(model):
+        return model(_check_images(model, images)).argmax(dim=-1)
+
+
+def attribute(model: ViTClassifier, images: torch.Tensor, method: str, target=None) -> torch.Tensor:
+    """The `method` map [B, g, g] from `ATTRIBUTION_METHODS` for `target` (an int or [B]; default:
+    the predicted class)."""
+    if method not in ATTRIBUTION_METHODS:
+        raise ValueError(f"unknown attribution method {method!r}; choose one of {tuple(ATTRIBUTION_METHODS)}")
+    images = _check_images(model, images)
+    if target is None:
+        target = predicted_class(model, images)
+    return ATTRIBUTION_METHODS[method](model, images, target_tensor(target, len(images), _n_classes(model)))
