@@ -1,0 +1,167 @@
+"""Attribution maps and their per-image trust figures: cost and agreement (prints figures; not a test).
+
+    python benchmarks/trust_probe.py [--checkpoint DIR] [--repeats N]            # (a) timing only
+    python benchmarks/trust_probe.py --data ../shared/cifar10 -n 50              # (a) + (b)
+
+(a) One image (the first test image with --data, else a shipped example): the wall time of every
+map (each `vit_core.attribution` method, plus attention rollout and gradient rollout from one
+`explain` call) and of `vit_core.trust.trust_figures` for all of them; medians over --repeats.
+(b) Over n test images (a fixed random subset), per method: the mean Spearman correlation with
+leave-one-patch-out occlusion (dataset-mean fill, drop in the predicted class's log-probability)
+and the deletion/insertion win rate against random maps (the chance that the map's AUC beats one
+random map's, i.e. the mean trust percentile / 100), with the standard error over images.
+The target is always the predicted class. --methods picks the maps (default: all), --bf16 runs the
+trust figures under bfloat16 autocast, --threads sets torch's thread count. Times are given as
+wall and process CPU time: on a machine busy with other work the CPU time is the steadier figure.
+`lrp_composite`'s rules were picked on the default subset (-n 50 --seed 0); judge it on another
+--seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vit_core import ViTClassifier, explain, normalize, preprocess  # noqa: E402
+from vit_core.attribution import ATTRIBUTION_METHODS, predicted_class  # noqa: E402
+from vit_core.trust import trust_figures  # noqa: E402
+
+
+class Clock:
+    """Wall and process CPU seconds since creation. On a busy machine the wall time mostly measures
+    the other processes; the CPU time is the work itself (on idle cores, wall ~ CPU / threads)."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+ROLLOUTS = ("rollout", "grad_rollout")
+
+
+def all_maps(model, images, target, methods: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor,
+                                                                  dict[str, tuple[float, float]]]:
+    """The maps of `methods` for `images`, the occlusion map (computed even when not among them)
+    and the (wall, CPU) seconds each took (rollout and grad_rollout share one call)."""
+    maps, seconds = {}, {}
+    if any(name in ROLLOUTS for name in methods):
+        clock = Clock()
+        explanation = explain(model, images, target=target)
+        maps.update({name: getattr(explanation, name) for name in ROLLOUTS if name in methods})
+        seconds["rollout + grad_rollout"] = clock.read()
+    for name in [m for m in methods if m not in ROLLOUTS] + ([] if "occlusion" in methods else ["occlusion"]):
+        clock = Clock()
+        maps[name] = ATTRIBUTION_METHODS[name](model, images, target)
+        seconds[name] = clock.read()
+    loo = maps["occlusion"] if "occlusion" in methods else maps.pop("occlusion")
+    return maps, loo, seconds
+
+
+def time_one_image(model, image: torch.Tensor, args) -> None:
+    timings: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(args.repeats):
+        total = Clock()
+        target = predicted_class(model, image)
+        maps, loo, seconds = all_maps(model, image, target, args.methods)
+        clock = Clock()
+        trust_figures(model, image, maps, target, occlusion_map=loo, steps=args.steps,
+                      n_random=args.n_random, bf16=args.bf16)
+        seconds["trust figures"] = clock.read()
+        seconds["total"] = total.read()
+        for name, value in seconds.items():
+            timings.setdefault(name, []).append(value)
+    print(f"one image, {len(maps)} maps, trust figures with {args.steps} steps and {args.n_random} random "
+          f"maps{' (bf16)' if args.bf16 else ''}, {torch.get_num_threads()} threads; median of {args.repeats}:")
+    print(f"  {'part':<24} {'wall ms':>9} {'CPU ms':>9}")
+    for name, values in timings.items():
+        wall = statistics.median(v[0] for v in values)
+        cpu = statistics.median(v[1] for v in values)
+        print(f"  {name:<24} {1000 * wall:9.1f} {1000 * cpu:9.1f}")
+
+
+def _mean_sem(values: np.ndarray) -> str:
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return "   nan"
+    sem = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return f"{values.mean():6.3f} ± {sem:.3f}"
+
+
+def agreement(model, images: torch.Tensor, args) -> None:
+    rows: dict[str, dict[str, list]] = {}
+    spent: dict[str, float] = {}  # CPU seconds
+    for start in range(0, len(images), args.chunk):
+        batch = images[start:start + args.chunk]
+        target = predicted_class(model, batch)
+        maps, loo, seconds = all_maps(model, batch, target, args.methods)
+        for name, value in seconds.items():
+            spent[name] = spent.get(name, 0.0) + value[1]
+        figures = trust_figures(model, batch, maps, target, occlusion_map=loo,
+                                steps=args.steps, n_random=args.n_random, seed=args.seed, bf16=args.bf16)
+        for name, entry in figures.items():
+            row = rows.setdefault(name, {"spearman": [], "deletion": [], "insertion": []})
+            row["spearman"] += entry.spearman_occlusion.tolist()
+            row["deletion"] += (entry.deletion_percentile / 100).tolist()
+            row["insertion"] += (entry.insertion_percentile / 100).tolist()
+    print(f"\n{len(images)} test images, target = predicted class; mean ± standard error over images")
+    print(f"{'method':<22} {'Spearman with LOO':<18} {'deletion win rate':<18} {'insertion win rate':<18} CPU ms/image")
+    for name, row in rows.items():
+        key = "rollout + grad_rollout" if name in ("rollout", "grad_rollout") else name
+        cost = 1000 * spent.get(key, float("nan")) / len(images)
+        print(f"{name:<22} {_mean_sem(np.array(row['spearman'])):<18} {_mean_sem(np.array(row['deletion'])):<18} "
+              f"{_mean_sem(np.array(row['insertion'])):<18} {cost:7.1f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "vit-cifar10"))
+    parser.add_argument("--data", default=None, help="CIFAR-10 root (ImageFolder train/ test/); enables (b)")
+    parser.add_argument("-n", type=int, default=50, help="number of test images for (b)")
+    parser.add_argument("--steps", type=int, default=8, help="deletion/insertion curve steps")
+    parser.add_argument("--n-random", type=int, default=20, help="random maps per image")
+    parser.add_argument("--repeats", type=int, default=3, help="timing repeats for (a)")
+    parser.add_argument("--chunk", type=int, default=10, help="images per batch in (b)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the image subset and random maps")
+    parser.add_argument("--bf16", action="store_true", help="trust figures under bfloat16 autocast")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--methods", default=",".join(ROLLOUTS + tuple(ATTRIBUTION_METHODS)),
+                        help="comma-separated maps to compute and score (default: all)")
+    args = parser.parse_args(argv)
+    if args.n < 1 or args.repeats < 1 or args.chunk < 1:
+        parser.error("-n, --repeats and --chunk must be at least 1")
+    args.methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    unknown = sorted(set(args.methods) - set(ROLLOUTS) - set(ATTRIBUTION_METHODS))
+    if unknown or not args.methods:
+        parser.error(f"unknown methods {unknown}; choose from {ROLLOUTS + tuple(ATTRIBUTION_METHODS)}")
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model = ViTClassifier.from_pretrained(args.checkpoint)
+    if args.data is None:
+        image = preprocess(Image.open(ROOT / "demo" / "examples" / "cat_0000.jpg"), model)
+        time_one_image(model, image, args)
+        return 0
+    from vit_core.data import load_split
+
+    data = load_split(args.data, "test", limit=args.n, seed=args.seed)
+    images = normalize(data.images, model.mean, model.std)
+    time_one_image(model, images[:1], args)
+    agreement(model, images, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
