@@ -422,3 +422,92 @@ def test_with_settings_equals_a_fresh_explanation_without_a_forward_pass(tiny_mo
         torch.testing.assert_close(getattr(redrawn, name), getattr(fresh, name))
     assert redrawn.head_fusion == "max" and redrawn.discard_ratio == 0.5
     assert not torch.allclose(redrawn.rollout, cached.rollout)
+
+
+# ----------------------------------------------------------------------------------------------
+# Explanation.head_attention, token_attention and retarget (what the app draws from one explanation)
+
+def count_forwards(model, fn):
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        result = fn()
+    finally:
+        handle.remove()
+    return result, len(calls)
+
+
+def test_head_attention_is_one_head_or_the_plain_mean_of_heads(tiny_model, tiny_images):
+    result = explain(tiny_model, tiny_images, head_fusion="max")  # the rollout fusion must not matter
+    attn = result.attentions.numpy()
+    B, L, H, T, _ = attn.shape
+    mean = result.head_attention().numpy()
+    for b, layer, i, j in [(0, 0, 0, 3), (2, 1, 5, 0), (1, 1, 16, 16)]:  # spot checks against the sum
+        assert mean[b, layer, i, j] == pytest.approx(sum(attn[b, layer, h, i, j] for h in range(H)) / H, rel=1e-6)
+    torch.testing.assert_close(result.head_attention(None), fuse_heads(result.attentions, "mean"))
+    for head in range(H):
+        torch.testing.assert_close(result.head_attention(head), result.attentions[:, :, head])
+    assert result.head_attention(1).shape == (B, L, T, T)
+    # The matrices and the token maps are the same numbers: row `token` of a layer, patch columns.
+    row = result.head_attention(2)[1, 1, 5, 1:].reshape(4, 4)
+    torch.testing.assert_close(row, token_map(result.attentions[1], token=5, layer=1, head=2))
+    for bad in (-1, H):
+        with pytest.raises(ValueError, match="head"):
+            result.head_attention(bad)
+
+
+def test_token_attention_is_token_map_for_every_image(tiny_model, tiny_images):
+    result = explain(tiny_model, tiny_images)
+    for token, layer, head in [(0, -1, None), (0, 0, 3), (7, 1, None), (16, -2, 1)]:
+        maps = result.token_attention(token, layer, head)
+        assert maps.shape == (3, 4, 4)
+        for b in range(3):
+            torch.testing.assert_close(maps[b], token_map(result.attentions[b], token, layer, head))
+    torch.testing.assert_close(result.token_attention(0, -1), result.last_layer)  # CLS, mean fusion
+    for kwargs, message in [(dict(token=17, layer=0), "token"), (dict(token=0, layer=2), "layer"),
+                            (dict(token=0, layer=0, head=4), "head")]:
+        with pytest.raises(ValueError, match=message):
+            result.token_attention(**kwargs)
+
+
+def test_retarget_equals_a_fresh_explanation_and_runs_the_model_once_per_target(tiny_model, tiny_images):
+    base = explain(tiny_model, tiny_images)
+    for target in (3, torch.tensor([1, 5, 9])):
+        retargeted, forwards = count_forwards(tiny_model, lambda: base.retarget(tiny_model, tiny_images, target))
+        fresh = explain(tiny_model, tiny_images, target=target)
+        assert forwards == 1
+        torch.testing.assert_close(retargeted.grad_rollout, fresh.grad_rollout)
+        assert torch.equal(retargeted.target, fresh.target)
+        for name in ("probs", "attentions", "rollout", "layer_maps", "last_layer"):
+            assert torch.equal(getattr(retargeted, name), getattr(base, name)), name
+        assert not torch.allclose(retargeted.grad_rollout, base.grad_rollout)
+        # Asked again, from the original or from anything derived from it: no model run.
+        again, forwards = count_forwards(tiny_model, lambda: base.with_settings("min", 0.3).retarget(
+            tiny_model, tiny_images, target))
+        assert forwards == 0 and torch.equal(again.grad_rollout, retargeted.grad_rollout)
+    back, forwards = count_forwards(tiny_model, lambda: base.retarget(tiny_model, tiny_images, 3).retarget(
+        tiny_model, tiny_images, base.target))
+    assert forwards == 0 and torch.equal(back.grad_rollout, base.grad_rollout)
+    assert base.retarget(tiny_model, tiny_images, base.target) is base
+
+
+def test_retarget_then_settings_equals_one_fresh_explanation(tiny_model, tiny_images):
+    base = explain(tiny_model, tiny_images)
+    fresh = explain(tiny_model, tiny_images, target=4, head_fusion="max", discard_ratio=0.5)
+    one_way = base.retarget(tiny_model, tiny_images, 4).with_settings("max", 0.5)
+    other_way = base.with_settings("max", 0.5).retarget(tiny_model, tiny_images, 4)
+    for result in (one_way, other_way):
+        for name in ("target", "rollout", "grad_rollout", "layer_maps", "last_layer"):
+            torch.testing.assert_close(getattr(result, name), getattr(fresh, name), msg=name)
+        assert (result.head_fusion, result.discard_ratio) == ("max", 0.5)
+    assert set(one_way.maps()) == {"rollout", "grad_rollout", "last_layer"}
+
+
+@pytest.mark.parametrize("target, images, message", [
+    (10, None, "target must be a class index"), (-1, None, "target must be a class index"),
+    (torch.tensor([1, 2]), None, "one per image"), (1, 2, "images must be the 3"),
+])
+def test_retarget_bad_arguments(tiny_model, tiny_images, target, images, message):
+    base = explain(tiny_model, tiny_images)
+    with pytest.raises(ValueError, match=message):
+        base.retarget(tiny_model, tiny_images if images is None else tiny_images[:images], target)

@@ -114,6 +114,9 @@ class Explanation:
     last_layer: torch.Tensor     # [B, g, g] last layer's CLS -> patch attention (heads fused)
     head_fusion: str
     discard_ratio: float
+    # Gradient rollouts already computed for these images, by target (a tuple, one class per image).
+    # Shared by every Explanation derived from this one, since no setting changes them.
+    _grad_rollouts: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def maps(self) -> dict[str, torch.Tensor]:
         """The explanation maps by method name, each [B, g, g]."""
@@ -126,10 +129,54 @@ class Explanation:
         if (head_fusion, discard_ratio) == (self.head_fusion, self.discard_ratio):
             return self
         layer_maps = cls_patch_map(fuse_heads(self.attentions, head_fusion))
-        return dataclasses.replace(
-            self, rollout=cls_patch_map(attention_rollout(self.attentions, head_fusion, discard_ratio)),
+        return self._derived(
+            rollout=cls_patch_map(attention_rollout(self.attentions, head_fusion, discard_ratio)),
             layer_maps=layer_maps, last_layer=layer_maps[:, -1], head_fusion=head_fusion,
             discard_ratio=discard_ratio)
+
+    def retarget(self, model: ViTClassifier, images: torch.Tensor, target: int | torch.Tensor) -> "Explanation":
+        """The same explanation with the gradient rollout of class `target` (an int or [B]) instead
+        of `self.target`; `images` are the ones it was computed from. Everything else is kept. The
+        model runs (one forward and one backward pass, through `explain`) only the first time a
+        target is asked for; later calls, from this explanation or any derived from it, reuse it."""
+        if images.shape[0] != len(self.target):
+            raise ValueError(f"images must be the {len(self.target)} this explanation was computed from, "
+                             f"got a batch of {images.shape[0]}")
+        try:
+            wanted = torch.as_tensor(target, dtype=torch.long).expand(len(self.target))
+        except RuntimeError:
+            raise ValueError(f"target must be a class index or one per image ({len(self.target)}), "
+                             f"got shape {tuple(torch.as_tensor(target).shape)}") from None
+        if ((wanted < 0) | (wanted >= self.probs.shape[-1])).any():
+            raise ValueError(f"target must be a class index in [0, {self.probs.shape[-1]})")
+        key, own = tuple(wanted.tolist()), tuple(self.target.tolist())
+        self._grad_rollouts.setdefault(own, self.grad_rollout)
+        if key == own:
+            return self
+        if key not in self._grad_rollouts:
+            self._grad_rollouts[key] = explain(model, images, target=target).grad_rollout
+        return self._derived(target=wanted.clone(), grad_rollout=self._grad_rollouts[key])
+
+    def head_attention(self, head: int | None = None) -> torch.Tensor:
+        """Every block's attention matrix for one head, or the plain mean of the heads when `head`
+        is None, [B, L, T, T]. (Head fusion by max or min is a rollout setting, not used here.)"""
+        n_heads = self.attentions.shape[2]
+        if head is None:
+            return fuse_heads(self.attentions, "mean")
+        if not 0 <= head < n_heads:
+            raise ValueError(f"head must be None (mean over heads) or in [0, {n_heads}), got {head}")
+        return self.attentions[:, :, head]
+
+    def token_attention(self, token: int, layer: int, head: int | None = None) -> torch.Tensor:
+        """Where `token` attends in block `layer`, for each image: `token_map` of every image's
+        attentions, [B, g, g]. Token 0 is CLS, token i + 1 patch i; `head` None averages the heads."""
+        return torch.stack([token_map(attentions, token, layer, head) for attentions in self.attentions])
+
+    def _derived(self, **changes) -> "Explanation":
+        """dataclasses.replace that keeps the shared cache of gradient rollouts."""
+        derived = dataclasses.replace(self, **changes)
+        derived._grad_rollouts = self._grad_rollouts
+        return derived
 
     def as_numpy(self) -> dict[str, np.ndarray]:
         arrays = {name: getattr(self, name).numpy() for name in
