@@ -8,15 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from toys import ROOT
+from toys import ROOT, tiny_vit
 from train import main as train_main, parse_args
 from vit_core import ViTClassifier
 from vit_core.training import STATE_NAME, TrainConfig, TrainError, build_model, train
 
 
 def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
+    # The plain recipe (the defaults add a teacher, CutMix and patch dropout): each test below
+    # switches on what it is about.
     settings = dict(data=str(data), out=str(out), preset="tiny", epochs=3, batch_size=16, lr=3e-3,
-                    warmup_epochs=0.5, val_size=16, num_threads=1)
+                    warmup_epochs=0.5, val_size=16, num_threads=1, teacher="none", cutmix=0.0,
+                    patch_drop=0.0, attn_init="default", pos_init="random")
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -272,3 +275,140 @@ def test_adaptive_threads_keeps_the_faster_choice():
         tuner.current = threads
         tuner.end(step, step_time[threads])
     assert tuner.best == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings named once, recipes, the schedule, the validation split, distillation
+
+
+def test_every_setting_has_one_flag_with_its_help_and_defaults_are_the_shipped_recipe():
+    import dataclasses
+
+    from vit_core.config import RECIPES, build_parser
+
+    parser = build_parser()
+    by_dest = {a.dest: a for a in parser._actions if a.dest != "help"}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "command"}
+    assert set(by_dest) == set(fields)
+    for name, f in fields.items():
+        assert f.metadata["help"] in by_dest[name].help, name
+    cfg = parse_args(["--data", "d", "--out", "o"])
+    defaults = TrainConfig(data="d", out="o")
+    assert dataclasses.replace(cfg, command="") == defaults
+    assert RECIPES["shipped"] == {}
+    assert (cfg.teacher, cfg.cutmix, cfg.patch_drop, cfg.attn_init) == ("auto", 0.5, 0.5, "mimetic")
+
+
+def test_a_named_recipe_sets_its_settings_and_flags_override_it():
+    cfg = parse_args(["--data", "d", "--out", "o", "--recipe", "report", "--epochs", "7"])
+    assert (cfg.preset, cfg.schedule, cfg.augment, cfg.batch_size, cfg.teacher) == \
+        ("seed", "multistep", "rrc", 64, "none")
+    assert cfg.epochs == 7 and cfg.recipe == "report"
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "d", "--out", "o", "--recipe", "fast"])
+
+
+def _cfg(**overrides) -> TrainConfig:
+    return TrainConfig(data="d", out="o", **overrides)
+
+
+def test_lr_at_warms_up_then_anneals_to_zero_and_clamps_warmup_to_short_runs():
+    from vit_core.training import lr_at
+
+    cfg = _cfg(epochs=10, warmup_epochs=2, lr=1.0)
+    assert lr_at(cfg, 0, 100) == pytest.approx(1 / 200)
+    assert lr_at(cfg, 199, 100) == pytest.approx(1.0)
+    assert lr_at(cfg, 600, 100) == pytest.approx(0.5)  # halfway through the 800 cosine steps
+    assert lr_at(cfg, 999, 100) < 1e-4
+    short = _cfg(epochs=1, warmup_epochs=2, lr=1.0)  # a fifth of one epoch: 20 steps of warmup
+    assert lr_at(short, 19, 100) == pytest.approx(1.0) and lr_at(short, 18, 100) < 1.0
+    timed = _cfg(epochs=100, warmup_epochs=0, lr=1.0, time_budget_min=1.0)
+    assert lr_at(timed, 5, 100, elapsed_s=30) == pytest.approx(0.5)
+    steps = _cfg(epochs=4, schedule="multistep", milestones=[1, 3], gamma=0.5, lr=1.0)
+    assert [lr_at(steps, e * 10, 10) for e in range(4)] == pytest.approx([1.0, 0.5, 0.5, 0.25])
+
+
+def test_one_epoch_with_the_default_recipe_trains_a_teacher_and_distils(toy_data, tmp_path):
+    out = tmp_path / "run"
+    code = train_main(["--data", str(toy_data), "--out", str(out), "--epochs", "1", "--preset", "tiny",
+                       "--teacher-epochs", "1", "--batch-size", "16", "--num-threads", "1"])
+    assert code == 0
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["val_images"] == 10 and info["train_images"] == 86  # 10 % of 96, both classes kept
+    assert info["teacher"]["epochs"] == 1 and 0 <= info["teacher"]["val_acc"] <= 1
+    card = (out / "README.md").read_text()
+    assert "distillation from a CNN teacher (hard targets" in card and "Teacher: the `ConvTeacher`" in card
+    assert (out / "teacher" / "model.safetensors").exists()
+
+
+def test_resume_reuses_the_trained_teacher(toy_data, tmp_path, monkeypatch):
+    import vit_core.training as training_module
+
+    cfg = tiny_config(toy_data, tmp_path / "run", epochs=1, teacher="auto", teacher_epochs=1)
+    train(cfg)
+    weights = tmp_path / "run" / "teacher" / "model.safetensors"
+    before = weights.read_bytes()
+    monkeypatch.setattr(training_module, "train_teacher", lambda *a, **k: pytest.fail("teacher retrained"))
+    train(tiny_config(toy_data, tmp_path / "run", epochs=2, teacher="auto", teacher_epochs=1, resume=True))
+    assert weights.read_bytes() == before
+
+
+def test_distillation_targets_are_the_teachers_predictions_for_the_same_images():
+    from vit_core.training import distillation_loss, train_step
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    teacher = torch.tensor([[0.0, 3.0, 0.0], [0.0, 0.0, 5.0]])
+    hard = distillation_loss(logits, teacher, "hard", 0.0)
+    assert hard == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.tensor([1, 2])).item())
+    assert distillation_loss(logits, logits, "soft", 0.0).abs() < 1e-6
+    assert distillation_loss(logits, teacher, "soft", 0.0) > 0.1
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.clone())
+            return torch.zeros(len(x), 2)
+
+    model = tiny_vit(n_classes=2, class_names=["a", "b"], image_size=16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    images = torch.randn(4, 3, 16, 16)
+    cfg = _cfg(distill_weight=1.0, label_smoothing=0.0, amp="off")
+    _, loss = train_step(model.train(), optimizer, images, torch.tensor([0, 1, 0, 1]), cfg, torch.device("cpu"),
+                         teacher=Recorder())
+    assert torch.equal(seen[0], images)
+    with torch.no_grad():  # teacher says class 0 for all (argmax of equal zeros): the loss is CE to 0
+        expected = torch.nn.functional.cross_entropy(model(images), torch.zeros(4, dtype=torch.long))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_validation_split_takes_a_share_keeps_every_class_and_matches_the_old_count_split():
+    from vit_core.data import ImageTensors, split_validation
+
+    labels = torch.tensor([0] * 390 + [1] * 5 + [2] * 5)
+    data = ImageTensors(torch.zeros(400, 3, 2, 2, dtype=torch.uint8), labels, ["a", "b", "c"])
+    train_part, val = split_validation(data, 0.1)
+    assert len(val) == 40 and len(train_part) == 360
+    assert set(val.labels.tolist()) == {0, 1, 2}
+    assert len(split_validation(data, 0.01)[1]) == 4  # raised to cover each class
+    with pytest.raises(ValueError, match="share below 1"):
+        split_validation(data, 5000)
+    cifar_like = ImageTensors(torch.zeros(1000, 1, 1, 1, dtype=torch.uint8), torch.arange(1000) % 10,
+                              list("abcdefghij"))
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(split_validation(cifar_like, 100)[1].labels, (torch.arange(1000) % 10)[order[:100].sort().values])
+
+
+def test_bad_validation_size_and_teacher_are_clear_errors(toy_data, tmp_path, capsys):
+    code = train_main(["--data", str(toy_data), "--out", str(tmp_path / "a"), "--val-size", "5000", "--teacher", "none"])
+    assert code == 2 and "--val-size" in capsys.readouterr().err
+    code = train_main(["--data", str(toy_data), "--out", str(tmp_path / "b"), "--teacher", str(tmp_path / "nowhere")])
+    assert code == 2 and "--teacher" in capsys.readouterr().err
+
+
+def test_card_gives_minutes_to_each_validation_accuracy():
+    from vit_core.card import minutes_to_accuracy
+
+    history = [{"seconds": 60, "val_acc": 0.6}, {"seconds": 120, "val_acc": 0.72},
+               {"seconds": 60, "val_acc": 0.81}, {"seconds": 60, "val_acc": 0.79}]
+    assert minutes_to_accuracy(history) == {0.70: 3.0, 0.75: 4.0, 0.80: 4.0, 0.85: None}

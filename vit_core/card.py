@@ -38,58 +38,80 @@ def _extras(cfg: dict) -> str:
         extras += "; mimetic attention initialisation (Trockman & Kolter 2023)"
     if cfg.get("pos_init", "random") == "sincos":
         extras += "; position embedding initialised as a 2D sine-cosine code"
+    if cfg.get("teacher", "none") != "none":
+        extras += (f"; distillation from a CNN teacher ({cfg['distill']} targets on the same augmented images, "
+                   f"weight {cfg['distill_weight']})")
     return extras
 
 
-def write_model_card(out: str | Path) -> Path:
-    out = Path(out)
-    info, history, evaluation = _read(out / TRAIN_INFO), _read(out / HISTORY) or [], _read(out / EVAL_INFO)
-    if info is None:
-        raise FileNotFoundError(f"{out / TRAIN_INFO} is missing; the card is built from a training run")
+ACCURACY_MARKS = (0.70, 0.75, 0.80, 0.85)
+
+
+def minutes_to_accuracy(history: list[dict], marks=ACCURACY_MARKS) -> dict[float, float | None]:
+    """Training minutes (epochs' wall time summed, validation included) until validation accuracy
+    first reached each mark; None where it never did."""
+    reached, minutes = {}, 0.0
+    for record in history:
+        minutes += record["seconds"] / 60
+        for mark in marks:
+            if mark not in reached and record["val_acc"] >= mark:
+                reached[mark] = minutes
+    return {mark: reached.get(mark) for mark in marks}
+
+
+def _teacher_lines(info: dict) -> list[str]:
+    teacher = info["teacher"]
+    return [f"Teacher: the `ConvTeacher` CNN (`vit_core/teacher.py`), trained first by the same command for "
+            f"{teacher['epochs']} epochs in {teacher['minutes']:.1f} min on the same training images; "
+            f"validation accuracy {teacher['val_acc'] * 100:.2f} %. It only supplies training targets."]
+
+
+def _time_to_accuracy_lines(history: list[dict]) -> list[str]:
+    if not history:
+        return []
+    cells = [f"{m:.1f} min" if m is not None else "not reached"
+             for m in minutes_to_accuracy(history).values()]
+    return ["", "Time to validation accuracy (training minutes on the machine above, teacher excluded):", "",
+            "| " + " | ".join(f"{mark:.0%}" for mark in ACCURACY_MARKS) + " |",
+            "| " + " | ".join("---" for _ in ACCURACY_MARKS) + " |",
+            "| " + " | ".join(cells) + " |"]
+
+
+def _header(info: dict) -> list[str]:
     cfg, mc = info["config"], info["model_config"]
-    summary = info.get("summary", {})
-    best = max(history, key=lambda h: h["val_acc"]) if history else None
-    lines = [
-        "---",
-        "library_name: vit-attention-explorer",
-        "license: mit",
-        "tags: [image-classification, vision-transformer, cifar10]",
-        "datasets: [cifar10]",
-        "---",
-        "",
-        "# ViT for CIFAR-10 (patch 4), trained from scratch",
-        "",
+    return [
+        "---", "library_name: vit-attention-explorer", "license: mit",
+        "tags: [image-classification, vision-transformer, cifar10]", "datasets: [cifar10]", "---", "",
+        "# ViT for CIFAR-10 (patch 4), trained from scratch", "",
         "The weights behind the ViT attention explorer. Load with",
-        "`vit_core.ViTClassifier.from_pretrained(path_or_repo_id)`.",
-        "",
-        "## Architecture",
-        "",
+        "`vit_core.ViTClassifier.from_pretrained(path_or_repo_id)`.", "",
+        "## Architecture", "",
         f"Patch {mc['patch_size']} on {mc['image_size']}×{mc['image_size']} images "
         f"({(mc['image_size'] // mc['patch_size']) ** 2} patches + CLS), width {mc['emb_size']}, "
         f"{mc['depth']} pre-norm blocks, {mc['n_heads']} heads, MLP ratio {mc['mlp_ratio']}, "
-        f"dropout {mc['dropout']}; {info['n_params']:,} parameters (preset `{cfg['preset']}`).",
-        "",
-        "## Data",
-        "",
+        f"dropout {mc['dropout']}; {info['n_params']:,} parameters (preset `{cfg['preset']}`).", "",
+        "## Data", "",
         f"CIFAR-10 from `{cfg['data']}`: {info['train_images']} training images, {info['val_images']} "
         f"held out for validation (seed {cfg['seed']}); the best epoch is chosen on validation, never on test.",
-        "",
-        "## Recipe",
-        "",
+    ]
+
+
+def _recipe(info: dict) -> list[str]:
+    cfg = info["config"]
+    return [
+        "", "## Recipe", "",
         f"AdamW (lr {cfg['lr']}, weight decay {cfg['weight_decay']}), batch {cfg['batch_size']}, "
         f"{_schedule(cfg)}, label smoothing {cfg['label_smoothing']}, gradient clipping {cfg['clip_grad']}, augmentation "
         f"`{cfg['augment']}` + horizontal flip{_extras(cfg)}, amp `{cfg['amp']}`. Validation and test "
-        "predictions average each image with its mirror image.",
-        "",
-        "Command:",
-        "",
-        "```",
-        cfg.get("command") or "(not recorded)",
-        "```",
-        "",
+        "predictions average each image with its mirror image.", "",
+        "Command:", "", "```", cfg.get("command") or "(not recorded)", "```", "",
         f"Machine: {info['machine']} (×{info['world_size']} process(es)).",
     ]
-    segments = info.get("segments", [])
+
+
+def _compute(info: dict) -> list[str]:
+    """Wall time, total compute with the teacher, and every segment of a resumed run."""
+    summary, segments, lines = info.get("summary", {}), info.get("segments", []), []
     if summary:
         wall = f"Wall time: {summary['wall_seconds'] / 60:.1f} min of training for {summary['epochs_run']} epochs"
         if len(segments) > 1:
@@ -98,28 +120,44 @@ def write_model_card(out: str | Path) -> Path:
         else:
             wall += ", in one uninterrupted run."
         lines += [wall]
+        if info.get("teacher"):
+            total_h = (summary["wall_seconds"] / 60 + info["teacher"]["minutes"]) / 60
+            lines += ["", f"Total compute: {total_h:.2f} h of this machine, teacher included."]
+    if info.get("teacher"):
+        lines += [""] + _teacher_lines(info)
     if len(segments) > 1:
         lines += ["", "The run was started and resumed (`--resume`) in these segments; each resume continues "
                   "from the last completed epoch's checkpoint, and a partial epoch cut by a restart is lost:", ""]
         lines += [f"{i + 1}. {s['started']}, from epoch {s['from_epoch']}: `{s['command']}`"
                   for i, s in enumerate(segments)]
-    lines += ["", "## Results", ""]
-    if best:
+    return lines
+
+
+def _results(history: list[dict], evaluation: dict | None) -> list[str]:
+    lines = ["", "## Results", ""]
+    if history:
+        best = max(history, key=lambda h: h["val_acc"])
         lines += [f"- Validation accuracy (best epoch {best['epoch']}): {best['val_acc'] * 100:.2f} %"]
+        lines += _time_to_accuracy_lines(history) + [""]
     if evaluation:
         lines += [
             f"- **Test accuracy: {evaluation['accuracy'] * 100:.2f} %** on {evaluation['n_images']} images of "
             f"`{evaluation['data']}` (mirror averaging: {evaluation['mirror']}), measured once by "
-            f"`{evaluation['command']}`.",
-            "",
-            "| class | accuracy |",
-            "| --- | --- |",
+            f"`{evaluation['command']}`.", "", "| class | accuracy |", "| --- | --- |",
         ]
         lines += [f"| {name} | {acc * 100:.1f} % |" for name, acc in evaluation["per_class"].items()]
         lines += ["", "![confusion matrix](confusion.png)"]
     else:
-        lines += ["- Test accuracy: not measured yet (`python -m vit_core.evaluate --checkpoint DIR --data DIR`)."]
-    lines += ["", "![training statistics](training.png)", ""]
+        lines += ["- Test accuracy: not measured yet (`python -m vit_core.cli.evaluate --checkpoint DIR --data DIR`)."]
+    return lines + ["", "![training statistics](training.png)", ""]
+
+
+def write_model_card(out: str | Path) -> Path:
+    out = Path(out)
+    info, history, evaluation = _read(out / TRAIN_INFO), _read(out / HISTORY) or [], _read(out / EVAL_INFO)
+    if info is None:
+        raise FileNotFoundError(f"{out / TRAIN_INFO} is missing; the card is built from a training run")
+    lines = _header(info) + _recipe(info) + _compute(info) + _results(history, evaluation)
     if (out / NOTES).exists():  # what the numbers alone do not tell, written by whoever ran it
         lines += ["## Notes", "", (out / NOTES).read_text().strip(), ""]
     path = out / "README.md"

@@ -125,12 +125,35 @@ def load_split(data: str | Path, split: str, download: bool = False, limit: int 
     return tensors
 
 
-def split_validation(train: ImageTensors, n_val: int, seed: int = 0) -> tuple[ImageTensors, ImageTensors]:
-    """Hold `n_val` images out of train, with a fixed seed so every run validates on the same ones."""
-    if not 0 < n_val < len(train):
-        raise ValueError(f"validation size {n_val} must be between 1 and {len(train) - 1}")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    return train.subset(order[n_val:].sort().values), train.subset(order[:n_val].sort().values)
+def split_validation(train: ImageTensors, val_size: float, seed: int = 0) -> tuple[ImageTensors, ImageTensors]:
+    """Hold images out of train for validation, with a fixed seed so every run validates on the same.
+
+    `val_size` below 1 is a share of the images, else a count. The split is a random draw in which
+    every class with two or more images gets at least one validation image: where the draw misses
+    a class, one of its images trades places with an image of the class the draw favoured most.
+    """
+    n = len(train)
+    counts = torch.bincount(train.labels, minlength=len(train.classes))
+    n_val = round(val_size * n) if val_size < 1 else int(val_size)
+    if val_size < 1:
+        n_val = max(n_val, int((counts >= 2).sum()))
+    if not 0 < n_val < n:
+        raise ValueError(f"validation size {val_size:g} gives {n_val} of {n} images; it must leave 1 to "
+                         f"{n - 1} images (pass --val-size as a share below 1, e.g. 0.1, or a smaller count)")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    val, rest = order[:n_val], order[n_val:]
+    labels = train.labels.tolist()
+    for cls in (c for c in range(len(counts)) if counts[c] >= 2):
+        in_val = [labels[i] for i in val]
+        if cls in in_val:
+            continue
+        favoured = max(set(in_val), key=in_val.count)
+        if in_val.count(favoured) < 2:
+            break  # fewer validation images than classes: nothing left to trade
+        out_of_val = max(i for i, label in zip(val, in_val) if label == favoured)
+        into_val = next(i for i in rest if labels[i] == cls)
+        val[val.index(out_of_val)], rest[rest.index(into_val)] = into_val, out_of_val
+    return train.subset(torch.tensor(sorted(rest))), train.subset(torch.tensor(sorted(val)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """The training loop behind `train.py`: in-memory data, batch augmentation (+ random erasing, CutMix),
-optional mimetic / sine-cosine initialisation for small-data training, AdamW, warmup + cosine
-or the report's MultiStepLR, label smoothing, gradient clipping, optional bf16 autocast, exact
-resume from an atomic per-epoch checkpoint, early stopping on a held-out validation split, and
-data-parallel training under `torchrun`.
+optional mimetic / sine-cosine initialisation for small-data training, distillation from a CNN
+teacher, AdamW with one schedule function (`lr_at`), label smoothing, gradient clipping, bf16
+autocast, exact resume from an atomic per-epoch checkpoint, early stopping on a held-out
+validation split, and data-parallel training under `torchrun`.
+
+`train()` reads as four steps: `setup`, then per epoch `run_epoch` and `validate_and_checkpoint`,
+then `finish`. The settings live in `config.py`.
 """
 
 from __future__ import annotations
@@ -23,126 +26,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import AUGMENTATIONS, ImageTensors, augment, cutmix, load_split, random_erase, split_validation
+from .config import RESUMABLE_CHANGES, TrainConfig, TrainError
+from .data import ImageTensors, augment, cutmix, load_split, random_erase, split_validation
 from .devices import DeviceError, autocast, pick_device, uses_bf16
 from .evaluate import predict_probs
-from .model import PRESETS, ViTClassifier, mimetic_attention_init_, normalize, sincos_position_init_
+from .model import WEIGHTS_NAME, ViTClassifier, mimetic_attention_init_, normalize, sincos_position_init_
 from .teacher import ConvTeacher, teacher_accuracy, teacher_logits, train_teacher
 
 STATE_NAME = "train_state.pt"
 HISTORY_NAME = "history.json"
 INFO_NAME = "train_info.json"
-SCHEDULES = ("cosine", "multistep")
-DISTILL_MODES = ("hard", "soft")
-ATTN_INITS = ("default", "mimetic")
-POS_INITS = ("random", "sincos")
-
-# Settings that may change when a run is resumed; every other one must match the checkpoint.
-RESUMABLE_CHANGES = {"resume", "device", "num_threads", "push_to_hub", "patience", "data", "download",
-                     "command", "epochs", "time_budget_min", "adaptive_threads"}
-
-
-class TrainError(RuntimeError):
-    """A setting or a file that prevents training; the message says what to do."""
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    out: str
-    preset: str = "cpu"
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    schedule: str = "cosine"
-    warmup_epochs: float = 2.0
-    milestones: list[int] = field(default_factory=list)  # multistep; default: 50 % and 75 % of epochs
-    gamma: float = 0.1
-    label_smoothing: float = 0.1
-    clip_grad: float = 1.0
-    augment: str = "crop"
-    random_erase: float = 0.0  # probability of erasing one random rectangle per training image
-    cutmix: float = 0.0  # probability of pasting a box from another image (labels mixed by area)
-    attn_init: str = "default"  # or "mimetic": attention weights start near trained ones (model.py)
-    pos_init: str = "random"  # or "sincos": position embedding starts as a 2D sine-cosine code
-    patch_drop: float = 0.0  # share of patch tokens left out of each training image (faster steps)
-    patch_drop_end: float = 0.85  # ... until this fraction of the schedule; then whole images
-    teacher: str = "none"  # "auto": train a CNN teacher into OUT/teacher first; or a teacher folder
-    teacher_epochs: int = 10  # for "auto"
-    distill: str = "hard"  # hard: the teacher's top class (DeiT); soft: its probabilities
-    distill_weight: float = 0.5  # share of the loss that follows the teacher
-    amp: str = "auto"  # auto: bf16 on CUDA and on CPUs with bf16 units (see uses_bf16)
-    device: str = "auto"
-    seed: int = 0
-    val_size: int = 5000
-    limit_train: int | None = None
-    patience: int | None = None
-    time_budget_min: float | None = None  # cosine schedule on wall-clock time; stop when it is spent
-    dropout: float | None = None  # overrides the preset's
-    resume: bool = False
-    download: bool = False
-    push_to_hub: str | None = None
-    num_threads: int | None = None
-    adaptive_threads: bool = False  # CPU: re-pick 1 or all threads as other load comes and goes
-    command: str = ""
-
-    def validate(self) -> None:
-        problems = []
-        if self.preset not in PRESETS:
-            problems.append(f"--preset must be one of {sorted(PRESETS)}")
-        if self.epochs < 1:
-            problems.append("--epochs must be at least 1")
-        if self.batch_size < 1:
-            problems.append("--batch-size must be at least 1")
-        if not self.lr > 0:
-            problems.append("--lr must be positive")
-        if self.weight_decay < 0:
-            problems.append("--weight-decay must not be negative")
-        if self.schedule not in SCHEDULES:
-            problems.append(f"--schedule must be one of {SCHEDULES}")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            problems.append("--warmup-epochs must be in [0, epochs)")
-        if not 0 <= self.label_smoothing < 1:
-            problems.append("--label-smoothing must be in [0, 1)")
-        if self.clip_grad < 0:
-            problems.append("--clip-grad must not be negative (0 turns clipping off)")
-        if self.augment not in AUGMENTATIONS:
-            problems.append(f"--augment must be one of {AUGMENTATIONS}")
-        if not 0.0 <= self.random_erase <= 1.0:
-            problems.append("--random-erase must be a probability in [0, 1]")
-        if not 0.0 <= self.cutmix <= 1.0:
-            problems.append("--cutmix must be a probability in [0, 1]")
-        if self.attn_init not in ATTN_INITS:
-            problems.append(f"--attn-init must be one of {ATTN_INITS}")
-        if self.pos_init not in POS_INITS:
-            problems.append(f"--pos-init must be one of {POS_INITS}")
-        if not 0.0 <= self.patch_drop < 1.0:
-            problems.append("--patch-drop must be in [0, 1)")
-        if not 0.0 <= self.patch_drop_end <= 1.0:
-            problems.append("--patch-drop-end must be a fraction of the schedule in [0, 1]")
-        if self.distill not in DISTILL_MODES:
-            problems.append(f"--distill must be one of {DISTILL_MODES}")
-        if not 0.0 <= self.distill_weight <= 1.0:
-            problems.append("--distill-weight must be in [0, 1]")
-        if self.teacher_epochs < 1:
-            problems.append("--teacher-epochs must be at least 1")
-        if self.amp not in ("auto", "bf16", "off"):
-            problems.append("--amp must be auto, bf16 or off")
-        if self.val_size < 1:
-            problems.append("--val-size must be at least 1")
-        if self.limit_train is not None and self.limit_train <= self.val_size:
-            problems.append("--limit-train must be larger than --val-size")
-        if self.patience is not None and self.patience < 1:
-            problems.append("--patience must be at least 1")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            problems.append("--dropout must be in [0, 1)")
-        if self.time_budget_min is not None and (self.time_budget_min <= 0 or self.schedule != "cosine"):
-            problems.append("--time-budget must be positive and needs --schedule cosine")
-        if any(m < 1 or m >= self.epochs for m in self.milestones):
-            problems.append("--milestones must lie in [1, epochs)")
-        if problems:
-            raise TrainError("bad settings: " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,31 +54,25 @@ def build_model(cfg: TrainConfig, classes: list[str]) -> ViTClassifier:
     return model
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warmup to 1, then cosine to 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int, elapsed_s: float = 0.0) -> float:
+    """The learning rate for a global step: the one place the schedule lives.
 
-
-def time_lr_factor(step: int, warmup_steps: int, elapsed: float, budget: float) -> float:
-    """Warmup over steps, then cosine to 0 over the wall-clock budget (seconds)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget)))
-
-
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """Returns the scheduler and whether it steps per batch (cosine) or per epoch (multistep).
-    With a time budget there is no scheduler object: the loop sets the rate from the clock."""
+    Cosine: linear warmup (at most a fifth of the run, so short runs still anneal), then cosine to
+    zero over the steps, or over the wall-clock budget when `time_budget_min` is set (`elapsed_s`
+    is the training time so far). Multistep: the report's MultiStepLR, x `gamma` at each milestone.
+    """
+    if cfg.schedule == "multistep":
+        milestones = cfg.milestones or [cfg.epochs // 2, (3 * cfg.epochs) // 4]
+        return cfg.lr * cfg.gamma ** sum(step // steps_per_epoch >= m for m in milestones)
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(min(cfg.warmup_epochs, cfg.epochs / 5) * steps_per_epoch)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
     if cfg.time_budget_min is not None:
-        return None, True
-    if cfg.schedule == "cosine":
-        total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup)), True
-    milestones = cfg.milestones or [cfg.epochs // 2, (3 * cfg.epochs) // 4]
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma), False
+        progress = elapsed_s / (cfg.time_budget_min * 60)
+    else:
+        progress = (step - warmup) / max(1, total - warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -322,23 +209,32 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     ], lr=cfg.lr)
 
 
+def require_teacher_weights(cfg: TrainConfig, folder: Path) -> None:
+    """A teacher is always a local folder: never ask the Hub for one."""
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise TrainError(f"--teacher {cfg.teacher}: {folder} holds no trained teacher ({WEIGHTS_NAME}); "
+                         f"pass 'auto' to train one, 'none' to train without, or the folder of a trained one")
+
+
 def prepare_teacher(cfg: TrainConfig, train_set: ImageTensors, val_set: ImageTensors, out: Path,
-                    device: torch.device, is_main: bool) -> ConvTeacher | None:
+                    device: torch.device, rank: int = 0, world: int = 1) -> ConvTeacher | None:
     """The distillation teacher: none, a trained folder, or ("auto") one trained now into
-    OUT/teacher on the same training images (kept there, so a resumed run reuses it)."""
+    OUT/teacher on the same training images (kept there, so a resumed run reuses it). Under
+    torchrun rank 0 trains it while the others wait."""
     if cfg.teacher == "none":
         return None
     folder = out / "teacher" if cfg.teacher == "auto" else Path(cfg.teacher)
-    if cfg.teacher == "auto" and not (folder / "model.safetensors").exists():
-        if not is_main:
-            raise TrainError("train the teacher once first (--teacher auto in one process), then pass its folder")
+    if cfg.teacher == "auto" and rank == 0 and not (folder / WEIGHTS_NAME).exists():
         print(f"training the CNN teacher into {folder} ({cfg.teacher_epochs} epochs)", flush=True)
         start = time.perf_counter()
         teacher = train_teacher(train_set, val_set, folder, epochs=cfg.teacher_epochs, seed=cfg.seed,
-                                device=device)
+                                device=device, log=lambda line: print(line, flush=True))
         info = {"epochs": cfg.teacher_epochs, "minutes": (time.perf_counter() - start) / 60,
                 "val_acc": teacher_accuracy(teacher, val_set, device), "machine": machine_description(device)}
         atomic_write_text(folder / "teacher_info.json", json.dumps(info, indent=2))
+    if world > 1:
+        dist.barrier()
+    require_teacher_weights(cfg, folder)
     try:
         teacher = ConvTeacher.from_pretrained(str(folder))
     except (OSError, ValueError) as error:
@@ -349,7 +245,49 @@ def prepare_teacher(cfg: TrainConfig, train_set: ImageTensors, val_set: ImageTen
 
 
 # ----------------------------------------------------------------------------------------------
-# The run
+# The run: setup, one epoch, validate-and-checkpoint, finish.
+
+
+@dataclass
+class Run:
+    """What the epochs of one training process share."""
+    cfg: TrainConfig
+    device: torch.device
+    rank: int
+    world: int
+    out: Path
+    train_set: ImageTensors
+    val_set: ImageTensors
+    model: ViTClassifier
+    net: torch.nn.Module  # the model, wrapped for data parallelism under torchrun
+    optimizer: torch.optim.Optimizer
+    teacher: torch.nn.Module | None
+    threads: AdaptiveThreads | None
+    steps_per_epoch: int
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 0
+    best_acc: float = -1.0
+    best_epoch: int = -1
+    elapsed_before: float = 0.0  # training seconds of earlier segments
+    first_started: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def elapsed(self) -> float:
+        """Training seconds over all segments, rank 0's clock on every rank (so all stop together)."""
+        elapsed = self.elapsed_before + time.perf_counter() - self.started
+        if self.distributed:
+            clock = torch.tensor([elapsed], dtype=torch.float64, device=self.device)
+            dist.broadcast(clock, 0)
+            elapsed = clock.item()
+        return elapsed
 
 
 def _check_resume_compatible(saved: dict, cfg: TrainConfig) -> None:
@@ -363,13 +301,8 @@ def _check_resume_compatible(saved: dict, cfg: TrainConfig) -> None:
                          + "). Resume with the same settings, or train into a new --out.")
 
 
-def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
-    """Train, checkpoint every epoch, export the best validation weights into `cfg.out`.
-
-    Returns a summary (best epoch, validation accuracy, wall time). `on_epoch_end(epoch, record)`
-    is called after each epoch's checkpoint is safely on disk.
-    """
-    cfg.validate()
+def _start_processes(cfg: TrainConfig) -> tuple[torch.device, int, int, AdaptiveThreads | None]:
+    """Device, rank and world size (torchrun sets WORLD_SIZE), and CPU thread settings."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         device = pick_device(cfg.device)
@@ -379,7 +312,6 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
-    is_main = rank == 0
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if cfg.num_threads:
@@ -391,195 +323,226 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
               f"{usable} core(s) (CPU affinity); widen it, e.g. `taskset -c 0-{os.cpu_count() - 1} "
               f"python train.py ...`, or pass --num-threads {usable}", file=sys.stderr, flush=True)
     threads = AdaptiveThreads(torch.get_num_threads()) if cfg.adaptive_threads and device.type == "cpu" else None
+    return device, rank, world, threads
 
-    out = Path(cfg.out)
+
+def _saved_state(cfg: TrainConfig, out: Path) -> dict | None:
     state_path = out / STATE_NAME
-    saved_state = None
     if state_path.exists() and not cfg.resume:
         raise TrainError(f"{state_path} exists: pass --resume to continue that run, or another --out")
-    if cfg.resume:
-        if not state_path.exists():
-            raise TrainError(f"--resume: no {STATE_NAME} in {out} to resume from")
-        saved_state = torch.load(state_path, map_location="cpu", weights_only=True)
-        _check_resume_compatible(saved_state["config"], cfg)
+    if not cfg.resume:
+        return None
+    if not state_path.exists():
+        raise TrainError(f"--resume: no {STATE_NAME} in {out} to resume from")
+    saved = torch.load(state_path, map_location="cpu", weights_only=True)
+    _check_resume_compatible(saved["config"], cfg)
+    return saved
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Check the settings, load data and teacher, build model and optimiser, restore a saved run."""
+    cfg.validate()
+    device, rank, world, threads = _start_processes(cfg)
+    out = Path(cfg.out)
+    saved = _saved_state(cfg, out)
+    if cfg.teacher not in ("auto", "none"):  # before the data is read: a wrong path fails at once
+        require_teacher_weights(cfg, Path(cfg.teacher))
     if cfg.batch_size % world:
         raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
-
     # Data: decoded once, held as uint8; validation held out of train with a fixed seed.
     full_train = load_split(cfg.data, "train", download=cfg.download, limit=cfg.limit_train, seed=cfg.seed)
-    train_set, val_set = split_validation(full_train, cfg.val_size, seed=cfg.seed)
-    del full_train
-
-    teacher = prepare_teacher(cfg, train_set, val_set, out, device, is_main)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, train_set.classes).to(device)
-    optimizer = build_optimizer(model, cfg)
-    local_batch = cfg.batch_size // world
+    try:
+        train_set, val_set = split_validation(full_train, cfg.val_size, seed=cfg.seed)
+    except ValueError as error:
+        raise TrainError(f"--val-size: {error}") from error
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
         raise TrainError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
-    scheduler, per_step = build_scheduler(cfg, optimizer, steps_per_epoch)
+    teacher = prepare_teacher(cfg, train_set, val_set, out, device, rank, world)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, train_set.classes).to(device)
+    optimizer = build_optimizer(model, cfg)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    run = Run(cfg, device, rank, world, out, train_set, val_set, model, net, optimizer, teacher, threads,
+              steps_per_epoch)
+    if saved is not None:
+        _restore(run, saved)
+    if run.is_main:
+        _record_segment(run, resumed=saved is not None)
+    return run
 
-    history: list[dict] = []
-    start_epoch, best_acc, best_epoch, elapsed_before = 0, -1.0, -1, 0.0
-    first_started = time.time()
-    if saved_state is not None:
-        model.load_state_dict(saved_state["model"])
-        optimizer.load_state_dict(saved_state["optimizer"])
-        if scheduler is not None and saved_state["scheduler"] is not None and \
-                saved_state["config"].get("time_budget_min") is None:
-            scheduler.load_state_dict(saved_state["scheduler"])
-        torch.set_rng_state(saved_state["torch_rng"])
-        start_epoch = saved_state["epoch"] + 1
-        best_acc, best_epoch = saved_state["best_acc"], saved_state["best_epoch"]
-        elapsed_before = saved_state["elapsed"]
-        first_started = saved_state.get("first_started", first_started)
-        history = json.loads(saved_state["history"])
-    net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
 
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        # Each start or resume is a segment, so the card can tell the whole story of the run.
-        segments = []
-        if saved_state is not None and (out / INFO_NAME).exists():
-            segments = json.loads((out / INFO_NAME).read_text()).get("segments", [])
-        segments.append({"command": cfg.command, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                         "from_epoch": start_epoch, "epochs": cfg.epochs, "time_budget_min": cfg.time_budget_min})
-        info = {"config": dataclasses.asdict(cfg), "model_config": model._hub_mixin_config, "segments": segments,
-                "n_params": model.n_params, "train_images": len(train_set), "val_images": len(val_set),
-                "world_size": world, "machine": machine_description(device), "device": str(device)}
-        atomic_write_text(out / INFO_NAME, json.dumps(info, indent=2))
-        print(f"{model.n_params / 1e6:.2f} M parameters; {len(train_set)} train / {len(val_set)} val "
-              f"images; {steps_per_epoch} steps per epoch on {device} x{world}", flush=True)
+def _restore(run: Run, saved: dict) -> None:
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["torch_rng"])
+    run.start_epoch = saved["epoch"] + 1
+    run.best_acc, run.best_epoch = saved["best_acc"], saved["best_epoch"]
+    run.elapsed_before = saved["elapsed"]
+    run.first_started = saved.get("first_started", run.first_started)
+    run.history = json.loads(saved["history"])
 
-    mean, std = model.mean, model.std
-    run_start = time.perf_counter()
-    stop = False
-    epoch = start_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        epoch_start = time.perf_counter()
-        # One generator per epoch, seeded by (seed, epoch): every rank draws the same shuffle and a
-        # resumed run replays exactly the batches and augmentations an uninterrupted run would.
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(train_set), generator=generator)
-        net.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        seen = 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main,
-                   mininterval=5.0 if not sys.stderr.isatty() else 0.1, leave=False)
-        budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min is not None else None
-        warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
-        for step in bar:
-            step_start = time.perf_counter()
-            if threads is not None:
-                threads.begin(step)
-            if budget_s is not None:
-                elapsed = elapsed_before + time.perf_counter() - run_start
-                if distributed:  # every rank follows rank 0's clock, so all stop at the same step
-                    clock = torch.tensor([elapsed], dtype=torch.float64, device=device)
-                    dist.broadcast(clock, 0)
-                    elapsed = clock.item()
-                if elapsed >= budget_s:
-                    stop = True  # time is spent: validate and save what this partial epoch gave
-                    break
-                factor = time_lr_factor(epoch * steps_per_epoch + step, warmup_steps, elapsed, budget_s)
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.lr * factor
-                progress = elapsed / budget_s
-            else:
-                progress = (epoch * steps_per_epoch + step) / (cfg.epochs * steps_per_epoch)
-            # Patch dropout buys more steps per hour; the schedule's end on whole images lets the
-            # model settle to the full sequence it is evaluated and explained on.
-            drop = cfg.patch_drop if progress < cfg.patch_drop_end else 0.0
-            batch_idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            aug_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-            batch_idx = batch_idx[rank * local_batch:(rank + 1) * local_batch]
-            images, labels, targets = make_batch(train_set, batch_idx, cfg.augment, mean, std, device,
-                                                 torch.Generator().manual_seed(aug_seed + rank),
-                                                 cfg.random_erase, cfg.cutmix)
-            # With CutMix the training accuracy counts each image's own label.
-            logits, loss = train_step(net, optimizer, images, targets, cfg, device, drop, teacher)
-            if per_step and scheduler is not None:
-                scheduler.step()
-            if threads is not None:
-                threads.end(step, time.perf_counter() - step_start)
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.argmax(-1) == labels).sum()
-            seen += len(labels)
-            if is_main and (step % 20 == 0 or step == steps_per_epoch - 1):
-                rate = seen * world / (time.perf_counter() - epoch_start)
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                                img_s=f"{rate:.0f}")
-        lr_used = optimizer.param_groups[0]["lr"]
-        if not per_step:
-            scheduler.step()
-        if seen == 0:
+
+def _record_segment(run: Run, resumed: bool) -> None:
+    """Each start or resume is a segment, so the card can tell the whole story of the run."""
+    cfg, out = run.cfg, run.out
+    out.mkdir(parents=True, exist_ok=True)
+    segments = []
+    if resumed and (out / INFO_NAME).exists():
+        segments = json.loads((out / INFO_NAME).read_text()).get("segments", [])
+    segments.append({"command": cfg.command, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                     "from_epoch": run.start_epoch, "epochs": cfg.epochs, "time_budget_min": cfg.time_budget_min})
+    info = {"config": dataclasses.asdict(cfg), "model_config": run.model._hub_mixin_config, "segments": segments,
+            "n_params": run.model.n_params, "train_images": len(run.train_set), "val_images": len(run.val_set),
+            "world_size": run.world, "machine": machine_description(run.device), "device": str(run.device)}
+    teacher_info = (out / "teacher" / "teacher_info.json")
+    if cfg.teacher != "none" and teacher_info.exists():
+        info["teacher"] = json.loads(teacher_info.read_text())
+    atomic_write_text(out / INFO_NAME, json.dumps(info, indent=2))
+    print(f"{run.model.n_params / 1e6:.2f} M parameters; {len(run.train_set)} train / {len(run.val_set)} val "
+          f"images; {run.steps_per_epoch} steps per epoch on {run.device} x{run.world}", flush=True)
+
+
+def run_epoch(run: Run, epoch: int) -> tuple[dict, bool]:
+    """Train one epoch. Returns its statistics and whether the time budget ran out during it."""
+    cfg, device = run.cfg, run.device
+    epoch_start = time.perf_counter()
+    # One generator per epoch, seeded by (seed, epoch): every rank draws the same shuffle and a
+    # resumed run replays exactly the batches and augmentations an uninterrupted run would.
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    order = torch.randperm(len(run.train_set), generator=generator)
+    local_batch = cfg.batch_size // run.world
+    run.net.train()
+    loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    bar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not run.is_main,
+               mininterval=5.0 if not sys.stderr.isatty() else 0.1, leave=False)
+    out_of_time = False
+    for step in bar:
+        step_start = time.perf_counter()
+        if run.threads is not None:
+            run.threads.begin(step)
+        elapsed = run.elapsed() if cfg.time_budget_min is not None else 0.0
+        if cfg.time_budget_min is not None and elapsed >= cfg.time_budget_min * 60:
+            out_of_time = True  # time is spent: validate and save what this partial epoch gave
             break
-        if distributed:
-            totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)])
-            dist.all_reduce(totals)
-            loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
-        train_seconds = time.perf_counter() - epoch_start
+        global_step = epoch * run.steps_per_epoch + step
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr_at(cfg, global_step, run.steps_per_epoch, elapsed)
+        # Patch dropout buys more steps per hour; the schedule's end on whole images lets the
+        # model settle to the full sequence it is evaluated and explained on.
+        progress = (elapsed / (cfg.time_budget_min * 60) if cfg.time_budget_min is not None
+                    else global_step / (cfg.epochs * run.steps_per_epoch))
+        drop = cfg.patch_drop if progress < cfg.patch_drop_end else 0.0
+        batch_idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        aug_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        batch_idx = batch_idx[run.rank * local_batch:(run.rank + 1) * local_batch]
+        images, labels, targets = make_batch(run.train_set, batch_idx, cfg.augment, run.model.mean, run.model.std,
+                                             device, torch.Generator().manual_seed(aug_seed + run.rank),
+                                             cfg.random_erase, cfg.cutmix)
+        # With CutMix the training accuracy counts each image's own label.
+        logits, loss = train_step(run.net, run.optimizer, images, targets, cfg, device, drop, run.teacher)
+        if run.threads is not None:
+            run.threads.end(step, time.perf_counter() - step_start)
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(-1) == labels).sum()
+        seen += len(labels)
+        if run.is_main and (step % 20 == 0 or step == run.steps_per_epoch - 1):
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                            img_s=f"{seen * run.world / (time.perf_counter() - epoch_start):.0f}")
+    stats = {"loss_sum": loss_sum, "correct": correct, "seen": seen, "lr": run.optimizer.param_groups[0]["lr"],
+             "started": epoch_start, "train_seconds": time.perf_counter() - epoch_start}
+    if run.distributed:
+        totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)])
+        dist.all_reduce(totals)
+        stats.update(loss_sum=totals[0], correct=totals[1], seen=int(totals[2].item()))
+    return stats, out_of_time
 
-        record = None
-        if is_main:
-            probs = predict_probs(model, val_set.images, device, amp=cfg.amp)
-            val_loss = F.nll_loss(probs.clamp_min(1e-12).log(), val_set.labels).item()
-            val_acc = (probs.argmax(-1) == val_set.labels).float().mean().item()
-            record = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen,
-                      "train_acc": correct.item() / seen, "val_loss": val_loss, "val_acc": val_acc,
-                      "lr": lr_used, "seconds": time.perf_counter() - epoch_start,
-                      "train_images_per_s": seen / train_seconds}
-            history.append(record)
-            improved = val_acc > best_acc
-            if improved:
-                best_acc, best_epoch = val_acc, epoch + 1
-                model.save_pretrained(out)
-            elapsed = elapsed_before + time.perf_counter() - run_start
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                         "torch_rng": torch.get_rng_state(), "first_started": first_started,
-                         "epoch": epoch, "best_acc": best_acc, "best_epoch": best_epoch,
-                         "elapsed": elapsed, "history": json.dumps(history),
-                         "config": dataclasses.asdict(cfg)}, state_path)
-            atomic_write_text(out / HISTORY_NAME, json.dumps(history, indent=2))
-            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} acc "
-                  f"{record['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f}"
-                  f"{' (best)' if improved else ''} | lr {lr_used:.2e} | {record['seconds']:.0f}s, "
-                  f"{record['train_images_per_s']:.0f} img/s | total {elapsed / 60:.1f} min", flush=True)
-            if cfg.patience is not None and epoch + 1 - best_epoch >= cfg.patience:
-                stop = True
-                print(f"early stop: no validation gain in {cfg.patience} epochs", flush=True)
-        if distributed:
-            flag = torch.tensor(float(stop), device=device)
-            dist.broadcast(flag, 0)
-            stop = bool(flag.item())
+
+def validate_and_checkpoint(run: Run, epoch: int, stats: dict) -> tuple[dict, bool]:
+    """Rank 0: validate, export the best weights, save the resumable state. Returns the epoch's
+    record and whether early stopping says to stop."""
+    cfg = run.cfg
+    probs = predict_probs(run.model, run.val_set.images, run.device, amp=cfg.amp)
+    val_loss = F.nll_loss(probs.clamp_min(1e-12).log(), run.val_set.labels).item()
+    val_acc = (probs.argmax(-1) == run.val_set.labels).float().mean().item()
+    seen = stats["seen"]
+    record = {"epoch": epoch + 1, "train_loss": stats["loss_sum"].item() / seen,
+              "train_acc": stats["correct"].item() / seen, "val_loss": val_loss, "val_acc": val_acc,
+              "lr": stats["lr"], "seconds": time.perf_counter() - stats["started"],
+              "train_images_per_s": seen / stats["train_seconds"]}
+    run.history.append(record)
+    improved = val_acc > run.best_acc
+    if improved:
+        run.best_acc, run.best_epoch = val_acc, epoch + 1
+        run.model.save_pretrained(run.out)
+    elapsed = run.elapsed_before + time.perf_counter() - run.started
+    atomic_save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                 "torch_rng": torch.get_rng_state(), "first_started": run.first_started,
+                 "epoch": epoch, "best_acc": run.best_acc, "best_epoch": run.best_epoch,
+                 "elapsed": elapsed, "history": json.dumps(run.history),
+                 "config": dataclasses.asdict(cfg)}, run.out / STATE_NAME)
+    atomic_write_text(run.out / HISTORY_NAME, json.dumps(run.history, indent=2))
+    print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} acc "
+          f"{record['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f}"
+          f"{' (best)' if improved else ''} | lr {record['lr']:.2e} | {record['seconds']:.0f}s, "
+          f"{record['train_images_per_s']:.0f} img/s | total {elapsed / 60:.1f} min", flush=True)
+    stop = cfg.patience is not None and epoch + 1 - run.best_epoch >= cfg.patience
+    if stop:
+        print(f"early stop: no validation gain in {cfg.patience} epochs", flush=True)
+    return record, stop
+
+
+def _agree(run: Run, stop: bool) -> bool:
+    """Rank 0 decides; every rank follows."""
+    if not run.distributed:
+        return stop
+    flag = torch.tensor(float(stop), device=run.device)
+    dist.broadcast(flag, 0)
+    return bool(flag.item())
+
+
+def finish(run: Run) -> dict:
+    """Rank 0: training figure, summary, model card, optional upload."""
+    summary = {}
+    if run.is_main:
+        from .card import write_model_card
+        from .viz import plot_training_history
+
+        out = run.out
+        plot_training_history(run.history).save(out / "training.png")
+        summary = {"best_epoch": run.best_epoch, "best_val_acc": run.best_acc, "epochs_run": len(run.history),
+                   "wall_seconds": run.elapsed_before + time.perf_counter() - run.started,
+                   "seconds_since_first_start": time.time() - run.first_started}
+        info = json.loads((out / INFO_NAME).read_text())
+        info["summary"] = summary
+        atomic_write_text(out / INFO_NAME, json.dumps(info, indent=2))
+        write_model_card(out)
+        print(f"best validation accuracy {run.best_acc:.4f} at epoch {run.best_epoch}; weights in {out}", flush=True)
+        if run.cfg.push_to_hub:
+            push_to_hub(out, run.cfg.push_to_hub)
+    if run.distributed:
+        dist.barrier()
+    return summary
+
+
+def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
+    """Train, checkpoint every epoch, export the best validation weights into `cfg.out`.
+
+    Returns a summary (best epoch, validation accuracy, wall time). `on_epoch_end(epoch, record)`
+    is called after each epoch's checkpoint is safely on disk.
+    """
+    run = setup(cfg)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        stats, out_of_time = run_epoch(run, epoch)
+        if stats["seen"] == 0:
+            break
+        record, stop = validate_and_checkpoint(run, epoch, stats) if run.is_main else (None, False)
+        stop = _agree(run, stop or out_of_time)
         if on_epoch_end is not None and record is not None:
             on_epoch_end(epoch, record)
         if stop:
             break
-
-    summary = {}
-    if is_main:
-        from .viz import plot_training_history
-
-        elapsed = elapsed_before + time.perf_counter() - run_start
-        plot_training_history(history).save(out / "training.png")
-        summary = {"best_epoch": best_epoch, "best_val_acc": best_acc, "epochs_run": len(history),
-                   "wall_seconds": elapsed, "seconds_since_first_start": time.time() - first_started}
-        info = json.loads((out / INFO_NAME).read_text())
-        info["summary"] = summary
-        atomic_write_text(out / INFO_NAME, json.dumps(info, indent=2))
-        from .card import write_model_card
-
-        write_model_card(out)
-        print(f"best validation accuracy {best_acc:.4f} at epoch {best_epoch}; weights in {out}", flush=True)
-        if cfg.push_to_hub:
-            push_to_hub(out, cfg.push_to_hub)
-    if distributed:
-        dist.barrier()
-    return summary
+    return finish(run)
 
 
 def push_to_hub(out: Path, repo_id: str) -> None:

@@ -1,0 +1,184 @@
+"""Every training setting, named once: a `TrainConfig` field carries its default and its help text,
+and `train.py`'s command line is built from those fields.
+
+The defaults are the recipe of the shipped checkpoint (its model card has the measured result);
+`RECIPES` holds other named recipes, applied under whatever flags a command gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from .data import AUGMENTATIONS
+from .model import PRESETS
+
+SCHEDULES = ("cosine", "multistep")
+ATTN_INITS = ("default", "mimetic")
+POS_INITS = ("random", "sincos")
+DISTILL_MODES = ("hard", "soft")
+AMP_MODES = ("auto", "bf16", "off")
+
+# Settings that may change when a run is resumed; every other one must match the checkpoint.
+RESUMABLE_CHANGES = {"resume", "device", "num_threads", "push_to_hub", "patience", "data", "download",
+                     "command", "epochs", "time_budget_min", "adaptive_threads", "recipe"}
+
+
+# Named recipes: the settings in which each differs from the defaults (the shipped recipe).
+RECIPES: dict[str, dict] = {
+    "shipped": {},
+    # The 2022 report's training as far as its text and code give it: its 256-wide network, batch 64,
+    # RandomResizedCrop + flip, plain cross-entropy, MultiStepLR over 160 epochs, no teacher.
+    "report": dict(preset="seed", epochs=160, batch_size=64, schedule="multistep", augment="rrc",
+                   label_smoothing=0.0, cutmix=0.0, patch_drop=0.0, attn_init="default", pos_init="random",
+                   teacher="none", amp="off"),
+}
+
+
+class TrainError(RuntimeError):
+    """A setting or a file that prevents training; the message says what to do."""
+
+
+def setting(default, help: str, **cli):
+    """A config field with its help text; `cli` holds extra argparse keywords (choices, metavar,
+    flag for a flag name other than the field's, required)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **cli})
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class TrainConfig:
+    data: str = setting("", "ImageFolder root with train/ and test/, or a torchvision CIFAR-10 root", required=True)
+    out: str = setting("", "folder for the exported model, its card, history and train_state.pt", required=True)
+    recipe: str = setting("shipped", "named recipe whose settings the other flags override", choices=tuple(RECIPES))
+    preset: str = setting("cpu", "model size ('seed' is the 2022 report's network)", choices=sorted(PRESETS))
+    epochs: int = setting(160, "epochs (an upper bound under --time-budget)")
+    batch_size: int = setting(128, "global batch size")
+    lr: float = setting(1e-3, "peak AdamW learning rate")
+    weight_decay: float = setting(0.05, "AdamW weight decay (weight matrices only)")
+    schedule: str = setting("cosine", "warmup + cosine to zero, or the report's MultiStepLR", choices=SCHEDULES)
+    warmup_epochs: float = setting(2.0, "cosine warmup; a short run warms up over at most a fifth of it")
+    milestones: list[int] = setting([], "MultiStepLR epochs (default: 50 %% and 75 %% of --epochs)", nargs="*")
+    gamma: float = setting(0.1, "MultiStepLR factor")
+    label_smoothing: float = setting(0.1, "label smoothing of the cross-entropy")
+    clip_grad: float = setting(1.0, "max gradient norm, 0 = off")
+    augment: str = setting("crop", "crop = pad-and-crop, rrc = the report's RandomResizedCrop; both with flips",
+                           choices=AUGMENTATIONS)
+    random_erase: float = setting(0.0, "erase one random rectangle of a training image with probability P",
+                                  metavar="P")
+    cutmix: float = setting(0.5, "paste a random box from another training image with probability P; the "
+                            "loss splits the two labels by area (CutMix)", metavar="P")
+    attn_init: str = setting("mimetic", "mimetic = attention starts with W_q W_k^T near +I and W_v W_o near -I, "
+                             "as trained ViTs have (Trockman & Kolter 2023)", choices=ATTN_INITS)
+    pos_init: str = setting("sincos", "sincos = the position embedding starts as a 2D sine-cosine code",
+                            choices=POS_INITS)
+    patch_drop: float = setting(0.5, "leave a random share P of each training image's patch tokens out "
+                                "(PatchDropout): faster steps, more epochs per hour", metavar="P")
+    patch_drop_end: float = setting(0.85, "train on whole images after this fraction of the schedule", metavar="F")
+    teacher: str = setting("auto", "knowledge distillation: 'none', 'auto' (train a CNN teacher into OUT/teacher "
+                           "first, reused on --resume) or a teacher folder")
+    teacher_epochs: int = setting(10, "epochs for --teacher auto")
+    distill: str = setting("hard", "hard = learn the teacher's top class (DeiT), soft = its probabilities",
+                           choices=DISTILL_MODES)
+    distill_weight: float = setting(0.5, "share of the loss that follows the teacher")
+    dropout: float | None = setting(None, "override the preset's dropout")
+    amp: str = setting("auto", "bf16 autocast; auto = on CUDA and on CPUs with bf16 units (AVX512-BF16, AMX)",
+                       choices=AMP_MODES)
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    num_threads: int | None = setting(None, "CPU threads for torch (default: torch's choice)")
+    adaptive_threads: bool = setting(False, "on a shared CPU, keep re-picking the faster of 1 thread or all")
+    seed: int = setting(0, "seed of the split, initialisation, shuffling and augmentation")
+    val_size: float = setting(0.1, "held out of train for validation: a share if below 1, else a count "
+                              "(at least one image per class)")
+    limit_train: int | None = setting(None, "use only this many training images (quick experiments)")
+    patience: int | None = setting(None, "stop after this many epochs without a validation gain")
+    time_budget_min: float | None = setting(None, "run the cosine schedule on wall-clock minutes and stop when "
+                                            "they are spent (--epochs is then an upper bound); may be changed "
+                                            "on --resume to re-plan a run", flag="time-budget", metavar="MIN")
+    resume: bool = setting(False, "continue the run saved in --out (--epochs and --time-budget may change; "
+                           "nothing else)")
+    download: bool = setting(False, "download CIFAR-10 with torchvision into --data if it is not there")
+    push_to_hub: str | None = setting(None, "upload the exported model to this Hub repo after training",
+                                      metavar="REPO")
+    command: str = setting("", "the command line that made this config", cli=False)
+
+    def validate(self) -> None:
+        problems = [p for check in _CHECKS for p in [check(self)] if p]
+        if problems:
+            raise TrainError("bad settings: " + "; ".join(problems))
+
+
+def _range(name: str, low: float, high: float, low_open: bool = False, high_open: bool = False):
+    """A check that the field `name` lies in a range, naming its flag and the allowed values."""
+    def check(cfg: TrainConfig) -> str | None:
+        value = getattr(cfg, name)
+        if value is None:
+            return None
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if ok:
+            return None
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return f"--{name.replace('_', '-')} must be in {bounds}, got {value:g}"
+    return check
+
+
+def _choice(name: str, allowed) -> callable:
+    def check(cfg: TrainConfig) -> str | None:
+        value = getattr(cfg, name)
+        return None if value in allowed else f"--{name.replace('_', '-')} must be one of {sorted(allowed)}, got {value!r}"
+    return check
+
+
+INF = float("inf")
+_CHECKS = [
+    _choice("preset", PRESETS), _choice("schedule", SCHEDULES), _choice("augment", AUGMENTATIONS),
+    _choice("attn_init", ATTN_INITS), _choice("pos_init", POS_INITS), _choice("distill", DISTILL_MODES),
+    _choice("amp", AMP_MODES),
+    _range("epochs", 1, INF), _range("batch_size", 1, INF), _range("lr", 0, INF, low_open=True),
+    _range("weight_decay", 0, INF), _range("warmup_epochs", 0, INF), _range("label_smoothing", 0, 1, high_open=True),
+    _range("clip_grad", 0, INF), _range("random_erase", 0, 1), _range("cutmix", 0, 1),
+    _range("patch_drop", 0, 1, high_open=True), _range("patch_drop_end", 0, 1), _range("distill_weight", 0, 1),
+    _range("teacher_epochs", 1, INF), _range("dropout", 0, 1, high_open=True), _range("val_size", 0, INF, low_open=True),
+    _range("patience", 1, INF), _range("time_budget_min", 0, INF, low_open=True), _range("gamma", 0, 1, low_open=True),
+    lambda c: (None if c.time_budget_min is None or c.schedule == "cosine"
+               else "--time-budget needs --schedule cosine"),
+    lambda c: (None if all(1 <= m < c.epochs for m in c.milestones)
+               else f"--milestones must lie in [1, {c.epochs}) (the epochs), got {c.milestones}"),
+    lambda c: (None if c.limit_train is None or c.val_size < 1 or c.limit_train > c.val_size
+               else f"--limit-train must be larger than --val-size ({c.val_size:g}), got {c.limit_train}"),
+    lambda c: (None if c.val_size < 1 or float(c.val_size).is_integer()
+               else f"--val-size must be a share below 1 or a whole count, got {c.val_size:g}"),
+]
+
+def _parse_type(annotation: str):
+    base = annotation.split("|")[0].strip()
+    return {"int": int, "float": float, "str": str, "list[int]": int}[base]
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    """One flag per `TrainConfig` field, help and choices from its metadata. Defaults are left out of
+    the namespace (argparse.SUPPRESS), so `config_from_args` can tell a given flag from a recipe's."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(TrainConfig):
+        meta = dict(f.metadata)
+        if meta.pop("cli", True) is False:
+            continue
+        flag = "--" + meta.pop("flag", f.name.replace("_", "-"))
+        help_text = meta.pop("help")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if not meta.get("required"):
+            help_text += f" (default {default})"
+        if f.type == "bool":
+            parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=_parse_type(f.type), help=help_text, **meta)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, command: str = "") -> TrainConfig:
+    """The recipe's settings, then every flag that was given."""
+    given = vars(args)
+    return TrainConfig(**{**RECIPES[given.get("recipe", "shipped")], **given, "command": command})
