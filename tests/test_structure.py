@@ -8,8 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_FUNCTION_LINES = 60
-# Being reshaped elsewhere; to be brought under the length rule when that lands.
-LENGTH_RULE_EXEMPT = {"vit_core/training.py"}
+# Files not (yet) held to the length rule.
+LENGTH_RULE_EXEMPT: set[str] = set()
 
 
 def project_modules() -> dict[str, Path]:
