@@ -455,3 +455,136 @@ def plot_confusion(confusion, class_names: list[str]) -> Image.Image:
     fig.colorbar(shown, ax=ax, fraction=0.046)
     fig.tight_layout()
     return figure_to_image(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model anatomy (vit_core.anatomy): figures of the model itself, not of one image
+
+def _rows_of_tiles(tiles: list[Image.Image], columns: int, spacing: int = 6) -> Image.Image:
+    """Tiles laid out left to right in rows of `columns`, rows top-aligned, on white."""
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    rows = [_hstack(tiles[i:i + columns], spacing) for i in range(0, len(tiles), columns)]
+    out = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows) + spacing * (len(rows) - 1)),
+                    BACKGROUND)
+    y = 0
+    for row in rows:
+        out.paste(row, (0, y))
+        y += row.height + spacing
+    return out
+
+
+def plot_attention_distance(distance, reference: float | None = None) -> Image.Image:
+    """Mean attention distance by depth (Dosovitskiy et al. 2021, Fig. 7 right): x = layer, y =
+    distance in pixels, one dot per head (colour = head); `reference`, e.g. the distance of
+    uniform attention, is drawn as a dashed line."""
+    distance = _to_numpy(distance)
+    if distance.ndim != 2 or not distance.size:
+        raise ValueError(f"distance must be [L, H], got shape {distance.shape}")
+    n_layers, n_heads = distance.shape
+    fig = Figure(figsize=(4.6, 3.4))
+    ax = fig.subplots()
+    layers = np.arange(1, n_layers + 1)
+    for head in range(n_heads):
+        ax.scatter(layers, distance[:, head], s=22, alpha=0.8, label=f"head {head + 1}")
+    if reference is not None:
+        ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label="uniform attention")
+    ax.set(xlabel="layer", ylabel="mean attention distance (pixels)", xticks=layers, ylim=(0, None),
+           title="how far each head looks")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return figure_to_image(fig)
+
+
+def entropy_heatmap(entropy, max_entropy: float | None = None) -> Image.Image:
+    """Attention entropy [L, H] in nats as a layer x head heatmap with the values written in;
+    the colour scale runs from 0 to `max_entropy` (uniform attention) when given."""
+    entropy = _to_numpy(entropy)
+    if entropy.ndim != 2 or not entropy.size:
+        raise ValueError(f"entropy must be [L, H], got shape {entropy.shape}")
+    n_layers, n_heads = entropy.shape
+    fig = Figure(figsize=(1.6 + 0.7 * n_heads, 1.2 + 0.42 * n_layers))
+    ax = fig.subplots()
+    top = max_entropy if max_entropy is not None else float(entropy.max())
+    shown = ax.imshow(entropy, cmap="magma", vmin=0, vmax=top, aspect="auto")
+    ax.set_xticks(range(n_heads), [str(h + 1) for h in range(n_heads)])
+    ax.set_yticks(range(n_layers), [str(layer + 1) for layer in range(n_layers)])
+    ax.set(xlabel="head", ylabel="layer", title="attention entropy (nats)")
+    for i in range(n_layers):
+        for j in range(n_heads):
+            ax.text(j, i, f"{entropy[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if entropy[i, j] > 0.6 * top else "white")
+    fig.colorbar(shown, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    return figure_to_image(fig)
+
+
+def position_similarity_grid(similarity, cell: int = 4, gap: int = 2, cmap: str = "viridis") -> Image.Image:
+    """Cosine similarity of position embeddings [N, N] (N = g * g) as a g x g grid of g x g maps
+    (Dosovitskiy et al. 2021, Fig. 7 centre): the tile at row r, column c shows how similar patch
+    r * g + c's embedding is to every patch's, on a fixed scale from -1 (dark) to 1 (bright)."""
+    values = _to_numpy(similarity)
+    grid = int(round(np.sqrt(values.shape[0]))) if values.ndim == 2 else 0
+    if values.ndim != 2 or values.shape[0] != values.shape[1] or grid * grid != values.shape[0]:
+        raise ValueError(f"similarity must be [N, N] with N a square, got shape {values.shape}")
+    if int(cell) != cell or cell < 1 or gap < 0:
+        raise ValueError(f"cell must be a positive integer and gap >= 0, got {cell}, {gap}")
+    colors = _colorize((np.clip(values, -1, 1) + 1) / 2, cmap)  # [N, N, 3]
+    tiles = colors.reshape(grid, grid, grid, grid, 3).repeat(cell, axis=2).repeat(cell, axis=3)
+    tile = grid * cell
+    canvas = np.full((grid * (tile + gap) + gap,) * 2 + (3,), 255, dtype=np.uint8)
+    blocks = canvas[gap:, gap:].reshape(grid, tile + gap, grid, tile + gap, 3)
+    blocks[:, :tile, :, :tile] = tiles.transpose(0, 2, 1, 3, 4)  # [tile row, y, tile col, x, 3]
+    return Image.fromarray(canvas)
+
+
+def filter_grid(filters, ratios=None, scale: int = 8, columns: int = 7) -> Image.Image:
+    """Patch-embedding filters [k, C, p, p] (C = 3: RGB, C = 1: grey) as small images, each
+    min-max scaled over all its channels and enlarged `scale` times, titled with the share of
+    variance it explains when `ratios` [k] is given (Dosovitskiy et al. 2021, Fig. 7 left)."""
+    filters = _to_numpy(filters)
+    if filters.ndim != 4 or filters.shape[1] not in (1, 3) or not len(filters):
+        raise ValueError(f"filters must be [k, 3 or 1, p, p], got shape {filters.shape}")
+    ratios = None if ratios is None else _to_numpy(ratios)
+    if ratios is not None and ratios.shape != (len(filters),):
+        raise ValueError(f"{ratios.shape} ratios for {len(filters)} filters")
+    tiles = []
+    for index, weights in enumerate(filters):
+        pixels = np.round(normalize_map(weights) * 255).astype(np.uint8).transpose(1, 2, 0)
+        image = Image.fromarray(np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels)
+        title = f"{ratios[index] * 100:.1f}%" if ratios is not None else f"{index + 1}"
+        tiles.append(_with_title(upscale_nearest(image, scale), title, font_size=9))
+    return _rows_of_tiles(tiles, columns, spacing=4)
+
+
+def _missing_tile(side: int) -> Image.Image:
+    tile = Image.new("RGB", (side, side), (200, 200, 200))
+    ImageDraw.Draw(tile).text((side // 2, side // 2), "no images", fill=TEXT_COLOR, font=_font(10), anchor="mm")
+    return tile
+
+
+def class_map_grid(maps, class_names: list[str], images: list[Image.Image | None] | None = None,
+                   counts=None, side: int = 96, columns: int = 5, alpha: float = 0.5,
+                   cmap: str = "jet") -> Image.Image:
+    """One map per class [n, g, g], each normalised on its own and titled with its class name
+    (and image count when `counts` is given): a heatmap `side` pixels wide, or overlaid on that
+    class's image from `images`. A class whose map is all NaN (no images) gets a grey tile."""
+    maps = _to_numpy(maps)
+    if maps.ndim != 3 or len(maps) != len(class_names):
+        raise ValueError(f"maps must be [n_classes, g, g] with one per class name, got shape "
+                         f"{maps.shape} for {len(class_names)} names")
+    if images is not None and len(images) != len(maps):
+        raise ValueError(f"{len(images)} images for {len(maps)} classes")
+    tiles = []
+    for index, (patch_map, name) in enumerate(zip(maps, class_names)):
+        image = images[index] if images is not None else None
+        if not np.isfinite(patch_map).any():
+            tile = _missing_tile(side)
+        elif image is not None:
+            tile = overlay_map(image, patch_map, alpha=alpha, cmap=cmap, scale=max(1, side // image.width))
+        else:
+            tile = Image.fromarray(_map_colors(patch_map, (side, side), cmap))
+        title = name if counts is None else f"{name} ({int(_to_numpy(counts)[index])})"
+        tiles.append(_with_title(tile, title, font_size=11))
+    return _rows_of_tiles(tiles, columns, spacing=4)
