@@ -1,12 +1,15 @@
-"""demo/app.py: handlers as plain functions, then the launched app through gradio_client.
+"""The app (demo/): settings, panels and handlers as plain functions, then the launched app
+through gradio_client, whose endpoints must keep the names, parameters and return order README
+documents.
 
-A tiny random ViT saved with save_pretrained keeps this fast; the shipped checkpoint is checked
-where it matters (offline loading, size, /predict agreeing with the model)."""
+The tiny ViT of toys.tiny_vit, saved with save_pretrained, keeps this fast; the shipped checkpoint
+is checked where it matters (offline loading, size, /predict agreeing with the model)."""
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -15,13 +18,21 @@ import warnings
 import zlib
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import demo.app as app
+import demo.session as session_module
+import vit_core.rollout as rollout
+from demo.handlers import Explorer, export_files, faithfulness, sanity_check
+from demo.panels import GAP, PANELS, REDRAWN, SCALE, clicked_patch, draw, view
+from demo.session import Settings, analyze, current_explanation, label_probs, read_upload
+from toys import tiny_vit
 from vit_core import ViTClassifier, preprocess, to_model_pixels
+from vit_core.checkpoints import host_reachable
 from vit_core.rollout import explain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,26 +40,20 @@ EXAMPLES = ROOT / "demo" / "examples"
 CAT = EXAMPLES / "cat_0000.jpg"
 DOG = EXAMPLES / "dog_0000.jpg"
 SHIPPED = ROOT / "checkpoints" / "vit-cifar10"
+# What README's "Scripting with gradio_client" promises, in order (the session state is not sent).
+SETTING_PARAMETERS = ["method", "target", "head_fusion", "discard_ratio", "opacity", "layer", "head"]
+EXPLAIN_RETURNS = ["model_view", "patch_grid", "overlay", "token_attention", "top5", "matrices", "matrix",
+                   "layer_strip", "summary", "patch"]
+REDRAW_RETURNS = ["patch_grid", "overlay", "token_attention", "matrices", "matrix", "layer_strip", "summary"]
 
 
 # ------------------------------------------------------------------------------------------------
 # Fixtures and file makers
 
-def _tiny_model(seed: int = 0) -> ViTClassifier:
-    torch.manual_seed(seed)
-    model = ViTClassifier(image_size=32, patch_size=4, emb_size=32, depth=2, n_heads=2, mlp_ratio=2.0,
-                          dropout=0.0)
-    with torch.no_grad():  # sharper attention and logits than at init, so maps and top-5 differ
-        for block in model.blocks:
-            block.attn.in_proj_weight.mul_(4.0)
-        model.head.weight.normal_(0, 0.5)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-vit")
-    _tiny_model().save_pretrained(folder)
+    tiny_vit(sharpen=True).save_pretrained(folder)  # sharpened, so maps and top-5 differ
     return folder
 
 
@@ -57,10 +62,14 @@ def model(checkpoint) -> ViTClassifier:
     return app.load_checkpoint(checkpoint)
 
 
+def analyzed(model, path=CAT) -> session_module.Session:
+    image, notes = read_upload(path)
+    return analyze(model, image, name=path.stem, notes=notes)
+
+
 @pytest.fixture(scope="module")
-def session(model) -> app.Session:
-    image, notes = app.read_upload(CAT)
-    return app.analyze(model, image, name=CAT.stem, notes=notes)
+def session(model) -> session_module.Session:
+    return analyzed(model)
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -121,29 +130,29 @@ def animated_gif(tmp_path_factory) -> Path:
 # Reading uploads
 
 def test_read_image_reads_an_example():
-    image, notes = app.read_upload(CAT)
+    image, notes = read_upload(CAT)
     assert image.size == (32, 32) and notes == []
 
 
 @pytest.mark.parametrize("name", sorted(BAD_FILES))
 def test_read_image_refuses_bad_files_with_a_clear_message(bad_files, name):
     path, message = bad_files[name]
-    with pytest.raises(app.gr.Error, match=message):
-        app.read_upload(path)
+    with pytest.raises(gr.Error, match=message):
+        read_upload(path)
 
 
 def test_read_image_refuses_missing_and_oversized(tmp_path, monkeypatch):
-    with pytest.raises(app.gr.Error, match="No image"):
-        app.read_upload(None)
-    with pytest.raises(app.gr.Error, match="missing"):
-        app.read_upload(tmp_path / "nope.png")
-    monkeypatch.setattr(app, "MAX_FILE_BYTES", 100)
-    with pytest.raises(app.gr.Error, match="limit"):
-        app.read_upload(CAT)
+    with pytest.raises(gr.Error, match="No image"):
+        read_upload(None)
+    with pytest.raises(gr.Error, match="missing"):
+        read_upload(tmp_path / "nope.png")
+    monkeypatch.setattr(session_module, "MAX_FILE_BYTES", 100)
+    with pytest.raises(gr.Error, match="limit"):
+        read_upload(CAT)
 
 
 def test_animated_images_use_the_first_frame(animated_gif, model):
-    image, notes = app.read_upload(animated_gif)
+    image, notes = read_upload(animated_gif)
     assert notes == ["animated image: first of 3 frames used"]
     assert to_model_pixels(image, 32).getpixel((16, 16)) == (255, 0, 0)
 
@@ -156,69 +165,83 @@ def test_exif_orientation_and_alpha_are_honoured(tmp_path, model):
     exif[0x0112] = 6
     path = tmp_path / "rotated.jpg"
     stored.save(path, exif=exif.tobytes(), quality=95)
-    upright = to_model_pixels(app.read_upload(path)[0], 32)
+    upright = to_model_pixels(read_upload(path)[0], 32)
     top, bottom = np.asarray(upright)[4, 16], np.asarray(upright)[28, 16]
     assert top[0] > 200 and top[2] < 60       # the red half is on top once upright
     assert bottom[2] > 200 and bottom[0] < 60
 
     transparent = tmp_path / "transparent.png"
     Image.new("RGBA", (50, 50), (0, 0, 0, 0)).save(transparent)
-    assert to_model_pixels(app.read_upload(transparent)[0], 32).getpixel((10, 10)) == (255, 255, 255)
+    assert to_model_pixels(read_upload(transparent)[0], 32).getpixel((10, 10)) == (255, 255, 255)
 
 
 # ------------------------------------------------------------------------------------------------
 # Settings, analysis, drawing
 
 def test_settings_are_checked_with_the_allowed_values(model):
-    assert app.Settings().checked(model).layer == model.depth
-    good = app.Settings(method="grad_rollout", target="dog", head_fusion="max", discard_ratio=0.5,
-                        opacity=1, layer=1, head="head 2", patch=63).checked(model)
+    assert Settings().checked(model).layer == model.depth
+    good = Settings(method="grad_rollout", target="dog", head_fusion="max", discard_ratio=0.5,
+                    opacity=1, layer=1, head="head 2", patch=63).checked(model)
     assert (good.layer, good.head_index, good.patch) == (1, 1, 63)
+    no_such_head = f"head {model.n_heads + 1}"
     for bad, message in [(dict(method="saliency"), "Unknown method"), (dict(target="unicorn"), "Unknown class"),
                          (dict(head_fusion="median"), "head fusion"), (dict(discard_ratio=1.0), "Discard"),
-                         (dict(opacity=-0.1), "Opacity"), (dict(layer=3), "Layer"), (dict(head="head 3"), "head"),
+                         (dict(opacity=-0.1), "Opacity"), (dict(layer=3), "Layer"), (dict(head=no_such_head), "head"),
                          (dict(patch=64), "Patch"), (dict(opacity="a lot"), "number")]:
-        with pytest.raises(app.gr.Error, match=message):
-            app.Settings(**bad).checked(model)
+        with pytest.raises(gr.Error, match=message):
+            Settings(**bad).checked(model)
 
 
-def test_render_draws_every_panel(model, session):
-    panels = app.render(model, session, app.Settings().checked(model))
-    side = 32 * app.SCALE
-    assert panels.model_view.size == panels.overlay.size == panels.patch_attention.size == (side, side)
-    assert panels.patch_grid.size == (side + 9 * app.GAP,) * 2
-    for image in (panels.matrices, panels.matrix, panels.layer_strip):
+def test_settings_are_read_by_name(model):
+    read = Settings.read(model, {"opacity": 0.8, "head": "head 2", "method": "last_layer", "patch": 7})
+    assert read == Settings(method="last_layer", opacity=0.8, head="head 2", patch=7).checked(model)
+    # An API caller's None means the control's default; a name no setting has is a programming error.
+    assert Settings.read(model, {name: None for name in SETTING_PARAMETERS}) == Settings().checked(model)
+    with pytest.raises(TypeError, match="opactiy"):
+        Settings.read(model, {"opactiy": 0.5})
+    with pytest.raises(gr.Error, match="Opacity"):
+        Settings.read(model, {"opacity": 2})
+
+
+def test_draw_draws_every_panel(model, session):
+    panels = draw(view(model, session, Settings().checked(model)))
+    assert list(panels) == [panel.name for panel in PANELS]
+    side = 32 * SCALE
+    assert panels["model_view"].size == panels["overlay"].size == panels["token_attention"].size == (side, side)
+    assert panels["patch_grid"].size == (side + 9 * GAP,) * 2
+    for image in (panels["matrices"], panels["matrix"], panels["layer_strip"]):
         assert isinstance(image, Image.Image) and min(image.size) > 50
-    assert sum(panels.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    assert sum(panels["top5"].values()) == pytest.approx(1.0, abs=1e-5)
     with torch.no_grad():
         logits = model(preprocess(Image.open(CAT), model))
-    assert max(panels.probabilities, key=panels.probabilities.get) == model.class_names[int(logits.argmax())]
-    assert "**true label:** cat" in panels.info
+    assert max(panels["top5"], key=panels["top5"].get) == model.class_names[int(logits.argmax())]
+    assert "**true label:** cat" in panels["summary"]
 
 
-def test_settings_redraw_from_the_cache_without_running_the_model(model, session, monkeypatch):
+def test_settings_redraw_from_the_cache_without_running_the_model(model, monkeypatch):
+    session = analyzed(model)  # its own, so no other test has asked for a class yet
     calls = []
-    original = app.explain
-    monkeypatch.setattr(app, "explain", lambda *a, **k: calls.append(k) or original(*a, **k))
+    original = rollout.explain
+    monkeypatch.setattr(rollout, "explain", lambda *a, **k: calls.append(k) or original(*a, **k))
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append("forward") or forward(*a, **k))
-    baseline = np.asarray(app.render(model, session, app.Settings().checked(model)).overlay)
+    baseline = np.asarray(draw(view(model, session, Settings().checked(model)))["overlay"])
     for change in [dict(head_fusion="max"), dict(discard_ratio=0.6), dict(opacity=0.9), dict(layer=1),
                    dict(head="head 2"), dict(patch=27), dict(method="last_layer"),
                    dict(method="grad_rollout")]:  # the predicted class's gradient map is cached
-        panels = app.render(model, session, app.Settings(**change).checked(model))
+        panels = draw(view(model, session, Settings(**change).checked(model)))
         assert calls == [], change
-    assert not np.array_equal(baseline, np.asarray(panels.overlay))
+    assert not np.array_equal(baseline, np.asarray(panels["overlay"]))
     other = next(name for i, name in enumerate(model.class_names) if i != session.predicted)
-    app.render(model, session, app.Settings(method="grad_rollout", target=other).checked(model))
-    app.render(model, session, app.Settings(method="grad_rollout", target=other, opacity=0.2).checked(model))
+    draw(view(model, session, Settings(method="grad_rollout", target=other).checked(model)))
+    draw(view(model, session, Settings(method="grad_rollout", target=other, opacity=0.2).checked(model)))
     # one forward + backward for a new class, then cached
     assert calls == [{"target": model.class_names.index(other)}, "forward"]
 
 
 def test_cached_maps_equal_a_fresh_explanation(model, session):
-    settings = app.Settings(head_fusion="max", discard_ratio=0.5, target="dog").checked(model)
-    cached = app.current_explanation(model, session, settings)
+    settings = Settings(head_fusion="max", discard_ratio=0.5, target="dog").checked(model)
+    cached = current_explanation(model, session, settings)
     fresh = explain(model, session.inputs, target=5, head_fusion="max", discard_ratio=0.5)
     for name in ("rollout", "grad_rollout", "layer_maps", "last_layer"):
         torch.testing.assert_close(getattr(cached, name), getattr(fresh, name))
@@ -226,30 +249,68 @@ def test_cached_maps_equal_a_fresh_explanation(model, session):
 
 
 def test_clicks_map_to_patches(model):
-    cell, gap = 4 * app.SCALE, app.GAP
+    cell, gap = 4 * SCALE, GAP
     x, y = gap + 3 * (cell + gap) + cell / 2, gap + 2 * (cell + gap) + 1  # row 2, column 3
-    assert app.clicked_patch(model, "patch_grid", x, y) == 2 * 8 + 3
-    assert app.clicked_patch(model, "patch_grid", gap + cell + 0.5, 10) is None  # in a gap
-    assert app.clicked_patch(model, "image", 255, 255) == 63
-    assert app.clicked_patch(model, "image", 0, 40) == 8
+    assert clicked_patch(model, "patch_grid", x, y) == 2 * 8 + 3
+    assert clicked_patch(model, "patch_grid", gap + cell + 0.5, 10) is None  # in a gap
+    for panel in ("model_view", "overlay", "token_attention"):
+        assert clicked_patch(model, panel, 255, 255) == 63
+        assert clicked_patch(model, panel, 0, 40) == 8
+    with pytest.raises(ValueError, match="cannot be clicked"):
+        clicked_patch(model, "matrix", 0, 0)
 
 
-def test_faithfulness_sanity_and_export(model, session, tmp_path, monkeypatch):
-    settings = app.Settings(method="grad_rollout", patch=5).checked(model)
-    deletion, insertion, table = app.faithfulness(model, session, settings, steps=8)
+def test_faithfulness_sanity_and_export(model, session, tmp_path):
+    settings = Settings(method="grad_rollout", patch=5).checked(model)
+    curves = faithfulness(model, session, settings, steps=8)
+    deletion, insertion, table = curves["deletion"], curves["insertion"], curves["auc"]
     assert isinstance(deletion, Image.Image) and isinstance(insertion, Image.Image)
     assert "gradient rollout" in table and "random" in table and table.count("|") >= 12
 
-    text = app.sanity_check(model, session, settings)
+    text = sanity_check(model, session, settings)
     assert "| head |" in text and "| block 1 |" in text and "| embedding |" in text
 
-    paths = [Path(p) for p in app.export_files(model, session, settings, tmp_path)]
+    paths = [Path(p) for p in export_files(model, session, settings, tmp_path)]
     assert len([p for p in paths if p.suffix == ".png"]) == 7
     assert all(Image.open(p).size[0] > 0 for p in paths if p.suffix == ".png")
+    assert {p.name for p in paths} >= {"cat_0000_overlay_grad_rollout.png", f"cat_0000_attention_layer{model.depth}.png"}
     arrays = np.load(next(p for p in paths if p.suffix == ".npz"))
     assert arrays["attentions"].shape == (1, model.depth, model.n_heads, 65, 65)
     assert arrays["explained_map"].shape == (1, 8, 8) and str(arrays["method"]) == "grad_rollout"
     assert arrays["image"].shape == (32, 32, 3) and list(arrays["class_names"]) == model.class_names
+
+
+# ------------------------------------------------------------------------------------------------
+# The handlers' contract: {output name: value}, the panel list deciding which
+
+def test_handlers_answer_by_name(model):
+    explorer = Explorer(model)
+    explained = explorer.explain({"path": str(DOG), "orig_name": DOG.name}, opacity=None, head="head 2")
+    assert list(explained) == [panel.name for panel in PANELS] + ["session", "patch"]
+    assert explained["patch"] == -1 and "layer 2, head 2" in explained["summary"]
+    assert isinstance(explained["session"], session_module.Session)
+    redrawn = explorer.redraw(explained["session"], **dict.fromkeys(SETTING_PARAMETERS), patch=9)
+    assert list(redrawn) == [panel.name for panel in REDRAWN] + ["session"] and "patch 9" in redrawn["summary"]
+    assert explorer.redraw(None, opacity=0.3) == {}  # nothing uploaded yet: nothing changes
+    assert list(Explorer.clear()) == list(explained) and Explorer.clear()["patch"] == -1
+    with pytest.raises(gr.Error, match="Upload an image or pick an example first"):
+        explorer.sanity_check(None)
+
+
+def test_the_panel_list_is_the_documented_answer_order():
+    assert [panel.name for panel in PANELS] + ["patch"] == EXPLAIN_RETURNS
+    assert [panel.name for panel in REDRAWN] == REDRAW_RETURNS
+    assert len({panel.name for panel in PANELS}) == len(PANELS)
+
+
+def test_readme_documents_the_answer_order():
+    readme = (ROOT / "README.md").read_text()
+    # `a, b, ... = client.predict(..., api_name="/name")`, the names possibly in brackets over lines
+    calls = re.finditer(r"\n\(?([\w,\s]+?)\)? = client\.predict\((?:(?!client\.predict)[\s\S])*?"
+                        r"api_name=\"(/\w+)\"\)", readme)
+    unpacked = {m.group(2): re.sub(r"\s+", "", m.group(1)).split(",") for m in calls}
+    assert unpacked["/explain"] == EXPLAIN_RETURNS
+    assert unpacked["/redraw"] == REDRAW_RETURNS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -297,8 +358,8 @@ def test_main_reports_a_missing_checkpoint(tmp_path, capsys):
 def test_shipped_checkpoint_loads_offline_and_fits_a_space():
     assert (SHIPPED / "model.safetensors").stat().st_size < 10 * 2**20  # no Git LFS needed
     model = app.load_checkpoint(app.DEFAULT_CHECKPOINT)
-    image, _ = app.read_upload(DOG)
-    probs = app.predict_probs(model, image)
+    image, _ = read_upload(DOG)
+    probs = label_probs(model, image)
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5) and set(probs) == set(model.class_names)
 
 
@@ -340,6 +401,23 @@ def test_api_lists_the_named_endpoints(client):
     assert {"/predict", "/explain", "/redraw", "/faithfulness", "/sanity_check", "/export"} <= names
 
 
+def test_endpoints_keep_their_documented_parameters_and_answers(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    expected = {  # endpoint: (parameter names in order, number of values answered)
+        "/predict": (["image"], 1),
+        "/explain": (["image", *SETTING_PARAMETERS], len(EXPLAIN_RETURNS)),
+        "/redraw": ([*SETTING_PARAMETERS, "patch"], len(REDRAW_RETURNS)),
+        "/faithfulness": (SETTING_PARAMETERS, 3),
+        "/sanity_check": (SETTING_PARAMETERS, 1),
+        "/export": ([*SETTING_PARAMETERS, "patch"], 1),
+    }
+    for name, (parameters, answers) in expected.items():
+        info = endpoints[name]
+        assert [p["parameter_name"] for p in info["parameters"]] == parameters, name
+        assert all(p["parameter_has_default"] for p in info["parameters"] if p["parameter_name"] != "image"), name
+        assert len(info["returns"]) == answers, name
+
+
 def test_predict_endpoint(client, model):
     label = client.predict(upload(DOG), api_name="/predict")
     confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
@@ -353,8 +431,8 @@ def test_predict_endpoint(client, model):
 def test_explain_endpoint_returns_every_panel(client, model):
     out = client.predict(upload(CAT), api_name="/explain")
     model_view, grid, overlay, token, label, matrices, matrix, strip, info, patch = out
-    side = 32 * app.SCALE
-    for path, size in [(model_view, (side, side)), (grid, (side + 9 * app.GAP,) * 2), (overlay, (side, side)),
+    side = 32 * SCALE
+    for path, size in [(model_view, (side, side)), (grid, (side + 9 * GAP,) * 2), (overlay, (side, side)),
                        (token, (side, side))]:
         assert Image.open(path).size == size
     for path in (matrices, matrix, strip):
@@ -425,7 +503,7 @@ def test_animated_upload_through_the_client(client, animated_gif):
 
 @pytest.mark.slow
 def test_share_offline_warns_and_serves_locally(model):
-    if app.share_server_reachable(timeout=2):
+    if host_reachable(app.SHARE_SERVER, 443, timeout=2):
         pytest.skip("the share server is reachable from here; this checks the offline path")
     demo = app.build_demo(model)
     started = time.perf_counter()

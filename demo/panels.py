@@ -1,0 +1,184 @@
+"""The explorer's panels: one entry each in PANELS, from which everything else derives.
+
+An entry says how to build the panel's component, where the layout puts it, how it is drawn from
+a `View` (one image's cached explanation under the current settings), whether a settings change
+redraws it, what an export calls its PNG and how a click on it maps to a patch. The /explain
+answer is every panel in PANELS' order, then the patch; /redraw answers the redrawn ones in the
+same order (README, "Scripting with gradio_client", lists both: keep it true). Adding a panel is
+adding an entry; the layout places it by `place`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from functools import cached_property, partial
+from typing import Any
+
+import gradio as gr
+import torch
+from PIL import Image
+
+from demo.session import Session, Settings, current_explanation, example_label
+from vit_core import ViTClassifier, viz
+from vit_core.rollout import Explanation
+
+SCALE = 8  # screen pixels per image pixel in the large panels (32 px -> 256 px)
+GAP = 2    # white gap between patches in the patch grid
+
+
+@dataclasses.dataclass
+class View:
+    """What every panel is drawn from: one image's explanation as the settings ask for it."""
+
+    model: ViTClassifier
+    session: Session
+    settings: Settings
+    explanation: Explanation  # batch of one: retargeted and re-fused for `settings`
+
+    @property
+    def pixels(self) -> Image.Image:
+        return self.session.pixels
+
+    @property
+    def patch(self) -> int | None:
+        return self.settings.patch if self.settings.patch >= 0 else None
+
+    @property
+    def token(self) -> int:
+        """The followed token: 0 is CLS, patch i is token i + 1."""
+        return 0 if self.patch is None else self.patch + 1
+
+    @property
+    def highlight_token(self) -> int | None:
+        """The row and column outlined in the matrices (none while following CLS)."""
+        return None if self.patch is None else self.token
+
+    @property
+    def head_text(self) -> str:
+        head = self.settings.head_index
+        return "mean of heads" if head is None else f"head {head + 1}"
+
+    @cached_property
+    def matrices(self) -> torch.Tensor:
+        """[L, T, T]: every block's attention for the chosen head, or the mean of the heads."""
+        return self.explanation.head_attention(self.settings.head_index)[0]
+
+
+def view(model: ViTClassifier, session: Session, settings: Settings) -> View:
+    return View(model, session, settings, current_explanation(model, session, settings))
+
+
+# ------------------------------------------------------------------------------------------------
+# Drawing: each takes a View and returns the panel's value (vit_core.viz does the pictures)
+
+def _overlay(v: View, patch_map: torch.Tensor) -> Image.Image:
+    return viz.overlay_map(v.pixels, patch_map, alpha=v.settings.opacity, scale=SCALE, highlight=v.patch)
+
+
+def _matrix(v: View) -> Image.Image:
+    return viz.attention_matrix_image(v.matrices[v.settings.layer - 1], title=f"layer {v.settings.layer}, "
+                                      f"{v.head_text}", highlight_token=v.highlight_token, cell=4)
+
+
+def _summary(v: View) -> str:
+    names, probs, predicted = v.model.class_names, v.explanation.probs[0], v.session.predicted
+    info = [f"**Prediction:** {names[predicted]} ({float(probs[predicted]):.1%})"]
+    true_label = example_label(v.session.name, names)
+    if true_label:
+        info.append(f"**true label:** {true_label}")
+    if v.settings.method == "grad_rollout":
+        info.append(f"**explaining:** {names[int(v.explanation.target[0])]}")
+    token_text = "CLS" if v.patch is None else f"patch {v.patch}"
+    info.append(f"**token:** {token_text} — where it attends in layer {v.settings.layer}, {v.head_text}")
+    return " · ".join(info + v.session.notes)
+
+
+def _token_attention(v: View) -> Image.Image:
+    token_map = v.explanation.token_attention(v.token, v.settings.layer - 1, v.settings.head_index)[0]
+    return _overlay(v, token_map)
+
+
+def grid_patch(model: ViTClassifier, x: float, y: float) -> int | None:
+    """Pixel (x, y) of the patch grid -> patch index (None in a gap)."""
+    return viz.patch_grid_index(x, y, model.grid_size, model.patch_size, scale=SCALE, gap=GAP)
+
+
+def image_patch(model: ViTClassifier, x: float, y: float) -> int | None:
+    """Pixel (x, y) of a full-image panel -> patch index."""
+    side = model.image_size * SCALE
+    return viz.patch_index_at(x, y, side, side, model.grid_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# The registry
+
+def image_panel(label: str, elem_id: str, height: int, clickable: bool = False, show_label: bool | None = None,
+                **kwargs) -> gr.Image:
+    """An output image panel. Clickable panels (a click selects a patch) show their label and may be
+    downloaded and are drawn crisp (nearest neighbour); the wide, self-titled ones only go full
+    screen, so fewer buttons cover their titles."""
+    return gr.Image(label=label, show_label=clickable if show_label is None else show_label, format="png",
+                    interactive=False, height=height, elem_id=elem_id,
+                    buttons=["download", "fullscreen"] if clickable else ["fullscreen"],
+                    elem_classes=["pixelated", "clickable"] if clickable else None, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Panel:
+    name: str                              # the key handlers answer with; the layout's name for it
+    make: Callable[[], gr.components.Component]  # builds its component, where the layout says
+    draw: Callable[[View], Any]            # its value for a view
+    place: str                             # "summary", "top" (first row), "left" / "right" (second row)
+    redraw: bool = True                    # False: depends on the image only, not on the settings
+    export: str | Callable[[Settings], str] | None = None  # PNG name in an export (after the image's)
+    click: Callable[[ViTClassifier, float, float], int | None] | None = None  # clicked pixel -> patch
+
+    def export_name(self, settings: Settings) -> str:
+        return self.export if isinstance(self.export, str) else self.export(settings)
+
+
+def _clickable(label: str, elem_id: str) -> Callable[[], gr.Image]:
+    return partial(image_panel, label, elem_id, 250, clickable=True)
+
+
+PANELS: tuple[Panel, ...] = (
+    Panel("model_view", _clickable("As the model sees it", "model-view"),
+          lambda v: viz.upscale_nearest(v.pixels, SCALE), "top", redraw=False, export="model_view",
+          click=image_patch),
+    Panel("patch_grid", _clickable("Patches (click one)", "patch-grid"),
+          lambda v: viz.patch_grid(v.pixels, v.model.patch_size, scale=SCALE, gap=GAP, highlight=v.patch),
+          "top", export="patch_grid", click=grid_patch),
+    Panel("overlay", _clickable("CLS explanation", "overlay"),
+          lambda v: _overlay(v, v.explanation.maps()[v.settings.method][0]), "top",
+          export=lambda s: f"overlay_{s.method}", click=image_patch),
+    Panel("token_attention", _clickable("Token attention", "token-attention"), _token_attention, "top",
+          export="token_attention", click=image_patch),
+    Panel("top5", partial(gr.Label, num_top_classes=5, label="Top-5 classes", elem_id="top5", min_width=170),
+          lambda v: {name: float(p) for name, p in zip(v.model.class_names, v.explanation.probs[0])},
+          "top", redraw=False),
+    Panel("matrices", partial(image_panel, "Every layer's attention matrix", "matrices", 150),
+          lambda v: viz.attention_matrix_grid(v.matrices, cell=2, highlight_token=v.highlight_token),
+          "right", export="attention_matrices"),
+    Panel("matrix", partial(image_panel, "Attention matrix", "matrix", 320, scale=2, min_width=300), _matrix,
+          "left", export=lambda s: f"attention_layer{s.layer}"),
+    Panel("layer_strip", partial(image_panel, "CLS attention per layer (heads fused)", "layer-strip", 150),
+          lambda v: viz.map_strip(v.explanation.layer_maps[0], image=v.pixels, alpha=v.settings.opacity, scale=4),
+          "right", export="cls_per_layer"),
+    Panel("summary", partial(gr.Markdown, "Upload an image or pick an example.", label="summary", elem_id="info"),
+          _summary, "summary"),
+)
+PANEL = {panel.name: panel for panel in PANELS}
+REDRAWN = tuple(panel for panel in PANELS if panel.redraw)
+
+
+def draw(v: View, panels: tuple[Panel, ...] = PANELS) -> dict[str, Any]:
+    """{panel name: value} for `panels` (all by default), drawn from one view."""
+    return {panel.name: panel.draw(v) for panel in panels}
+
+
+def clicked_patch(model: ViTClassifier, panel: str, x: float, y: float) -> int | None:
+    """Pixel (x, y) clicked on the named panel -> patch index (None where no patch is)."""
+    if PANEL[panel].click is None:
+        raise ValueError(f"panel {panel!r} cannot be clicked")
+    return PANEL[panel].click(model, x, y)

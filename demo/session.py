@@ -1,0 +1,183 @@
+"""What the explorer knows about one image and what its controls say.
+
+`Settings` is the controls, read by name and checked; `Session` is one image's cached analysis
+(the model runs once per image); `current_explanation` turns the two into the explanation the
+panels draw, recomputed from the cache by `vit_core` (no forward pass, except once for each new
+class that gradient rollout is asked to explain).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image
+
+from vit_core import ViTClassifier, preprocess, to_model_pixels
+from vit_core.images import FRAMES_KEY, MAX_FILE_BYTES, ImageError, read_image
+from vit_core.rollout import HEAD_FUSIONS, Explanation, explain
+
+METHODS = {  # value -> label
+    "rollout": "rollout",
+    "grad_rollout": "gradient rollout",
+    "last_layer": "last-layer attention",
+}
+PREDICTED = "predicted"
+HEAD_MEAN = "all (mean)"
+
+
+def head_choices(model: ViTClassifier) -> list[str]:
+    return [HEAD_MEAN] + [f"head {h + 1}" for h in range(model.n_heads)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the controls say, one field per control (the app's controls carry these names).
+    `layer` is 1-based as shown; 0 means the last layer. `patch` -1 means no patch selected.
+    `head` is HEAD_MEAN or "head k" (1-based)."""
+
+    method: str = "rollout"
+    target: str = PREDICTED
+    head_fusion: str = "mean"
+    discard_ratio: float = 0.0
+    opacity: float = 0.5
+    layer: int = 0
+    head: str = HEAD_MEAN
+    patch: int = -1
+
+    @classmethod
+    def read(cls, model: ViTClassifier, controls: Mapping[str, object]) -> "Settings":
+        """Checked settings from control values by name. A value left None (an API caller
+        leaving a parameter out) gets the control's default."""
+        unknown = set(controls) - {field.name for field in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"no setting is called {sorted(unknown)}")
+        return cls(**{name: value for name, value in controls.items() if value is not None}).checked(model)
+
+    def checked(self, model: ViTClassifier) -> "Settings":
+        """Validated copy with defaults resolved; bad values raise gr.Error with the allowed ones."""
+        if self.method not in METHODS:
+            raise gr.Error(f"Unknown method {self.method!r}; choose one of {list(METHODS)}.")
+        if self.target != PREDICTED and self.target not in model.class_names:
+            raise gr.Error(f"Unknown class {self.target!r}; choose {PREDICTED!r} or one of {model.class_names}.")
+        if self.head_fusion not in HEAD_FUSIONS:
+            raise gr.Error(f"Unknown head fusion {self.head_fusion!r}; choose one of {list(HEAD_FUSIONS)}.")
+        discard, opacity = _number(self.discard_ratio, "discard ratio"), _number(self.opacity, "opacity")
+        if not 0.0 <= discard < 1.0:
+            raise gr.Error(f"Discard ratio must be in [0, 1), got {discard}.")
+        if not 0.0 <= opacity <= 1.0:
+            raise gr.Error(f"Opacity must be in [0, 1], got {opacity}.")
+        layer = int(_number(self.layer, "layer")) or model.depth
+        if not 1 <= layer <= model.depth:
+            raise gr.Error(f"Layer must be in 1..{model.depth}, got {layer}.")
+        if self.head not in head_choices(model):
+            raise gr.Error(f"Unknown head {self.head!r}; choose one of {head_choices(model)}.")
+        patch = int(_number(-1 if self.patch is None else self.patch, "patch"))
+        if not -1 <= patch < model.grid_size**2:
+            raise gr.Error(f"Patch must be -1 (none) or in 0..{model.grid_size**2 - 1}, got {patch}.")
+        return dataclasses.replace(self, discard_ratio=discard, opacity=opacity, layer=layer, patch=patch)
+
+    @property
+    def head_index(self) -> int | None:
+        return None if self.head == HEAD_MEAN else int(self.head.split()[-1]) - 1
+
+
+def _number(value, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{name} must be a number, got {value!r}.") from None
+    if not np.isfinite(number):
+        raise gr.Error(f"{name} must be finite, got {value!r}.")
+    return number
+
+
+@dataclasses.dataclass
+class Session:
+    """One image's cached analysis: the model ran once (mean fusion, no discard); everything
+    the settings change is recomputed from `explanation` (see `current_explanation`)."""
+
+    explanation: Explanation              # batch of one; caches other classes' gradient rollouts
+    pixels: Image.Image                   # what the model sees, image_size x image_size RGB
+    inputs: torch.Tensor                  # [1, 3, S, S] normalised, for re-targeting and faithfulness
+    name: str                             # file stem, for export names and the true label
+    notes: list[str]                      # about decoding: resized from, first frame of, ...
+
+    @property
+    def predicted(self) -> int:
+        return int(self.explanation.target[0])  # analyze explains the predicted class
+
+
+# ------------------------------------------------------------------------------------------------
+# Uploads: every failure becomes a gr.Error with a sentence a user can act on
+
+def upload_path(payload) -> str | None:
+    """The server-side path of an uploaded file from a raw (not preprocessed) gr.Image payload."""
+    if payload is None:
+        return None
+    if isinstance(payload, dict):
+        return payload.get("path")
+    return getattr(payload, "path", payload)
+
+
+def upload_name(payload) -> str:
+    name = payload.get("orig_name") if isinstance(payload, dict) else None
+    return Path(name or upload_path(payload) or "image").stem
+
+
+def read_upload(path: str | os.PathLike | None) -> tuple[Image.Image, list[str]]:
+    """An uploaded file -> RGB image (`vit_core.images.read_image`: first frame of an animation,
+    upright, transparency on white, size limits) and notes about its decoding. Empty, oversized,
+    non-image, truncated and decompression-bomb files raise gr.Error with the reader's message."""
+    if path is None or str(path) == "":
+        raise gr.Error("No image: upload one or pick an example.")
+    try:
+        image = read_image(path, max_bytes=MAX_FILE_BYTES)
+    except ImageError as error:
+        raise gr.Error(str(error)) from None
+    frames = image.info.get(FRAMES_KEY, 1)
+    return image, [f"animated image: first of {frames} frames used"] if frames > 1 else []
+
+
+# ------------------------------------------------------------------------------------------------
+# The model's part
+
+def analyze(model: ViTClassifier, image: Image.Image, name: str = "image",
+            notes: list[str] | None = None) -> Session:
+    """The one model run per image: probabilities, attentions, rollouts (vit_core.explain)."""
+    notes = list(notes or [])
+    if image.size != (model.image_size, model.image_size):
+        notes.append(f"resized from {image.width}×{image.height} to {model.image_size}×{model.image_size}")
+    pixels = to_model_pixels(image, model.image_size)
+    inputs = preprocess(pixels, model)
+    return Session(explanation=explain(model, inputs), pixels=pixels, inputs=inputs, name=name, notes=notes)
+
+
+def label_probs(model: ViTClassifier, image: Image.Image) -> dict[str, float]:
+    """Class probabilities for one image (forward pass only), as a gr.Label value."""
+    with torch.inference_mode():
+        probs = model(preprocess(image, model)).softmax(dim=-1)[0]
+    return {name: float(p) for name, p in zip(model.class_names, probs)}
+
+
+def target_index(model: ViTClassifier, session: Session, settings: Settings) -> int:
+    return session.predicted if settings.target == PREDICTED else model.class_names.index(settings.target)
+
+
+def current_explanation(model: ViTClassifier, session: Session, settings: Settings) -> Explanation:
+    """The session's explanation as the settings ask for it: the chosen class's gradient rollout
+    (the model runs once per new class), rollout and per-layer maps for this head fusion and
+    discard ratio from the cached attentions."""
+    retargeted = session.explanation.retarget(model, session.inputs, target_index(model, session, settings))
+    return retargeted.with_settings(settings.head_fusion, settings.discard_ratio)
+
+
+def example_label(name: str, class_names: list[str]) -> str | None:
+    """The true label of a shipped example, from its file name (`cat_0003` -> "cat")."""
+    stem = name.rsplit("_", 1)[0]
+    return stem if stem in class_names and name != stem else None
