@@ -28,3 +28,11 @@ app: install
 
 test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Deploy to a Hugging Face Space: only the files the Space needs (python -m vit_core.cli.space).
+.PHONY: space space-dry-run
+space: install
+	$(PY) -m vit_core.cli.space $(SPACE)
+
+space-dry-run: install
+	$(PY) -m vit_core.cli.space $(SPACE) --dry-run
