@@ -259,7 +259,13 @@ def test_the_app_examples_are_three_per_class():
 def test_command_writes_the_cache_beside_the_checkpoint(tiny_model, tmp_path, capsys):
     tiny_model.save_pretrained(tmp_path / "ckpt")
     folder = _examples(tmp_path / "ex", ["cat_0000.png", "ship_0000.png"])
-    assert anatomy_main(["--checkpoint", str(tmp_path / "ckpt"), "--examples", str(folder)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert anatomy_main(["--checkpoint", str(tmp_path / "ckpt"), "--examples", str(folder),
+                             "--num-threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     anatomy = load_anatomy(tmp_path / "ckpt" / ANATOMY_NAME)
     assert anatomy.n_images == 2 and anatomy.matches(tiny_model) and "2 example images" in anatomy.image_source
     assert str(tmp_path / "ckpt" / ANATOMY_NAME) in capsys.readouterr().out
