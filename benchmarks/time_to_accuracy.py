@@ -1,0 +1,130 @@
+"""Time to accuracy: minutes until a training run first reached 70/75/80/85 % validation accuracy,
+and what an epoch costs on this machine for the shipped recipe against the 2022 report's.
+
+    python benchmarks/time_to_accuracy.py --checkpoint checkpoints/vit-cifar10 [--data ../shared/cifar10]
+
+- From the run's own history.json: training minutes (validation included, teacher excluded) to
+  each mark, as the model card gives them.
+- Measured in this run, one after the other on the same CPU: images/s of the shipped recipe's
+  training step (batch 128, bf16 where `--amp auto` picks it, the CNN teacher's forward pass,
+  CutMix; with patch dropout and on whole images) and of the report's input path and step
+  (torchvision ImageFolder + per-image PIL RandomResizedCrop/flip, batch 64, its 256-wide network,
+  fp32), turned into minutes per epoch of 45 000 images. The report's accuracy curve has not been
+  run here (160 epochs would take days on this CPU), so for it only the cost per epoch is printed.
+Run it on an idle machine: a training run beside it halves every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from train_throughput import synthetic_folder, timed  # noqa: E402
+from vit_core.card import ACCURACY_MARKS, minutes_to_accuracy  # noqa: E402
+from vit_core.config import RECIPES, TrainConfig  # noqa: E402
+from vit_core.data import load_image_folder  # noqa: E402
+from vit_core.devices import pick_device  # noqa: E402
+from vit_core.teacher import ConvTeacher  # noqa: E402
+from vit_core.training import build_model, build_optimizer, make_batch, train_step  # noqa: E402
+
+EPOCH_IMAGES = 45_000
+
+
+def shipped_step(data, cfg: TrainConfig, drop: float):
+    """One step of the shipped recipe on ready data; returns a closure for `timed`."""
+    device = pick_device("cpu")
+    model = build_model(cfg, data.classes).train()
+    optimizer = build_optimizer(model, cfg)
+    teacher = ConvTeacher(n_classes=len(data.classes), class_names=data.classes).eval().requires_grad_(False)
+    teacher = teacher.to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(0)
+
+    def step():
+        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=generator)
+        images, _, targets = make_batch(data, idx, cfg.augment, model.mean, model.std, device, generator,
+                                        cfg.random_erase, cfg.cutmix)
+        train_step(model, optimizer, images, targets, cfg, device, drop, teacher)
+    return step
+
+
+def report_step(train_dir: Path, cfg: TrainConfig):
+    """The report's path: per-image PIL transforms in a DataLoader, one-hot targets, fp32."""
+    from torchvision import datasets, transforms
+
+    model = build_model(cfg, [str(c) for c in range(10)]).train()
+    optimizer = build_optimizer(model, cfg)
+    tf = transforms.Compose([transforms.RandomResizedCrop(32), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(), transforms.Normalize(model.mean, model.std)])
+    loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(train_dir), transform=tf),
+                                         batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    batches = iter(loader)
+
+    def step():
+        nonlocal batches
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            x, y = next(batches)
+        loss = F.cross_entropy(model(x), F.one_hot(y, 10).float())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def print_history(checkpoint: Path) -> None:
+    history = json.loads((checkpoint / "history.json").read_text())
+    reached = minutes_to_accuracy(history)
+    print(f"{checkpoint}: {len(history)} epochs, best validation {max(h['val_acc'] for h in history):.4f}")
+    for mark in ACCURACY_MARKS:
+        minutes = reached[mark]
+        print(f"  {mark:.0%} validation: " + (f"{minutes:6.1f} min" if minutes is not None else "not reached"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "vit-cifar10"))
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "cifar10"))
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    print_history(Path(args.checkpoint))
+    train_dir = Path(args.data) / "train"
+    tmp = None
+    if not train_dir.is_dir():
+        tmp = tempfile.TemporaryDirectory()
+        train_dir = synthetic_folder(Path(tmp.name))
+        print(f"no data at {args.data}; timing on a synthetic JPEG ImageFolder")
+    data = load_image_folder(train_dir, limit=2048)
+    shipped = TrainConfig(data="", out="")
+    report = TrainConfig(data="", out="", **RECIPES["report"])
+    rates = {
+        "shipped, patch dropout": timed(shipped_step(data, shipped, shipped.patch_drop), args.steps, 2, 128),
+        "shipped, whole images": timed(shipped_step(data, shipped, 0.0), args.steps, 2, 128),
+        "report": timed(report_step(train_dir, report), args.steps * 2, 2, 64),
+    }
+    for name, rate in rates.items():
+        print(f"{name:>24s}: {rate:7.1f} img/s = {EPOCH_IMAGES / rate / 60:6.2f} min per epoch")
+    ship_epoch = (shipped.patch_drop_end * EPOCH_IMAGES / rates["shipped, patch dropout"]
+                  + (1 - shipped.patch_drop_end) * EPOCH_IMAGES / rates["shipped, whole images"]) / 60
+    print(f"shipped {shipped.epochs} epochs ≈ {shipped.epochs * ship_epoch / 60:.1f} h; report {report.epochs} "
+          f"epochs ≈ {report.epochs * EPOCH_IMAGES / rates['report'] / 3600:.1f} h (validation excluded)")
+    report_epoch = EPOCH_IMAGES / rates["report"] / 60
+    print(f"report/shipped minutes per epoch={report_epoch / ship_epoch:.2f}")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
