@@ -1,4 +1,5 @@
 import json
+from dataclasses import asdict as dataclasses_asdict
 import os
 import socket
 import subprocess
@@ -412,3 +413,23 @@ def test_card_gives_minutes_to_each_validation_accuracy():
     history = [{"seconds": 60, "val_acc": 0.6}, {"seconds": 120, "val_acc": 0.72},
                {"seconds": 60, "val_acc": 0.81}, {"seconds": 60, "val_acc": 0.79}]
     assert minutes_to_accuracy(history) == {0.70: 3.0, 0.75: 4.0, 0.80: 4.0, 0.85: None}
+
+
+def test_the_shipped_checkpoints_recipe_reproduces_its_recorded_settings():
+    """The checkpoint's train_info.json names its settings; its recipe must give the same ones
+    (paths, machine and run-control settings aside)."""
+    from vit_core.config import RECIPES
+
+    info = json.loads((ROOT / "checkpoints" / "vit-cifar10" / "train_info.json").read_text())
+    recorded = info["config"]
+    recipe = recorded.get("recipe", "cpu-v5")  # recorded since recipes exist
+    rebuilt = dataclasses_asdict(TrainConfig(data="d", out="o", **RECIPES[recipe]))
+    ignore = {"data", "out", "command", "recipe", "device", "num_threads", "adaptive_threads", "resume",
+              "download", "push_to_hub", "patience", "val_size", "amp"}
+    differing = {k: (recorded[k], rebuilt[k]) for k in recorded if k in rebuilt and k not in ignore
+                 and recorded[k] != rebuilt[k]}
+    assert differing == {}
+    assert recorded["val_size"] == round(rebuilt["val_size"] * 50_000)  # the same 10 % of CIFAR-10's train
+    # Before bf16 units were used on CPUs, "auto" meant fp32 there: the recipe spells that out.
+    assert recorded["amp"] == rebuilt["amp"] or (recorded["amp"] == "auto" and rebuilt["amp"] == "off"
+                                                 and info["device"] == "cpu")
