@@ -511,3 +511,47 @@ def test_retarget_bad_arguments(tiny_model, tiny_images, target, images, message
     base = explain(tiny_model, tiny_images)
     with pytest.raises(ValueError, match=message):
         base.retarget(tiny_model, tiny_images if images is None else tiny_images[:images], target)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attribution maps through explain / Explanation.maps (vit_core.attribution does the computing)
+
+def test_explain_offers_attribution_maps_equal_to_attribute(tiny_model, tiny_images):
+    from vit_core.attribution import attribute
+
+    result = explain(tiny_model, tiny_images, methods=["lrp_composite", "attention_x_gradient"])
+    assert list(result.maps()) == ["rollout", "grad_rollout", "last_layer", "lrp_composite", "attention_x_gradient"]
+    for name in ("lrp_composite", "attention_x_gradient"):
+        torch.testing.assert_close(result.maps()[name], attribute(tiny_model, tiny_images, name, result.target))
+    arrays = result.as_numpy()
+    assert arrays["lrp_composite"].shape == (3, 4, 4) and "attentions" in arrays
+    with pytest.raises(ValueError, match="choose from rollout, grad_rollout"):
+        explain(tiny_model, tiny_images, methods=["saliency"])
+
+
+def test_with_maps_computes_once_per_target_and_follows_retarget(tiny_model, tiny_images):
+    from vit_core.attribution import attribute
+
+    base = explain(tiny_model, tiny_images)
+    _, forwards = count_forwards(tiny_model, lambda: base.with_maps(tiny_model, tiny_images, ["occlusion"]))
+    assert forwards > 0
+    derived = base.with_settings("max", 0.2)
+    _, forwards = count_forwards(tiny_model, lambda: derived.with_maps(tiny_model, tiny_images, ["occlusion", "rollout"]))
+    assert forwards == 0 and "occlusion" in derived.maps()  # shared with everything derived
+    other = base.retarget(tiny_model, tiny_images, 7)
+    assert "occlusion" not in other.maps()  # a class-specific map belongs to its target
+    other.with_maps(tiny_model, tiny_images, ["occlusion"])
+    torch.testing.assert_close(other.maps()["occlusion"], attribute(tiny_model, tiny_images, "occlusion", 7))
+    assert not torch.allclose(other.maps()["occlusion"], base.maps()["occlusion"])
+    assert base.retarget(tiny_model, tiny_images, 7).maps().keys() == other.maps().keys()
+    with pytest.raises(ValueError, match="images must be the 3"):
+        base.with_maps(tiny_model, tiny_images[:1], ["attnlrp"])
+    with pytest.raises(ValueError, match="unknown method"):
+        base.with_maps(tiny_model, tiny_images, ["occlusion", "nope"])
+    assert "nope" not in base.maps()
+
+
+def test_slow_methods_are_registered_methods():
+    from vit_core.rollout import ATTENTION_METHODS, MAP_METHODS, SLOW_METHODS
+
+    assert set(SLOW_METHODS) <= set(MAP_METHODS) and not set(SLOW_METHODS) & set(ATTENTION_METHODS)

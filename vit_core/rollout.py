@@ -10,20 +10,43 @@
 
 Every map comes back raw (no rescaling) with patches in row-major order, the order of
 `vit_core.patchify`. Normalising for display belongs to `viz`.
+
+`explain` also offers the attribution maps of `vit_core.attribution` (LRP, gradients, occlusion,
+Integrated Gradients) by name: asked for with `methods=` or later with `Explanation.with_maps`,
+computed once per target class and joined to `Explanation.maps()`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .attribution import ATTRIBUTION_METHODS
 from .model import ViTClassifier
 
 HEAD_FUSIONS = ("mean", "max", "min")
+# The maps every explanation holds, from one forward and one backward pass.
+ATTENTION_METHODS = ("rollout", "grad_rollout", "last_layer")
+# Every map an Explanation can offer, by name.
+MAP_METHODS = ATTENTION_METHODS + tuple(ATTRIBUTION_METHODS)
+# Those costing more than one forward and one backward pass per image (occlusion: one forward row
+# per patch; Integrated Gradients: one forward and backward row per step): computed on request only.
+SLOW_METHODS = ("occlusion", "occlusion_drop", "integrated_gradients")
+
+
+def check_methods(methods: Sequence[str]) -> list[str]:
+    """`methods` as a list; ValueError naming the allowed values if any is not in MAP_METHODS."""
+    if isinstance(methods, str):
+        methods = [methods]
+    unknown = [m for m in methods if m not in MAP_METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(MAP_METHODS)}")
+    return list(methods)
 
 
 def _check_rollout_args(head_fusion: str, discard_ratio: float) -> None:
@@ -114,13 +137,36 @@ class Explanation:
     last_layer: torch.Tensor     # [B, g, g] last layer's CLS -> patch attention (heads fused)
     head_fusion: str
     discard_ratio: float
-    # Gradient rollouts already computed for these images, by target (a tuple, one class per image).
-    # Shared by every Explanation derived from this one, since no setting changes them.
-    _grad_rollouts: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    # Class-specific maps already computed for these images, {target: {method: [B, g, g]}} with the
+    # target a tuple (one class per image): gradient rollouts and attribution maps. Shared by every
+    # Explanation derived from this one, since no setting changes them.
+    _class_maps: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def maps(self) -> dict[str, torch.Tensor]:
-        """The explanation maps by method name, each [B, g, g]."""
-        return {"rollout": self.rollout, "grad_rollout": self.grad_rollout, "last_layer": self.last_layer}
+        """The explanation maps by method name, each [B, g, g]: the three attention maps, then every
+        attribution map computed so far for `target` (`explain(methods=...)`, `with_maps`)."""
+        attributions = {name: value for name, value in self._own_maps().items() if name != "grad_rollout"}
+        return {"rollout": self.rollout, "grad_rollout": self.grad_rollout, "last_layer": self.last_layer,
+                **attributions}
+
+    def _own_maps(self) -> dict[str, torch.Tensor]:
+        """The cache's entry for `target` (created, with this gradient rollout, on first use)."""
+        own = self._class_maps.setdefault(tuple(self.target.tolist()), {})
+        own.setdefault("grad_rollout", self.grad_rollout)
+        return own
+
+    def with_maps(self, model: ViTClassifier, images: torch.Tensor, methods: Sequence[str]) -> "Explanation":
+        """This explanation with the maps of `methods` (names in MAP_METHODS) for `target` in `maps()`;
+        `images` are the ones it was computed from. Each attribution map is computed once per target
+        (`attribution.ATTRIBUTION_METHODS`; see SLOW_METHODS for the costly ones) and then kept for
+        this explanation and every one derived from it. Returns self."""
+        methods = check_methods(methods)
+        self._check_images(images)
+        own = self._own_maps()
+        for name in methods:
+            if name not in ATTENTION_METHODS and name not in own:
+                own[name] = ATTRIBUTION_METHODS[name](model, images, self.target.to(images.device)).detach().cpu()
+        return self
 
     def with_settings(self, head_fusion: str, discard_ratio: float) -> "Explanation":
         """The same explanation for another head fusion / discard ratio, recomputed from the cached
@@ -139,9 +185,7 @@ class Explanation:
         of `self.target`; `images` are the ones it was computed from. Everything else is kept. The
         model runs (one forward and one backward pass, through `explain`) only the first time a
         target is asked for; later calls, from this explanation or any derived from it, reuse it."""
-        if images.shape[0] != len(self.target):
-            raise ValueError(f"images must be the {len(self.target)} this explanation was computed from, "
-                             f"got a batch of {images.shape[0]}")
+        self._check_images(images)
         try:
             wanted = torch.as_tensor(target, dtype=torch.long).expand(len(self.target))
         except RuntimeError:
@@ -149,13 +193,19 @@ class Explanation:
                              f"got shape {tuple(torch.as_tensor(target).shape)}") from None
         if ((wanted < 0) | (wanted >= self.probs.shape[-1])).any():
             raise ValueError(f"target must be a class index in [0, {self.probs.shape[-1]})")
-        key, own = tuple(wanted.tolist()), tuple(self.target.tolist())
-        self._grad_rollouts.setdefault(own, self.grad_rollout)
-        if key == own:
+        key = tuple(wanted.tolist())
+        self._own_maps()
+        if key == tuple(self.target.tolist()):
             return self
-        if key not in self._grad_rollouts:
-            self._grad_rollouts[key] = explain(model, images, target=target).grad_rollout
-        return self._derived(target=wanted.clone(), grad_rollout=self._grad_rollouts[key])
+        cached = self._class_maps.setdefault(key, {})
+        if "grad_rollout" not in cached:
+            cached["grad_rollout"] = explain(model, images, target=target).grad_rollout
+        return self._derived(target=wanted.clone(), grad_rollout=cached["grad_rollout"])
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.shape[0] != len(self.target):
+            raise ValueError(f"images must be the {len(self.target)} this explanation was computed from, "
+                             f"got a batch of {images.shape[0]}")
 
     def head_attention(self, head: int | None = None) -> torch.Tensor:
         """Every block's attention matrix for one head, or the plain mean of the heads when `head`
@@ -175,23 +225,27 @@ class Explanation:
     def _derived(self, **changes) -> "Explanation":
         """dataclasses.replace that keeps the shared cache of gradient rollouts."""
         derived = dataclasses.replace(self, **changes)
-        derived._grad_rollouts = self._grad_rollouts
+        derived._class_maps = self._class_maps
         return derived
 
     def as_numpy(self) -> dict[str, np.ndarray]:
+        """Every tensor and setting, and every map of `maps()`, as numpy arrays by name."""
         arrays = {name: getattr(self, name).numpy() for name in
                   ("probs", "target", "attentions", "rollout", "grad_rollout", "layer_maps", "last_layer")}
+        arrays.update({name: value.numpy() for name, value in self.maps().items()})
         arrays["head_fusion"] = np.array(self.head_fusion)
         arrays["discard_ratio"] = np.array(self.discard_ratio)
         return arrays
 
 
 def explain(model: ViTClassifier, images: torch.Tensor, target: int | torch.Tensor | None = None,
-            head_fusion: str = "mean", discard_ratio: float = 0.0) -> Explanation:
+            head_fusion: str = "mean", discard_ratio: float = 0.0, methods: Sequence[str] = ()) -> Explanation:
     """Probabilities, attentions, rollout and gradient rollout for a normalised batch [B, 3, S, S],
     from one forward and one backward pass in float32. `target` (an int or [B]) defaults to the
-    predicted class."""
+    predicted class. `methods` (names in MAP_METHODS) are attribution maps computed now as well, each
+    with its own passes (`Explanation.with_maps` computes more later)."""
     _check_rollout_args(head_fusion, discard_ratio)
+    methods = check_methods(methods)
     if images.ndim != 4 or images.shape[1:] != (3, model.image_size, model.image_size):
         raise ValueError(f"images must be [B, 3, {model.image_size}, {model.image_size}] from "
                          f"vit_core.preprocess, got shape {tuple(images.shape)}")
@@ -216,7 +270,7 @@ def explain(model: ViTClassifier, images: torch.Tensor, target: int | torch.Tens
     attentions = torch.stack([a.detach() for a in attention_list], dim=1)
     gradients = torch.stack(gradient_list, dim=1)
     layer_maps = cls_patch_map(fuse_heads(attentions, head_fusion))
-    return Explanation(
+    explanation = Explanation(
         probs=probs,
         target=target_t,
         attentions=attentions,
@@ -227,6 +281,7 @@ def explain(model: ViTClassifier, images: torch.Tensor, target: int | torch.Tens
         head_fusion=head_fusion,
         discard_ratio=discard_ratio,
     )
+    return explanation.with_maps(model, images.detach(), methods)
 
 
 def token_map(attentions: torch.Tensor, token: int, layer: int, head: int | None = None) -> torch.Tensor:
