@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vit_core.images import FRAMES_KEY, ImageError, decode_rgb, read_image, to_rgb
+from vit_core.images import FRAMES_KEY, FULL_SIZE_KEY, ImageError, decode_rgb, read_image, to_rgb
 from vit_core.model import to_model_pixels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,3 +146,60 @@ def test_decode_rgb_has_no_size_limits_but_the_same_errors(tmp_path):
     broken.write_bytes(b"not a jpeg")
     with pytest.raises(ImageError, match="not an image"):
         decode_rgb(broken)
+
+
+# ----------------------------------------------------------------------------------------------
+# Large photos: JPEGs decode at the scale the caller needs, the pixel limit counts decoded pixels
+
+@pytest.fixture(scope="module")
+def phone_photo(tmp_path_factory) -> Path:
+    """An 8000×6000 (48 MP) JPEG, EXIF-rotated like a phone's portrait shot: the stored top half
+    red, bottom half blue; orientation 6 turns it so red ends up on the right."""
+    stored = Image.new("RGB", (8000, 6000), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 8000, 3000))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path_factory.mktemp("photo") / "phone.jpg"
+    stored.save(path, exif=exif.tobytes(), quality=80)
+    return path
+
+
+def test_a_48_megapixel_jpeg_is_read_at_reduced_size_quickly_and_upright(phone_photo):
+    started = time.perf_counter()
+    image = read_image(phone_photo, size=32)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 1.0, f"reading took {elapsed:.2f} s"
+    assert image.info[FULL_SIZE_KEY] == (6000, 8000)          # upright full size, for messages
+    assert image.size == (750, 1000)                           # libjpeg's 1/8 scale, turned upright
+    left, right = np.asarray(image)[500, 100], np.asarray(image)[500, 650]
+    assert right[0] > 200 and right[2] < 60 and left[2] > 200 and left[0] < 60
+    # Without a size the same file is a full decode, which the pixel budget refuses.
+    with pytest.raises(ImageError, match="8000×6000 pixels; the limit is 40 megapixels"):
+        read_image(phone_photo)
+
+
+def test_reduced_decoding_matches_a_full_decode_once_resized(tmp_path):
+    ramp = np.linspace(0, 255, 1600, dtype=np.float32)
+    pixels = np.stack([np.add.outer(ramp[:1200] * 0.5, ramp * 0.5), np.tile(ramp, (1200, 1)),
+                       np.tile(ramp[:1200, None], (1, 1600))], axis=-1).astype(np.uint8)
+    path = tmp_path / "ramp.jpg"
+    Image.fromarray(pixels).save(path, quality=90)
+    reduced, full = read_image(path, size=32), read_image(path)
+    assert reduced.size == (200, 150) and full.size == (1600, 1200)
+    difference = np.abs(np.asarray(to_model_pixels(reduced, 32), dtype=int)
+                        - np.asarray(to_model_pixels(full, 32), dtype=int))
+    assert difference.mean() < 2.0 and difference.max() < 16
+
+
+def test_other_formats_decode_at_full_size_under_the_same_budget(tmp_path):
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (400, 300), (1, 2, 3)).save(path)
+    image = read_image(path, size=32)
+    assert image.size == (400, 300) and image.info[FULL_SIZE_KEY] == (400, 300)
+    with pytest.raises(ImageError, match="400×300 pixels; the limit is 0.1 megapixels; saved as JPEG"):
+        read_image(path, size=32, max_pixels=100_000)
+    jpeg = tmp_path / "wide.jpg"
+    Image.new("RGB", (400, 300), (1, 2, 3)).save(jpeg)
+    assert read_image(jpeg, size=32, max_pixels=100_000).size == (50, 38)  # 1/8 scale fits the budget
+    with pytest.raises(ValueError, match="size must be a positive"):
+        read_image(jpeg, size=0)

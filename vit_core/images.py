@@ -1,8 +1,10 @@
 """Reading image files: the one reader behind the app, the explain command and dataset loading.
 
-- `read_image(path_or_file)`: a file from a user. Refuses empty, oversized (bytes or pixels),
-  non-image, damaged, truncated and decompression-bomb files with an `ImageError` whose message a
-  user can act on, before decoding costs much; returns an upright 8-bit RGB image.
+- `read_image(path_or_file, size=None)`: a file from a user. Refuses empty, oversized (bytes, or
+  pixels to decode), non-image, damaged, truncated and decompression-bomb files with an
+  `ImageError` whose message a user can act on, before decoding costs much; returns an upright
+  8-bit RGB image. With `size` (the smallest side the caller needs), a JPEG is decoded at a
+  reduced scale (libjpeg's 1/2, 1/4 or 1/8), which makes a phone photo cheap to read.
 - `decode_rgb(path_or_file)`: the same decoding without the size limits and the extra checksum
   pass, for bulk dataset loading (tens of thousands of small trusted files).
 - `to_rgb(image)`: an image already in memory to upright 8-bit RGB.
@@ -21,9 +23,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_FILE_BYTES = 10 * 2**20  # larger files are refused before they are decoded
-MAX_PIXELS = 40_000_000      # larger images are refused from their header, before any pixel is decoded
+# Images that would decode to more pixels are refused from their header, before any pixel is
+# decoded. It bounds what decoding costs, so a JPEG counts at the scale it will be decoded at.
+MAX_PIXELS = 40_000_000
 READABLE_FORMATS = "PNG, JPEG, GIF, BMP, WebP or TIFF"
 FRAMES_KEY = "frames"        # `image.info[FRAMES_KEY]`: how many frames the file held (1 unless animated)
+FULL_SIZE_KEY = "full_size"  # `image.info[FULL_SIZE_KEY]`: upright (width, height) before any reduced decoding
 
 Source = Union[str, os.PathLike, BinaryIO]
 
@@ -101,17 +106,40 @@ def _byte_size(source: Source) -> int:
     return end - start
 
 
-def _first_frame_rgb(image: Image.Image) -> Image.Image:
-    """Decode an opened file's first frame to RGB; `info[FRAMES_KEY]` keeps the frame count."""
+def _reduce(image: Image.Image, size: int | None) -> None:
+    """Before decoding: asks a JPEG decoder for the smallest scale (1, 1/2, 1/4 or 1/8) that keeps
+    both sides at least `size` (other formats decode at full size)."""
+    if size is not None and image.format in ("JPEG", "MPO"):
+        image.draft("RGB", (size, size))
+
+
+def _first_frame_rgb(image: Image.Image, size: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Decode an opened file's first frame to RGB, JPEGs reduced for `size` (see `_reduce`), and
+    refused over `max_pixels` decoded pixels; `info[FRAMES_KEY]` keeps the frame count and
+    `info[FULL_SIZE_KEY]` the upright size before reduction."""
     frames = getattr(image, "n_frames", 1)
     if frames > 1:
         image.seek(0)
+    full = image.size
+    _reduce(image, size)
+    _check_pixels(image, full, max_pixels, size)
     image.load()  # a full decode of the frame: truncated data fails here
     if image.width == 0 or image.height == 0:
         raise ImageError("The image has no pixels.")
     rgb = to_rgb(image)
     rgb.info[FRAMES_KEY] = frames
+    turned = (rgb.width > rgb.height) != (image.width > image.height)  # EXIF rotated it by 90°
+    rgb.info[FULL_SIZE_KEY] = full[::-1] if turned else full
     return rgb
+
+
+def _check_pixels(image: Image.Image, full: tuple[int, int], max_pixels: int | None, size: int | None) -> None:
+    """Refuses an opened image whose decoding (at the scale `_reduce` set) exceeds `max_pixels`."""
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        hint = "; saved as JPEG it would be read at a reduced size" if size is not None else ""
+        raise ImageError(f"The image is {full[0]}×{full[1]} pixels; the limit is {max_pixels / 1e6:g} "
+                         f"megapixels{hint}.")
 
 
 def decode_rgb(source: Source) -> Image.Image:
@@ -122,27 +150,35 @@ def decode_rgb(source: Source) -> Image.Image:
         return _first_frame_rgb(image)
 
 
-def read_image(source: Source, max_bytes: int = MAX_FILE_BYTES, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def read_image(source: Source, max_bytes: int = MAX_FILE_BYTES, max_pixels: int = MAX_PIXELS,
+               size: int | None = None) -> Image.Image:
     """A path or binary file from a user -> upright 8-bit RGB PIL image (see `to_rgb`; the first
     frame of an animation, the frame count in `image.info[FRAMES_KEY]`).
 
+    `size`: the smallest width and height the caller needs (e.g. the model's input size). A JPEG
+    is then decoded at the smallest of libjpeg's scales that keeps both sides at least `size`, so
+    the result may be smaller than the file's pixels (`image.info[FULL_SIZE_KEY]` keeps the full
+    upright size); other formats always decode at full size.
+
     Raises ImageError, with a message meant for the user, for a missing, empty, non-image, damaged
-    or truncated file, a file over `max_bytes`, an image over `max_pixels` (checked from the header,
-    before decoding) and a decompression bomb. A file object is read from where it stands."""
+    or truncated file, a file over `max_bytes`, an image that would decode to more than
+    `max_pixels` (checked from the header, before decoding) and a decompression bomb. A file
+    object is read from where it stands."""
+    if size is not None and size < 1:
+        raise ValueError(f"size must be a positive number of pixels, got {size}")
     with _decoding_errors():
-        size = _byte_size(source)
-        if size == 0:
+        size_bytes = _byte_size(source)
+        if size_bytes == 0:
             raise ImageError("The file is empty (0 bytes).")
-        if size > max_bytes:
-            raise ImageError(f"The file is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:g} MB.")
+        if size_bytes > max_bytes:
+            raise ImageError(f"The file is {size_bytes / 2**20:.1f} MB; the limit is {max_bytes / 2**20:g} MB.")
         start = None if isinstance(source, (str, os.PathLike)) else source.tell()
         with Image.open(source) as probe:  # reads the header only; PIL refuses gross bombs here
-            width, height = probe.size
-            if width * height > max_pixels:
-                raise ImageError(f"The image is {width}×{height} pixels; the limit is "
-                                 f"{max_pixels / 1e6:g} megapixels.")
+            full = probe.size
+            _reduce(probe, size)
+            _check_pixels(probe, full, max_pixels, size)
             probe.verify()  # structure and checksums, where the format has them
         if start is not None:
             source.seek(start)
         with Image.open(source) as image:  # verify() leaves the image unusable: open it again
-            return _first_frame_rgb(image)
+            return _first_frame_rgb(image, size, max_pixels)
