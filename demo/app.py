@@ -32,14 +32,10 @@ import argparse
 import dataclasses
 import functools
 import sys
-import time
-import uuid
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import gradio as gr
-import gradio.utils as gr_utils
 import torch
 from PIL import Image
 
@@ -50,6 +46,8 @@ if str(ROOT) not in sys.path:  # `python demo/app.py` from anywhere finds vit_co
 
 from demo.handlers import FAITHFULNESS_OUTPUTS, Explorer  # noqa: E402
 from demo.panels import PANELS, REDRAWN, draw, image_panel, view  # noqa: E402
+from demo.serving import (GRADIO_DELETE_CACHE, SESSIONS_KEPT, CacheKeeper, answering,  # noqa: E402
+                          limit_heap_arenas, panel_files, wire_arrays)
 from demo.session import (HEAD_MEAN, METHODS, PREDICTED, Settings, analyze, example_label,  # noqa: E402
                           head_choices)
 from vit_core import CheckpointError, ViTClassifier, load_checkpoint  # noqa: E402
@@ -78,53 +76,6 @@ CSS = """
 #examples .caption-label { font-size: 11px; padding: 0 3px; }
 #image-in img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
 """
-
-
-class PanelFiles:
-    """Writes panels as PNG files straight into Gradio's cache folder, for Gradio to serve.
-
-    Returning a PIL image would make Gradio encode it at PNG level 6 and hash it; level 1 is about
-    4x faster for ~10% more bytes, and a file already in the cache is served as is (Gradio tracks
-    it and `delete_cache` removes it later). Names are unique, so concurrent requests never write
-    the same file. Files Gradio never picked up (a cancelled event) are pruned after `max_age` s."""
-
-    def __init__(self, max_age: float = 7200.0):
-        self.dir = Path(gr_utils.get_upload_folder()) / "vit-explorer-panels"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.max_age = max_age
-        self._written = 0
-
-    def __call__(self, image: Image.Image) -> str:
-        path = self.dir / f"{uuid.uuid4().hex}.png"
-        image.save(path, format="png", compress_level=1)
-        self._written += 1
-        if self._written % 512 == 0:
-            self.prune()
-        return str(path)
-
-    def prune(self) -> None:
-        cutoff = time.time() - self.max_age
-        for old in self.dir.glob("*.png"):
-            try:
-                if old.stat().st_mtime < cutoff:
-                    old.unlink()
-            except FileNotFoundError:
-                pass
-
-
-def answering(handler: Callable[..., dict], ui: dict[str, gr.components.Component],
-              files: PanelFiles) -> Callable[..., dict]:
-    """`handler` as Gradio wants it: the same signature (so the same API parameters), with its
-    {output name: value} answer keyed by this page's components and its pictures as served
-    files. An empty answer changes nothing."""
-    @functools.wraps(handler)
-    def to_gradio(*args, **kwargs):
-        answer = handler(*args, **kwargs)
-        if not answer:
-            return gr.skip()
-        return {ui[name]: files(value) if isinstance(value, Image.Image) else value
-                for name, value in answer.items()}
-    return to_gradio
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,7 +172,7 @@ def wire(ui: dict[str, gr.components.Component], explorer: Explorer, workers: in
     strictly in order."""
     fast = dict(concurrency_id="fast", concurrency_limit=workers)
     slow = dict(concurrency_id="slow", concurrency_limit=1)
-    files = PanelFiles()
+    files = panel_files()
     out = functools.partial(answering, ui=ui, files=files)
     settings = {name: ui[name] for name in SETTING_CONTROLS}  # handlers get them as keywords
     with_patch = {**settings, "patch": ui["patch"]}
@@ -252,13 +203,14 @@ def wire(ui: dict[str, gr.components.Component], explorer: Explorer, workers: in
                               api_name="export", **slow)
     ui["predict_button"].click(out(explorer.predict), [image_in], ui["all_probs"], api_name="predict",
                                preprocess=False, **fast)
+    wire_arrays(ui, explorer, out, settings, **fast)
 
 
 def build_demo(model: ViTClassifier, workers: int = 2) -> gr.Blocks:
     """The explorer around one loaded model, `workers` requests at a time. Launch with `launch(demo)`."""
     examples = sorted(EXAMPLES_DIR.glob("*.jpg")) + sorted(EXAMPLES_DIR.glob("*.png"))
     with gr.Blocks(title="ViT attention explorer", fill_width=True, analytics_enabled=False,
-                   delete_cache=(3600, 3600)) as demo:
+                   delete_cache=GRADIO_DELETE_CACHE) as demo:
         wire(layout(model, examples), Explorer(model, examples), workers)
     return demo
 
@@ -274,16 +226,19 @@ def warm_up(model: ViTClassifier) -> None:
 
 def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False,
            block: bool = True, quiet: bool = False):
-    """demo.launch with this app's settings: upload cap, examples servable, nothing phoning home.
-    With share and no route to the share server, warns and serves locally."""
+    """demo.launch with this app's settings: upload cap, examples servable, nothing phoning home,
+    a bounded number of sessions kept, and a sweep that keeps Gradio's cache folder within its
+    budget (`demo.serving.CacheKeeper`, until the demo closes). With share and no route to the
+    share server, warns and serves locally."""
     if share and not host_reachable(SHARE_SERVER, 443, timeout=3.0):
         warnings.warn("--share: Gradio's share server is unreachable (offline?); serving locally only.",
                       stacklevel=2)
         share = False
+    CacheKeeper(demo, panel_files()).start()
     return demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
                        quiet=quiet, max_file_size=MAX_FILE_SIZE, allowed_paths=[str(EXAMPLES_DIR)],
                        css=CSS, show_error=False, run_history=False, enable_monitoring=False,
-                       ssr_mode=False, state_session_capacity=500, max_threads=16)
+                       ssr_mode=False, state_session_capacity=SESSIONS_KEPT, max_threads=16)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -304,6 +259,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    limit_heap_arenas()  # before the server starts its threads
     torch.set_num_threads(max(1, args.threads))
     try:
         model = load_checkpoint(args.checkpoint, search_dirs=[ROOT])  # relative paths: cwd, then the repo
