@@ -44,8 +44,9 @@ ROOT = DEMO_DIR.parent
 if str(ROOT) not in sys.path:  # `python demo/app.py` from anywhere finds vit_core and demo
     sys.path.insert(0, str(ROOT))
 
-from demo.handlers import FAITHFULNESS_OUTPUTS, Explorer  # noqa: E402
-from demo.panels import PANELS, REDRAWN, draw, image_panel, view  # noqa: E402
+from demo.evidence import Evidence  # noqa: E402
+from demo.handlers import FAITHFULNESS_OUTPUTS, TRUST_OUTPUTS, Explorer  # noqa: E402
+from demo.panels import MODEL_FIGURES, PANELS, REDRAWN, draw, image_panel, view  # noqa: E402
 from demo.serving import (GRADIO_DELETE_CACHE, SESSIONS_KEPT, CacheKeeper, answering,  # noqa: E402
                           limit_heap_arenas, panel_files, wire_arrays)
 from demo.session import (HEAD_MEAN, METHODS, PREDICTED, Settings, analyze, example_label,  # noqa: E402
@@ -81,22 +82,26 @@ CSS = """
 # ------------------------------------------------------------------------------------------------
 # The layout: every component an event reads or writes is returned by name
 
+# The maps row, main map first (on a phone it comes right after the upload and the prediction).
+MAP_ROW = ("overlay", "token_attention", "patch_grid", "model_view", "top5")
+
+
 def _inputs(model: ViTClassifier, examples: list[Path]) -> dict[str, gr.components.Component]:
     gallery_items = [(str(p), example_label(p.stem, model.class_names) or p.stem) for p in examples]
     return {
         "image_in": gr.Image(label="Upload an image (any size)", type="filepath", image_mode=None,
                              sources=["upload", "clipboard"], height=150, elem_id="image-in"),
         "gallery": gr.Gallery(gallery_items, label="…or pick a CIFAR-10 test image (true label)",
-                              columns=3, height=600, allow_preview=False, interactive=False,
+                              columns=3, height=540, allow_preview=False, interactive=False,
                               object_fit="contain", elem_id="examples", elem_classes="pixelated"),
     }
 
 
-def _controls(model: ViTClassifier) -> dict[str, gr.components.Component]:
-    """One control per `Settings` field, under its name."""
+def _controls(model: ViTClassifier, method: str) -> dict[str, gr.components.Component]:
+    """One control per `Settings` field, under its name; `method` is the picker's first value."""
     return {
-        "method": gr.Dropdown([(v, k) for k, v in METHODS.items()], value="rollout", label="Explanation",
-                              elem_id="method", min_width=170),
+        "method": gr.Dropdown([(v, k) for k, v in METHODS.items()], value=method, label="Explanation",
+                              elem_id="method", min_width=190),
         "target": gr.Dropdown([PREDICTED] + list(model.class_names), value=PREDICTED, label="Target class",
                               elem_id="target", min_width=120),
         "head_fusion": gr.Dropdown(list(HEAD_FUSIONS), value="mean", label="Head fusion", elem_id="head-fusion",
@@ -107,19 +112,46 @@ def _controls(model: ViTClassifier) -> dict[str, gr.components.Component]:
         "layer": gr.Slider(1, model.depth, value=model.depth, step=1, label="Layer", elem_id="layer",
                            min_width=120),
         "head": gr.Dropdown(head_choices(model), value=HEAD_MEAN, label="Head", elem_id="head", min_width=110),
+        # The keyboard's way to follow a patch (clicking a panel is the mouse's).
         "patch": gr.Number(-1, precision=0, label="Patch (-1: CLS)", minimum=-1,
                            maximum=model.grid_size**2 - 1, elem_id="patch", min_width=100),
     }
 
 
-def _panels(place: str) -> dict[str, gr.components.Component]:
-    """The panels that go to `place`, in PANELS' order, built where the layout stands."""
-    return {panel.name: panel.make() for panel in PANELS if panel.place == place}
+def _panels(place: str, order: tuple[str, ...] = ()) -> dict[str, gr.components.Component]:
+    """The panels that go to `place`, in `order` (else PANELS' order), built where the layout stands."""
+    chosen = [panel for panel in PANELS if panel.place == place]
+    chosen.sort(key=lambda panel: order.index(panel.name) if panel.name in order else len(order))
+    return {panel.name: panel.make() for panel in chosen}
+
+
+def _readout() -> dict[str, gr.components.Component]:
+    """The prediction line and, beside it, how far the chosen map can be trusted on this image."""
+    ui = {}
+    with gr.Row(equal_height=False, elem_id="readout"):
+        with gr.Column(scale=3, min_width=280):
+            ui.update(_panels("summary"))
+        with gr.Column(scale=2, min_width=260, elem_id="trust-col"):
+            ui["trust"] = gr.Markdown("", elem_id="trust")
+            with gr.Accordion("Every fast map on this image", open=False, elem_id="trust-more"):
+                ui["trust_table"] = gr.Markdown("", elem_id="trust-table")
+    return ui
+
+
+def _compare_tab(explorer: Explorer) -> dict[str, gr.components.Component]:
+    ui = {}
+    with gr.Tab("Compare", elem_id="compare-tab"):
+        gr.Markdown("Every fast map for the current image and class side by side (titles: the share of random "
+                    "maps it beats on this image, and its Spearman ρ with leave-one-patch-out occlusion).")
+        ui["compare"] = image_panel("Every map, this image", "compare", 190, show_label=False)
+        ui["compare_table"] = gr.Markdown("", elem_id="compare-table")
+        ui["test_set"] = gr.Markdown(explorer.evidence.test_set_markdown(), elem_id="test-set")
+    return ui
 
 
 def _faithfulness_tab() -> dict[str, gr.components.Component]:
     ui = {}
-    with gr.Tab("Faithfulness"):
+    with gr.Tab("Faithfulness", elem_id="faithfulness-tab"):
         with gr.Row():
             ui["faith_button"] = gr.Button("Deletion / insertion curves vs. a random map", variant="primary",
                                            elem_id="faith-button")
@@ -130,33 +162,57 @@ def _faithfulness_tab() -> dict[str, gr.components.Component]:
             with gr.Column():
                 ui["auc"] = gr.Markdown(label="AUC", elem_id="auc")
                 ui["sanity"] = gr.Markdown(label="sanity check", elem_id="sanity")
-    with gr.Tab("Export"):
-        ui["export_button"] = gr.Button("Export PNGs + .npz of the current explanation", elem_id="export-button")
+    return ui
+
+
+def _model_tab() -> dict[str, gr.components.Component]:
+    """The model as a whole (vit_core.anatomy), filled when the tab is opened (the /anatomy endpoint)."""
+    ui = {}
+    with gr.Tab("Model", elem_id="model-tab") as tab:
+        ui["model_tab"] = tab
+        ui["anatomy_info"] = gr.Markdown("", elem_id="anatomy-info")
+        for pair in zip(MODEL_FIGURES[::2], MODEL_FIGURES[1::2]):
+            with gr.Row(equal_height=False):
+                for figure in pair:
+                    ui[figure.name] = gr.Image(label=figure.label, format="png", interactive=False, height=300,
+                                               elem_id=figure.name.replace("_", "-"), buttons=["download", "fullscreen"])
+    return ui
+
+
+def _export_tab() -> dict[str, gr.components.Component]:
+    ui = {}
+    with gr.Tab("Export", elem_id="export-tab"):
+        ui["export_button"] = gr.Button("Export PNGs + .npz of the current explanation and the model's figures",
+                                        elem_id="export-button")
         ui["export_files"] = gr.File(label="Files", file_count="multiple", interactive=False,
                                      elem_id="export-files")
     return ui
 
 
-def layout(model: ViTClassifier, examples: list[Path]) -> dict[str, gr.components.Component]:
-    """The page, inside an open gr.Blocks; returns its components by name."""
+def layout(model: ViTClassifier, examples: list[Path], explorer: Explorer) -> dict[str, gr.components.Component]:
+    """The page, inside an open gr.Blocks; returns its components by name. At 1280×720 the upload,
+    the prediction, the chosen map and the attention matrices fit without scrolling; on a phone
+    (CSS) the upload, the prediction and the main map come first."""
     ui = {"session": gr.State(None, time_to_live=3600)}
-    gr.Markdown(f"**ViT attention explorer** · {model.image_size}×{model.image_size} images in "
-                f"{model.grid_size}×{model.grid_size} patches of {model.patch_size} px · {model.depth} "
-                f"layers × {model.n_heads} heads · classes: {', '.join(model.class_names)}")
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=1, min_width=250):
+    ui["header"] = gr.Markdown(explorer.header()["header"], elem_id="header")
+    with gr.Row(equal_height=False, elem_id="main-row"):
+        with gr.Column(scale=1, min_width=220, elem_id="side"):
             ui.update(_inputs(model, examples))
-        with gr.Column(scale=5):
+        with gr.Column(scale=5, min_width=300, elem_id="stage"):
             with gr.Row(equal_height=True, elem_id="controls"):
-                ui.update(_controls(model))
-            ui.update(_panels("summary"))
-            with gr.Row(equal_height=False):
-                ui.update(_panels("top"))
-            with gr.Row(equal_height=False):
-                ui.update(_panels("left"))
-                with gr.Column(scale=3):
+                ui.update(_controls(model, explorer.defaults.method))
+            ui.update(_readout())
+            with gr.Row(equal_height=False, elem_id="maps"):
+                ui.update(_panels("top", MAP_ROW))
+            with gr.Row(equal_height=False, elem_id="attention"):
+                with gr.Column(scale=3, min_width=300):
                     ui.update(_panels("right"))
-    ui.update(_faithfulness_tab())
+                ui.update(_panels("left"))
+    with gr.Tabs(elem_id="tabs"):
+        ui.update(_compare_tab(explorer))
+        ui.update(_faithfulness_tab())
+        ui.update(_model_tab())
+        ui.update(_export_tab())
     # Hidden: /predict writes all class probabilities here (the visible label keeps the top 5).
     ui["predict_button"], ui["all_probs"] = gr.Button(visible=False), gr.Label(visible=False)
     return ui
@@ -165,10 +221,11 @@ def layout(model: ViTClassifier, examples: list[Path]) -> dict[str, gr.component
 # ------------------------------------------------------------------------------------------------
 # The events
 
-def wire(ui: dict[str, gr.components.Component], explorer: Explorer, workers: int) -> None:
+def wire(ui: dict[str, gr.components.Component], explorer: Explorer, workers: int, demo: gr.Blocks) -> None:
     """Connects the handlers to the page. The fast handlers share `workers` threads (torch runs one
-    thread per request, so two requests use both cores of a small machine); the slow buttons have a
-    worker of their own. With one worker, one session's clicks and slider moves are also drawn
+    thread per request, so two requests use both cores of a small machine); the trust figures,
+    chained after the panels so they never delay them, have as many of their own, and the slow
+    buttons one worker. With one worker, one session's clicks and slider moves are also drawn
     strictly in order."""
     fast = dict(concurrency_id="fast", concurrency_limit=workers)
     slow = dict(concurrency_id="slow", concurrency_limit=1)
@@ -179,39 +236,60 @@ def wire(ui: dict[str, gr.components.Component], explorer: Explorer, workers: in
     session, image_in = [ui["session"]], ui["image_in"]
     explained = [*(ui[p.name] for p in PANELS), ui["session"], ui["patch"]]
     redrawn = [*(ui[p.name] for p in REDRAWN), ui["session"]]
-    cleared = dict(fn=out(Explorer.new_image), outputs=[ui[name] for name in FAITHFULNESS_OUTPUTS],
+    cleared = dict(fn=out(Explorer.new_image), outputs=[ui[name] for name in FAITHFULNESS_OUTPUTS + TRUST_OUTPUTS],
                    api_visibility="private")
+    trusted = dict(fn=out(explorer.trust), inputs=session, inputs_kwargs=settings,
+                   outputs=[ui[name] for name in TRUST_OUTPUTS], show_progress="hidden", concurrency_id="trust",
+                   concurrency_limit=workers)
+    # First, so the public endpoint gets the plain name /trust (the chained ones below are private).
+    gr.on([ui[name].change for name in ("method", "target", "head_fusion", "discard_ratio")], **trusted,
+          api_name="trust", trigger_mode="always_last")
     # preprocess=False: the handler gets the raw upload and decodes it itself, so corrupt or
     # hostile files end in a clear gr.Error instead of a failure inside Gradio's image decoding.
     image_in.upload(out(explorer.explain), [image_in], inputs_kwargs=settings, outputs=explained,
-                    api_name="explain", preprocess=False, show_progress="minimal", **fast).success(**cleared)
+                    api_name="explain", preprocess=False, show_progress="minimal", **fast).success(
+                        **cleared).then(**trusted, api_visibility="private")
     image_in.clear(out(Explorer.clear), None, explained, api_visibility="private")
     ui["gallery"].select(out(explorer.example), None, inputs_kwargs=settings, outputs=[image_in, *explained],
-                         api_visibility="private", show_progress="minimal", **fast).success(**cleared)
+                         api_visibility="private", show_progress="minimal", **fast).success(
+                             **cleared).then(**trusted, api_visibility="private")
     gr.on([c.change for c in settings.values()] + [ui["patch"].input], out(explorer.redraw), session,
           inputs_kwargs=with_patch, outputs=redrawn, api_name="redraw", trigger_mode="always_last",
           show_progress="hidden", **fast)
+    gr.on([demo.load, ui["method"].change], out(explorer.header), None, inputs_kwargs={"method": ui["method"]},
+          outputs=ui["header"], api_visibility="private", show_progress="hidden")
     for panel in (p for p in PANELS if p.click is not None):
         ui[panel.name].select(out(explorer.click_on(panel.name)), session, inputs_kwargs=settings,
                               outputs=[*redrawn, ui["patch"]], api_visibility="private", show_progress="hidden",
                               **fast)
+    _wire_tabs(ui, explorer, out, settings, with_patch, slow)
+    ui["predict_button"].click(out(explorer.predict), [image_in], ui["all_probs"], api_name="predict",
+                               preprocess=False, **fast)
+    wire_arrays(ui, explorer, out, settings, **fast)
+
+
+def _wire_tabs(ui, explorer: Explorer, out, settings, with_patch, slow) -> None:
+    session = [ui["session"]]
     ui["faith_button"].click(out(explorer.faithfulness), session, inputs_kwargs=settings,
                              outputs=[ui["deletion"], ui["insertion"], ui["auc"]], api_name="faithfulness", **slow)
     ui["sanity_button"].click(out(explorer.sanity_check), session, inputs_kwargs=settings, outputs=ui["sanity"],
                               api_name="sanity_check", **slow)
     ui["export_button"].click(out(explorer.export), session, inputs_kwargs=with_patch, outputs=ui["export_files"],
                               api_name="export", **slow)
-    ui["predict_button"].click(out(explorer.predict), [image_in], ui["all_probs"], api_name="predict",
-                               preprocess=False, **fast)
-    wire_arrays(ui, explorer, out, settings, **fast)
+    ui["model_tab"].select(out(explorer.anatomy), None, [ui[f.name] for f in MODEL_FIGURES] + [ui["anatomy_info"]],
+                           api_name="anatomy", show_progress="hidden")
 
 
-def build_demo(model: ViTClassifier, workers: int = 2) -> gr.Blocks:
-    """The explorer around one loaded model, `workers` requests at a time. Launch with `launch(demo)`."""
+def build_demo(model: ViTClassifier, workers: int = 2, evidence: Evidence | None = None) -> gr.Blocks:
+    """The explorer around one loaded model, `workers` requests at a time, telling what `evidence`
+    knows about its checkpoint (default: its anatomy from the example images, nothing measured).
+    Launch with `launch(demo)`."""
     examples = sorted(EXAMPLES_DIR.glob("*.jpg")) + sorted(EXAMPLES_DIR.glob("*.png"))
     with gr.Blocks(title="ViT attention explorer", fill_width=True, analytics_enabled=False,
                    delete_cache=GRADIO_DELETE_CACHE) as demo:
-        wire(layout(model, examples), Explorer(model, examples), workers)
+        explorer = Explorer(model, examples, evidence or Evidence.load(model, None, EXAMPLES_DIR),
+                            share=lambda: (getattr(demo, "share_requested", False), demo.share_url))
+        wire(layout(model, examples, explorer), explorer, workers, demo)
     return demo
 
 
@@ -241,6 +319,14 @@ def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, sh
                        ssr_mode=False, state_session_capacity=SESSIONS_KEPT, max_threads=16)
 
 
+def checkpoint_folder(source: str) -> Path | None:
+    """The local folder `load_checkpoint(source, search_dirs=[ROOT])` read, where eval.json,
+    faithfulness.json and anatomy.npz may lie beside the weights; None for a Hub repo id."""
+    path = Path(source)
+    candidates = [path] if path.is_absolute() else [path, ROOT / path]
+    return next((candidate for candidate in candidates if candidate.is_dir()), None)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
@@ -267,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     warm_up(model)
-    launch(build_demo(model, workers=max(1, args.workers)), host=args.host, port=args.port, share=args.share)
+    evidence = Evidence.load(model, checkpoint_folder(args.checkpoint), EXAMPLES_DIR)
+    launch(build_demo(model, workers=max(1, args.workers), evidence=evidence), host=args.host, port=args.port,
+           share=args.share)
     return 0
 
 

@@ -3,15 +3,18 @@
 Every `Explorer` method takes what Gradio passes it (the raw upload, the session, the controls as
 keywords named like the `Settings` fields, event data) and answers {output name: value} for the
 outputs it changes; an empty answer changes nothing. Output names are panel names (demo.panels)
-plus "session", "patch", "image_in", "deletion", "insertion", "auc", "sanity", "export_files" and
-"all_probs". Panel pictures are PIL images. The app maps names to its components and pictures to
-served files, so no handler depends on the order of anything.
+plus "session", "patch", "image_in", "deletion", "insertion", "auc", "sanity", "export_files",
+"all_probs", "trust", "trust_table", "compare", "header", "anatomy_info" and the Model tab's figure
+names (demo.panels.MODEL_FIGURES). Panel pictures are PIL images (or paths of files written once).
+The app maps names to its components and pictures to served files, so no handler depends on the
+order of anything.
 """
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
+import math
 import shutil
 import tempfile
 import time
@@ -21,8 +24,10 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
+from PIL import Image
 
-from demo.panels import PANELS, REDRAWN, clicked_patch, draw, view
+from demo.evidence import Evidence, image_trust, trust_sentence, trust_table
+from demo.panels import MODEL_FIGURES, PANELS, REDRAWN, anatomy_text, clicked_patch, compare_strip, draw, view
 from demo.session import (METHODS, Session, Settings, analyze, current_explanation, label_probs, read_upload,
                           upload_name, upload_path)
 from vit_core import ViTClassifier, viz
@@ -30,22 +35,36 @@ from vit_core import faithfulness as faith
 
 Answer = dict[str, Any]
 FAITHFULNESS_OUTPUTS = ("deletion", "insertion", "auc", "sanity")
+TRUST_OUTPUTS = ("trust", "trust_table", "compare", "compare_table")
+TRUST_PENDING = "Measuring how far to trust each map on this image…"
 
 
 class Explorer:
-    """The app's handlers around one model; `examples` are the gallery's files, in its order."""
+    """The app's handlers around one model; `examples` are the gallery's files, in its order;
+    `evidence` what is known about the checkpoint (default: nothing measured, no anatomy);
+    `share` says whether a public link was asked for and which one Gradio gave, if any."""
 
-    def __init__(self, model: ViTClassifier, examples: list[Path] = ()):
+    def __init__(self, model: ViTClassifier, examples: list[Path] = (), evidence: Evidence | None = None,
+                 share: Callable[[], tuple[bool, str | None]] = lambda: (False, None)):
         self.model = model.eval()
         self.examples = list(examples)
+        self.evidence = evidence or Evidence()
+        self.defaults = Settings(method=self.evidence.default_method)
+        self.share = share
+        anatomy = self.evidence.anatomy
+        # Drawn once per checkpoint; written once, so every request serves the same files.
+        self.model_figures = {f.name: f.draw(anatomy) for f in MODEL_FIGURES} if anatomy is not None else {}
+        folder = Path(tempfile.mkdtemp(dir=_static_dir())) if self.model_figures else None
+        self.model_figure_files = {name: str(_saved(image, folder / f"{name}.png"))
+                                   for name, image in self.model_figures.items()}
 
     def settings(self, controls: dict[str, Any]) -> Settings:
-        return Settings.read(self.model, controls)
+        return Settings.read(self.model, controls, self.defaults)
 
     def explain(self, image, **controls) -> Answer:
         """Runs the model once on the uploaded image; answers every panel for the settings."""
         settings = self.settings(controls)
-        picture, notes = read_upload(upload_path(image))
+        picture, notes = read_upload(upload_path(image), size=self.model.image_size)
         session = analyze(self.model, picture, name=upload_name(image), notes=notes)
         return {**draw(view(self.model, session, settings)), "session": session, "patch": -1}
 
@@ -73,7 +92,7 @@ class Explorer:
 
     def predict(self, image) -> Answer:
         """Class probabilities of the uploaded image (a forward pass only)."""
-        picture, _ = read_upload(upload_path(image))
+        picture, _ = read_upload(upload_path(image), size=self.model.image_size)
         return {"all_probs": label_probs(self.model, picture)}
 
     def faithfulness(self, session: Session | None, **controls) -> Answer:
@@ -85,17 +104,68 @@ class Explorer:
         return {"sanity": sanity_check(self.model, require(session), self.settings(controls))}
 
     def export(self, session: Session | None, **controls) -> Answer:
-        """Every panel as PNG and the current explanation as .npz."""
-        paths = export_files(self.model, require(session), self.settings(controls), _export_dir())
+        """Every panel and the Model tab's figures as PNG, the current explanation as .npz."""
+        paths = export_files(self.model, require(session), self.settings(controls), _export_dir(),
+                             self.model_figures)
         return {"export_files": paths}
+
+    def trust(self, session: Session | None, **controls) -> Answer:
+        """How far to trust each fast map on this image (demo.evidence.image_trust): the chosen
+        map's sentence, every map's figures, and the maps side by side for the Compare view."""
+        if session is None:
+            return {}
+        settings = self.settings(controls)
+        figures = image_trust(self.model, session, settings)
+        titles = {m: f"{METHODS[m].split(' (slower')[0]}: {_beats(f)} · ρ {_rho(f)}" for m, f in figures.items()}
+        table = trust_table(figures, settings.method)
+        return {"trust": trust_sentence(settings.method, figures[settings.method]) if settings.method in figures
+                else "",
+                "trust_table": table, "compare_table": table,
+                "compare": compare_strip(view(self.model, session, settings), list(figures), titles)}
+
+    def anatomy(self) -> Answer:
+        """The Model tab: the anatomy figures (files written once) and where they come from."""
+        if self.evidence.anatomy is None:
+            raise gr.Error("No anatomy for this model: the app was started without example images.")
+        return {**self.model_figure_files, "anatomy_info": anatomy_text(self.evidence.anatomy,
+                                                                         self.evidence.anatomy_note)}
+
+    def header(self, method: str | None = None) -> Answer:
+        """The header line: the model, its measured accuracy, what the page shows, the public link."""
+        model = self.model
+        parts = [f"**ViT attention explorer** · {model.depth} layers × {model.n_heads} heads on "
+                 f"{model.grid_size}×{model.grid_size} patches of {model.patch_size} px",
+                 self.evidence.accuracy_text()]
+        method = method if method in METHODS else self.defaults.method
+        if method == self.defaults.method:
+            parts.append(self.evidence.default_text())
+        else:
+            parts.append(f"Showing **{METHODS[method]}** (the app opens on {METHODS[self.defaults.method]}; "
+                         "each map's trust on this image is beside the picker)")
+        requested, url = self.share()
+        if url:
+            parts.append(f"Public link: [{url}]({url})")
+        elif requested:
+            parts.append("Public link unavailable (the share server cannot be reached): serving locally only")
+        return {"header": " · ".join(parts)}
 
     @staticmethod
     def clear() -> Answer:
         return {**{panel.name: None for panel in PANELS}, "session": None, "patch": -1}
 
     @staticmethod
-    def new_image() -> Answer:  # curves and checks of the previous image no longer apply
-        return {"deletion": None, "insertion": None, "auc": "", "sanity": ""}
+    def new_image() -> Answer:  # curves, checks and trust of the previous image no longer apply
+        return {"deletion": None, "insertion": None, "auc": "", "sanity": "", "trust": TRUST_PENDING,
+                "trust_table": "", "compare": None, "compare_table": ""}
+
+
+def _beats(figures: dict[str, float]) -> str:
+    return f"{min(figures['deletion_percentile'], figures['insertion_percentile']):.0f} %"
+
+
+def _rho(figures: dict[str, float]) -> str:
+    rho = figures["spearman_occlusion"]
+    return "n/a" if math.isnan(rho) else f"{rho:+.2f}"
 
 
 def require(session: Session | None) -> Session:
@@ -145,8 +215,10 @@ def _scalar(value) -> float:
     return float(np.asarray(value, dtype=np.float64).mean())
 
 
-def export_files(model: ViTClassifier, session: Session, settings: Settings, out_dir: Path) -> list[str]:
-    """Every exported panel as a PNG and the current explanation as an .npz, written into out_dir."""
+def export_files(model: ViTClassifier, session: Session, settings: Settings, out_dir: Path,
+                 figures: dict[str, Image.Image] | None = None) -> list[str]:
+    """Every exported panel as a PNG, `figures` (the model's own, by name) as PNGs and the current
+    explanation as an .npz, written into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     current = view(model, session, settings)
     stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in session.name)[:40] or "image"
@@ -156,6 +228,7 @@ def export_files(model: ViTClassifier, session: Session, settings: Settings, out
             path = out_dir / f"{stem}_{panel.export_name(settings)}.png"
             panel.draw(current).save(path)
             paths.append(str(path))
+    paths += [str(_saved(image, out_dir / f"{name}.png")) for name, image in (figures or {}).items()]
     expl = current.explanation
     arrays = expl.as_numpy()
     arrays.update(method=np.array(settings.method), explained_map=expl.maps()[settings.method].numpy(),
@@ -167,6 +240,21 @@ def export_files(model: ViTClassifier, session: Session, settings: Settings, out
 
 
 _EXPORT_ROOT: Path | None = None
+_STATIC_DIR: Path | None = None
+
+
+def _saved(image: Image.Image, path: Path) -> Path:
+    image.save(path)
+    return path
+
+
+def _static_dir() -> Path:
+    """One per-process folder for files that never change while the app runs, removed at exit."""
+    global _STATIC_DIR
+    if _STATIC_DIR is None:
+        _STATIC_DIR = Path(tempfile.mkdtemp(prefix="vit-explorer-static-"))
+        atexit.register(shutil.rmtree, _STATIC_DIR, True)
+    return _STATIC_DIR
 
 
 def _export_dir() -> Path:

@@ -19,9 +19,13 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from demo.session import Session, Settings, current_explanation, example_label
+from demo.session import METHODS, Session, Settings, current_explanation, example_label
 from vit_core import ViTClassifier, viz
+from vit_core.anatomy import Anatomy
 from vit_core.rollout import Explanation
+
+# Maps that do not depend on the class explained (the others explain `Explanation.target`).
+CLASS_FREE_METHODS = ("rollout", "last_layer")
 
 SCALE = 8  # screen pixels per image pixel in the large panels (32 px -> 256 px)
 GAP = 2    # white gap between patches in the patch grid
@@ -87,7 +91,7 @@ def _summary(v: View) -> str:
     true_label = example_label(v.session.name, names)
     if true_label:
         info.append(f"**true label:** {true_label}")
-    if v.settings.method == "grad_rollout":
+    if v.settings.method not in CLASS_FREE_METHODS:
         info.append(f"**explaining:** {names[int(v.explanation.target[0])]}")
     token_text = "CLS" if v.patch is None else f"patch {v.patch}"
     info.append(f"**token:** {token_text} — where it attends in layer {v.settings.layer}, {v.head_text}")
@@ -149,7 +153,7 @@ PANELS: tuple[Panel, ...] = (
     Panel("patch_grid", _clickable("Patches (click one)", "patch-grid"),
           lambda v: viz.patch_grid(v.pixels, v.model.patch_size, scale=SCALE, gap=GAP, highlight=v.patch),
           "top", export="patch_grid", click=grid_patch),
-    Panel("overlay", _clickable("CLS explanation", "overlay"),
+    Panel("overlay", _clickable("Explanation map", "overlay"),
           lambda v: _overlay(v, v.explanation.maps()[v.settings.method][0]), "top",
           export=lambda s: f"overlay_{s.method}", click=image_patch),
     Panel("token_attention", _clickable("Token attention", "token-attention"), _token_attention, "top",
@@ -182,3 +186,47 @@ def clicked_patch(model: ViTClassifier, panel: str, x: float, y: float) -> int |
     if PANEL[panel].click is None:
         raise ValueError(f"panel {panel!r} cannot be clicked")
     return PANEL[panel].click(model, x, y)
+
+
+def compare_strip(v: View, methods: list[str], titles: dict[str, str] | None = None) -> Image.Image:
+    """Every map of `methods` for the view's image and class side by side, each over the image and
+    titled with its label (or `titles`' text), for the Compare view."""
+    maps = v.explanation.maps()
+    titles = titles or {}
+    return viz.map_strip(torch.stack([maps[m][0] for m in methods]), image=v.pixels, alpha=v.settings.opacity,
+                         titles=[titles.get(m, METHODS[m]) for m in methods], scale=4)
+
+
+# ------------------------------------------------------------------------------------------------
+# The Model tab: figures of the model itself (vit_core.anatomy), drawn once per checkpoint
+
+@dataclasses.dataclass(frozen=True)
+class ModelFigure:
+    name: str                              # the key handlers answer with; also its export name
+    label: str
+    draw: Callable[[Anatomy], Image.Image]
+
+
+def _class_maps(method: str) -> Callable[[Anatomy], Image.Image]:
+    return lambda a: viz.class_map_grid(a.class_maps[method], a.class_names, counts=a.class_counts, side=80)
+
+
+MODEL_FIGURES: tuple[ModelFigure, ...] = (
+    ModelFigure("anatomy_distance", "Mean attention distance per head, by depth",
+                lambda a: viz.plot_attention_distance(a.attention_distance, reference=a.uniform_distance)),
+    ModelFigure("anatomy_entropy", "Attention entropy per head",
+                lambda a: viz.entropy_heatmap(a.attention_entropy, a.max_entropy)),
+    ModelFigure("anatomy_positions", "Position-embedding similarity",
+                lambda a: viz.position_similarity_grid(a.position_similarity)),
+    ModelFigure("anatomy_filters", "Patch-embedding filters (principal components)",
+                lambda a: viz.filter_grid(a.filters, a.filter_variance)),
+    ModelFigure("anatomy_class_grad_rollout", "Average gradient rollout per class", _class_maps("grad_rollout")),
+    ModelFigure("anatomy_class_rollout", "Average rollout per class", _class_maps("rollout")),
+)
+
+
+def anatomy_text(anatomy: Anatomy, note: str) -> str:
+    """The line under the Model tab's title: which images the figures come from."""
+    grouped = "its label" if anatomy.grouped_by == "label" else "the predicted class"
+    return (f"From **{anatomy.n_images} images** ({anatomy.image_source}), each explained for {grouped}; "
+            f"the weights' own figures (position embedding, filters) need no images. {note.capitalize()}.")

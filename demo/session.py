@@ -3,7 +3,7 @@
 `Settings` is the controls, read by name and checked; `Session` is one image's cached analysis
 (the model runs once per image); `current_explanation` turns the two into the explanation the
 panels draw, recomputed from the cache by `vit_core` (no forward pass, except once for each new
-class that gradient rollout is asked to explain).
+class and for each attribution map the first time it is asked for).
 """
 
 from __future__ import annotations
@@ -19,14 +19,25 @@ import torch
 from PIL import Image
 
 from vit_core import ViTClassifier, preprocess, to_model_pixels
-from vit_core.images import FRAMES_KEY, MAX_FILE_BYTES, ImageError, read_image
-from vit_core.rollout import HEAD_FUSIONS, Explanation, explain
+from vit_core.images import FRAMES_KEY, FULL_SIZE_KEY, MAX_FILE_BYTES, ImageError, read_image
+from vit_core.rollout import HEAD_FUSIONS, SLOW_METHODS, Explanation, explain
 
-METHODS = {  # value -> label
-    "rollout": "rollout",
+METHODS = {  # value -> label, in the method picker's order
+    "lrp_composite": "LRP (composite)",
     "grad_rollout": "gradient rollout",
+    "attention_x_gradient": "attention × gradient",
+    "attnlrp": "AttnLRP",
+    "input_x_gradient": "input × gradient",
+    "rollout": "rollout",
     "last_layer": "last-layer attention",
+    "occlusion": "occlusion (slower, on request)",
+    "occlusion_drop": "occlusion, token dropped (slower, on request)",
+    "integrated_gradients": "Integrated Gradients (slower, on request)",
 }
+# At most one forward and one backward pass each: shown with trust figures for every image.
+FAST_METHODS = tuple(m for m in METHODS if m not in SLOW_METHODS)
+# The picker's default when no test-set measurement says otherwise (see demo.evidence).
+DEFAULT_METHOD = "lrp_composite"
 PREDICTED = "predicted"
 HEAD_MEAN = "all (mean)"
 
@@ -41,7 +52,7 @@ class Settings:
     `layer` is 1-based as shown; 0 means the last layer. `patch` -1 means no patch selected.
     `head` is HEAD_MEAN or "head k" (1-based)."""
 
-    method: str = "rollout"
+    method: str = DEFAULT_METHOD
     target: str = PREDICTED
     head_fusion: str = "mean"
     discard_ratio: float = 0.0
@@ -51,13 +62,15 @@ class Settings:
     patch: int = -1
 
     @classmethod
-    def read(cls, model: ViTClassifier, controls: Mapping[str, object]) -> "Settings":
+    def read(cls, model: ViTClassifier, controls: Mapping[str, object],
+             defaults: "Settings | None" = None) -> "Settings":
         """Checked settings from control values by name. A value left None (an API caller
-        leaving a parameter out) gets the control's default."""
+        leaving a parameter out) gets the control's default: `defaults`' value, else the field's."""
         unknown = set(controls) - {field.name for field in dataclasses.fields(cls)}
         if unknown:
             raise TypeError(f"no setting is called {sorted(unknown)}")
-        return cls(**{name: value for name, value in controls.items() if value is not None}).checked(model)
+        given = {name: value for name, value in controls.items() if value is not None}
+        return dataclasses.replace(defaults or cls(), **given).checked(model)
 
     def checked(self, model: ViTClassifier) -> "Settings":
         """Validated copy with defaults resolved; bad values raise gr.Error with the allowed ones."""
@@ -107,6 +120,8 @@ class Session:
     inputs: torch.Tensor                  # [1, 3, S, S] normalised, for re-targeting and faithfulness
     name: str                             # file stem, for export names and the true label
     notes: list[str]                      # about decoding: resized from, first frame of, ...
+    # Trust figures already computed for this image (demo.evidence.image_trust), by map.
+    trust: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def predicted(self) -> int:
@@ -130,14 +145,15 @@ def upload_name(payload) -> str:
     return Path(name or upload_path(payload) or "image").stem
 
 
-def read_upload(path: str | os.PathLike | None) -> tuple[Image.Image, list[str]]:
+def read_upload(path: str | os.PathLike | None, size: int | None = None) -> tuple[Image.Image, list[str]]:
     """An uploaded file -> RGB image (`vit_core.images.read_image`: first frame of an animation,
-    upright, transparency on white, size limits) and notes about its decoding. Empty, oversized,
+    upright, transparency on white, size limits; a JPEG decoded at a reduced scale when `size`
+    pixels a side are all that is needed) and notes about its decoding. Empty, oversized,
     non-image, truncated and decompression-bomb files raise gr.Error with the reader's message."""
     if path is None or str(path) == "":
         raise gr.Error("No image: upload one or pick an example.")
     try:
-        image = read_image(path, max_bytes=MAX_FILE_BYTES)
+        image = read_image(path, max_bytes=MAX_FILE_BYTES, size=size)
     except ImageError as error:
         raise gr.Error(str(error)) from None
     frames = image.info.get(FRAMES_KEY, 1)
@@ -149,10 +165,12 @@ def read_upload(path: str | os.PathLike | None) -> tuple[Image.Image, list[str]]
 
 def analyze(model: ViTClassifier, image: Image.Image, name: str = "image",
             notes: list[str] | None = None) -> Session:
-    """The one model run per image: probabilities, attentions, rollouts (vit_core.explain)."""
+    """The one model run per image: probabilities, attentions, rollouts (vit_core.explain). Other
+    maps are computed when first asked for (`current_explanation`)."""
     notes = list(notes or [])
-    if image.size != (model.image_size, model.image_size):
-        notes.append(f"resized from {image.width}×{image.height} to {model.image_size}×{model.image_size}")
+    width, height = image.info.get(FULL_SIZE_KEY, image.size)  # a JPEG may have been decoded reduced
+    if (width, height) != (model.image_size, model.image_size):
+        notes.append(f"resized from {width}×{height} to {model.image_size}×{model.image_size}")
     pixels = to_model_pixels(image, model.image_size)
     inputs = preprocess(pixels, model)
     return Session(explanation=explain(model, inputs), pixels=pixels, inputs=inputs, name=name, notes=notes)
@@ -172,9 +190,11 @@ def target_index(model: ViTClassifier, session: Session, settings: Settings) -> 
 def current_explanation(model: ViTClassifier, session: Session, settings: Settings) -> Explanation:
     """The session's explanation as the settings ask for it: the chosen class's gradient rollout
     (the model runs once per new class), rollout and per-layer maps for this head fusion and
-    discard ratio from the cached attentions."""
+    discard ratio from the cached attentions, and the chosen method's map (computed on first use
+    for this class, then cached)."""
     retargeted = session.explanation.retarget(model, session.inputs, target_index(model, session, settings))
-    return retargeted.with_settings(settings.head_fusion, settings.discard_ratio)
+    return retargeted.with_settings(settings.head_fusion, settings.discard_ratio).with_maps(
+        model, session.inputs, [settings.method])
 
 
 def example_label(name: str, class_names: list[str]) -> str | None:

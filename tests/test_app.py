@@ -8,6 +8,7 @@ is checked where it matters (offline loading, size, /predict agreeing with the m
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import struct
@@ -27,9 +28,11 @@ from PIL import Image
 import demo.app as app
 import demo.session as session_module
 import vit_core.rollout as rollout
+from demo.evidence import FAITHFULNESS_FILE, Evidence, image_trust
 from demo.handlers import Explorer, export_files, faithfulness, sanity_check
-from demo.panels import GAP, PANELS, REDRAWN, SCALE, clicked_patch, draw, view
-from demo.session import Settings, analyze, current_explanation, label_probs, read_upload
+from demo.panels import GAP, MODEL_FIGURES, PANELS, REDRAWN, SCALE, clicked_patch, draw, view
+from demo.session import (DEFAULT_METHOD, FAST_METHODS, METHODS, Settings, analyze, current_explanation, label_probs,
+                          read_upload)
 from toys import tiny_vit
 from vit_core import ViTClassifier, preprocess, to_model_pixels
 from vit_core.checkpoints import host_reachable
@@ -314,6 +317,162 @@ def test_readme_documents_the_answer_order():
 
 
 # ------------------------------------------------------------------------------------------------
+# Methods, trust per image, the Compare view, evidence from the checkpoint's files, the Model tab
+
+def faithfulness_json(spearman: dict[str, float], n: int = 12) -> dict:
+    """A faithfulness.json as `python -m vit_core.cli.faithfulness` writes it (two removals, each
+    figure's mean / sem / n), with the given mean-fill Spearman correlations."""
+    def figures(rho, shift):
+        return {"spearman_occlusion": {"mean": rho, "sem": 0.01, "n": n},
+                "deletion_auc": {"mean": 0.3 - shift, "sem": 0.01, "n": n},
+                "insertion_auc": {"mean": 0.5 + shift, "sem": 0.01, "n": n},
+                "deletion_win_rate": {"mean": 0.7 + shift, "sem": 0.01, "n": n},
+                "insertion_win_rate": {"mean": 0.6 + shift, "sem": 0.01, "n": n}}
+    methods = {name: {"mean": figures(rho, rho / 10), "drop": figures(0.99, 0.0),  # drop must not count
+                      "class_sensitivity": {"mean": 0.2, "sem": 0.1, "n": n}} for name, rho in spearman.items()}
+    random = {"mean": {"deletion_auc": {"mean": 0.42, "sem": 0.01, "n": n},
+                       "insertion_auc": {"mean": 0.41, "sem": 0.01, "n": n}}}
+    return {"n": n, "seed": 1, "removals": ["mean", "drop"], "methods": methods, "random": random}
+
+
+@pytest.fixture
+def checkpoint_copy(checkpoint, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(checkpoint, tmp_path / "ckpt"))
+
+
+def test_the_picker_offers_every_method_and_slow_ones_only_on_request(model, monkeypatch):
+    assert list(METHODS)[:7] == ["lrp_composite", "grad_rollout", "attention_x_gradient", "attnlrp",
+                                 "input_x_gradient", "rollout", "last_layer"]
+    assert set(METHODS) - set(FAST_METHODS) == {"occlusion", "occlusion_drop", "integrated_gradients"}
+    assert Settings().method == DEFAULT_METHOD == "lrp_composite"
+    session = analyzed(model)
+    assert set(session.explanation.maps()) == {"rollout", "grad_rollout", "last_layer"}  # nothing else on upload
+    panels = draw(view(model, session, Settings().checked(model)))  # the default map, computed for drawing
+    assert "lrp_composite" in session.explanation.maps() and "explaining:**" in panels["summary"]
+    assert not {"occlusion", "integrated_gradients"} & set(session.explanation.maps())
+    import vit_core.attribution as attribution
+    asked = []
+    original = attribution.ATTRIBUTION_METHODS["integrated_gradients"]
+    monkeypatch.setitem(attribution.ATTRIBUTION_METHODS, "integrated_gradients",
+                        lambda *a, **k: asked.append(1) or original(*a, **k))
+    for _ in range(2):
+        overlay = draw(view(model, session, Settings(method="integrated_gradients").checked(model)))["overlay"]
+    assert asked == [1] and overlay.size == (32 * SCALE,) * 2  # computed when chosen, then cached
+
+
+def test_trust_figures_per_image_are_computed_once_and_agree_with_vit_core(model, monkeypatch):
+    from vit_core.trust import trust_figures
+
+    session, settings = analyzed(model, DOG), Settings().checked(model)
+    figures = image_trust(model, session, settings)
+    assert list(figures) == list(FAST_METHODS)
+    expl = current_explanation(model, session, settings)
+    direct = trust_figures(model, session.inputs, {"grad_rollout": expl.grad_rollout}, expl.target,
+                           occlusion_map=expl.maps()["occlusion"])["grad_rollout"].for_image(0)
+    assert figures["grad_rollout"] == pytest.approx(direct, nan_ok=True)
+    for values in figures.values():
+        assert 0 <= values["deletion_percentile"] <= 100 and 0 <= values["insertion_percentile"] <= 100
+    forward = model.forward
+    calls = []
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    assert image_trust(model, session, Settings(method="rollout", opacity=0.9).checked(model)) == figures
+    assert calls == []  # cached: no model run for the same image and class
+    fused = image_trust(model, session, Settings(head_fusion="max").checked(model))
+    assert calls and fused["grad_rollout"] == figures["grad_rollout"]  # only rollout / last layer rescored
+    chosen = image_trust(model, session, Settings(method="occlusion").checked(model))
+    assert chosen["occlusion"]["spearman_occlusion"] == pytest.approx(1.0)  # the reference itself
+
+
+def test_trust_handler_answers_badge_table_and_compare_view(model):
+    explorer = Explorer(model)
+    session = explorer.explain({"path": str(CAT), "orig_name": CAT.name})["session"]
+    answer = explorer.trust(session, method="grad_rollout")
+    assert set(answer) == {"trust", "trust_table", "compare", "compare_table"}
+    assert re.search(r"\*\*gradient rollout\*\* beats \*\*\d+ %\*\* of random maps on this image", answer["trust"])
+    assert "Spearman ρ" in answer["trust"] and "leave-one-patch-out" in answer["trust"]
+    rows = [line for line in answer["trust_table"].splitlines()[2:]]
+    assert len(rows) == len(FAST_METHODS) and "| **gradient rollout** |" in answer["trust_table"]
+    assert answer["compare_table"] == answer["trust_table"]
+    strip = answer["compare"]
+    assert isinstance(strip, Image.Image) and strip.width > len(FAST_METHODS) * 32 * 4
+    assert explorer.trust(None) == {}
+    assert Explorer.new_image()["trust"].startswith("Measuring")
+
+
+def test_default_method_and_test_set_table_come_from_faithfulness_json(model, checkpoint_copy):
+    bare = Evidence.load(model, checkpoint_copy)
+    assert bare.default_method == DEFAULT_METHOD and bare.test_set is None
+    assert "python -m vit_core.cli.faithfulness --checkpoint" in bare.default_text()
+    assert "rollout is one click away" in bare.default_text()
+    assert "not measured" in bare.test_set_markdown() and FAITHFULNESS_FILE in bare.test_set_markdown()
+    # attention x gradient is the most faithful fast method; occlusion_drop scores higher but is slow.
+    spearman = {"lrp_composite": 0.52, "attention_x_gradient": 0.61, "rollout": 0.12, "occlusion_drop": 0.9}
+    (checkpoint_copy / FAITHFULNESS_FILE).write_text(json.dumps(faithfulness_json(spearman)))
+    measured = Evidence.load(model, checkpoint_copy)
+    assert measured.default_method == "attention_x_gradient"
+    assert measured.default_text() == ("Showing **attention × gradient**: the most faithful of the fast methods on "
+                                       "the test set (Spearman 0.61 with occlusion over 12 images); rollout is one "
+                                       "click away.")
+    table = measured.test_set_markdown()
+    assert "How to read it" in table and "12 test images" in table
+    assert "| attention × gradient | 0.610 | 76% | 66% | 0.239 | 0.561 |" in table
+    assert "| random map | – | – | – | 0.420 | 0.410 |" in table
+    explorer = Explorer(model, evidence=measured)
+    assert explorer.settings({"method": None}).method == "attention_x_gradient"  # an API caller's None
+    assert explorer.settings({"method": "rollout"}).method == "rollout"
+    (checkpoint_copy / FAITHFULNESS_FILE).write_text("{ not json")
+    assert Evidence.load(model, checkpoint_copy).default_method == DEFAULT_METHOD
+
+
+def test_header_shows_accuracy_what_is_shown_and_the_share_link(model, checkpoint_copy):
+    assert "not measured" in Explorer(model).header()["header"]
+    (checkpoint_copy / "eval.json").write_text(json.dumps({"accuracy": 0.7971, "n_images": 10000}))
+    share = {"state": (False, None)}
+    explorer = Explorer(model, evidence=Evidence.load(model, checkpoint_copy), share=lambda: share["state"])
+    header = explorer.header()["header"]
+    assert "**79.7% test accuracy** (10,000 images)" in header and "Showing **LRP (composite)**" in header
+    assert "Public link" not in header
+    assert "Showing **rollout** (the app opens on LRP (composite)" in explorer.header("rollout")["header"]
+    share["state"] = (True, None)
+    assert "Public link unavailable" in explorer.header()["header"] and "serving locally" in explorer.header()["header"]
+    share["state"] = (True, "https://abc.gradio.live")
+    assert "Public link: [https://abc.gradio.live](https://abc.gradio.live)" in explorer.header()["header"]
+
+
+def test_anatomy_is_read_from_the_cache_or_computed_once_from_the_examples(model, checkpoint_copy):
+    from vit_core.anatomy import save_anatomy
+
+    computed = Evidence.load(model, checkpoint_copy, EXAMPLES)
+    assert computed.anatomy.n_images == 30 and computed.anatomy.matches(model)
+    assert computed.anatomy_note.startswith("computed at start-up")
+    save_anatomy(computed.anatomy, checkpoint_copy / "anatomy.npz")
+    cached = Evidence.load(model, checkpoint_copy, EXAMPLES)
+    assert cached.anatomy_note.startswith("read from the cache")
+    np.testing.assert_allclose(cached.anatomy.attention_distance, computed.anatomy.attention_distance)
+    other = tiny_vit(seed=3, sharpen=True)  # other weights: the cache is stale, so it is recomputed
+    assert Evidence.load(other, checkpoint_copy, EXAMPLES).anatomy_note.startswith("computed at start-up")
+
+    explorer = Explorer(model, evidence=cached)
+    answer = explorer.anatomy()
+    assert set(answer) == {f.name for f in MODEL_FIGURES} | {"anatomy_info"}
+    for figure in MODEL_FIGURES:
+        assert Image.open(answer[figure.name]).size[0] > 100, figure.name
+    assert "From **30 images** (the 30 example images)" in answer["anatomy_info"]
+    assert explorer.anatomy()[MODEL_FIGURES[0].name] == answer[MODEL_FIGURES[0].name]  # files written once
+    with pytest.raises(gr.Error, match="No anatomy"):
+        Explorer(model).anatomy()
+
+
+def test_readme_lists_every_method_value():
+    readme = (ROOT / "README.md").read_text()
+    documented = re.search(r'method="\w+",\s*#\s*((?:"\w+"[\s|#]*)+)', readme)  # may go on over lines
+    assert documented, "README's /explain example documents the method values"
+    assert re.findall(r'"(\w+)"', documented.group(1)) == list(METHODS)
+
+
+# ------------------------------------------------------------------------------------------------
 # Loading and launching
 
 def test_load_model_from_a_hub_repo_id(checkpoint, monkeypatch):
@@ -475,8 +634,28 @@ def test_faithfulness_sanity_and_export_endpoints(client):
     assert "| embedding |" in client.predict(api_name="/sanity_check")
     files = client.predict(patch=3, api_name="/export")
     paths = [Path(f) for f in files]
-    assert any(p.suffix == ".npz" for p in paths) and len(paths) == 8
+    # 7 panels + the .npz, and the Model tab's figures (Export includes them).
+    assert any(p.suffix == ".npz" for p in paths) and len(paths) == 8 + len(MODEL_FIGURES)
+    assert {f"{figure.name}.png" for figure in MODEL_FIGURES} <= {p.name for p in paths}
     assert "attentions" in np.load(next(p for p in paths if p.suffix == ".npz"))
+
+
+def test_trust_and_anatomy_endpoints(client):
+    out = client.predict(upload(DOG), api_name="/explain")  # the default map: LRP (composite)
+    assert "explaining:**" in out[8]
+    sentence, table, compare, compare_table = client.predict(method="attnlrp", api_name="/trust")
+    assert "**AttnLRP** beats" in sentence and "of random maps on this image" in sentence
+    assert len(table.splitlines()) == 2 + len(FAST_METHODS) and compare_table == table
+    assert Image.open(compare).width > len(FAST_METHODS) * 128
+    *figures, info = client.predict(api_name="/anatomy")
+    assert len(figures) == len(MODEL_FIGURES) and all(Image.open(f).size[0] > 100 for f in figures)
+    assert "From **30 images**" in info
+
+
+def test_readme_documents_the_anatomy_answer_order():
+    readme = (ROOT / "README.md").read_text()
+    names = re.search(r"\n\(([\w,\s]+)\) = client\.predict\(api_name=\"/anatomy\"\)", readme).group(1)
+    assert ["anatomy_" + name for name in re.sub(r"\s+", "", names).split(",")[:-1]] == [f.name for f in MODEL_FIGURES]
 
 
 @pytest.mark.parametrize("name", sorted(BAD_FILES))
