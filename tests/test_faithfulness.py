@@ -172,3 +172,89 @@ def test_randomisation_draws_from_the_models_own_initialisation(tiny_model, tiny
     for name, value in expected.state_dict().items():
         assert torch.equal(fresh[name], value), name
     assert not torch.equal(fresh["head.weight"], tiny_model.state_dict()["head.weight"])
+
+
+# ---------------------------------------------------------------------------------------------- token drop
+
+def test_drop_removal_leaves_tokens_out(tiny_model, tiny_images):
+    from vit_core.attribution import occlusion
+
+    target = torch.tensor([1, 4, 7])
+    first = 5
+    deletion = fa.perturbation_curve(tiny_model, tiny_images, one_hot_map(3, first), target, removal="drop")
+    # After one step the curve is leave-one-patch-out with the token dropped: log p drops by the occlusion value.
+    dropped = occlusion(tiny_model, tiny_images, target, mode="drop")[:, first // 4, first % 4]
+    torch.testing.assert_close(deletion[:, 1].log(), deletion[:, 0].log() - dropped, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        tokens = tiny_model.embed(tiny_images)[:, :1]        # CLS alone: every patch token dropped
+        for block in tiny_model.blocks:
+            tokens = block(tokens)
+        cls_only = tiny_model.forward_head(tiny_model.norm(tokens)).softmax(-1)
+        full = tiny_model(tiny_images).softmax(-1)
+    torch.testing.assert_close(deletion[:, -1], cls_only[torch.arange(3), target])
+    torch.testing.assert_close(deletion[:, 0], full[torch.arange(3), target])
+    insertion = fa.perturbation_curve(tiny_model, tiny_images, one_hot_map(3, first), target, mode="insertion",
+                                      steps=4, removal="drop", batch_size=1)
+    torch.testing.assert_close(insertion[:, 0], deletion[:, -1])
+    torch.testing.assert_close(insertion[:, -1], deletion[:, 0])
+    # One pass or one row at a time: the same numbers (rows are grouped by sequence length).
+    together = fa.perturbation_curve(tiny_model, tiny_images, one_hot_map(3, first), target, mode="insertion",
+                                     steps=4, removal="drop", batch_size=1000)
+    torch.testing.assert_close(insertion, together)
+    # Mean fill and token drop are different inputs, so different curves.
+    assert not torch.allclose(deletion, fa.perturbation_curve(tiny_model, tiny_images, one_hot_map(3, first), target))
+
+
+def test_removal_is_checked(tiny_model, tiny_images, positive_images):
+    with pytest.raises(ValueError, match=r"unknown removal 'blur'; choose one of \('mean', 'drop'\)"):
+        fa.perturbation_curve(tiny_model, tiny_images, fa.random_maps(3, 4), 0, removal="blur")
+    with pytest.raises(ValueError, match="needs a ViTClassifier"):
+        fa.perturbation_curve(OnePatchModel(index=3), positive_images, one_hot_map(2, 3), 0, removal="drop")
+
+
+def test_ranks_and_counts():
+    maps = torch.tensor([[[0.1, 0.9], [0.5, 0.5]]])
+    assert fa.ranks(maps).tolist() == [[3, 0, 1, 2]]        # the tie keeps row-major order
+    assert fa.moved_counts(64, 8).tolist() == list(range(0, 65, 8))
+    assert fa.moved_counts(16, 5).tolist() == [0, 3, 6, 9, 12, 16]
+
+
+# ---------------------------------------------------------------------------------------------- every method
+
+def test_method_maps_are_the_library_maps(tiny_model, tiny_images):
+    from vit_core import explain
+    from vit_core.attribution import attribute
+
+    target = torch.tensor([3, 0, 9])
+    maps = fa.method_maps(tiny_model, tiny_images, fa.MAP_METHODS, target)
+    assert list(maps) == list(fa.MAP_METHODS)
+    explained = explain(tiny_model, tiny_images, target=target)
+    for name, value in maps.items():
+        assert value.shape == (3, 4, 4), name
+        if name in fa.EXPLAIN_METHODS:
+            expected = getattr(explained, name)
+        else:
+            expected = attribute(tiny_model, tiny_images, name, target)
+        torch.testing.assert_close(value, expected, msg=name)
+    predicted = fa.method_maps(tiny_model, tiny_images, ["input_x_gradient"])  # default: the predicted class
+    torch.testing.assert_close(predicted["input_x_gradient"], attribute(tiny_model, tiny_images, "input_x_gradient"))
+    with pytest.raises(ValueError, match="saliency.*choose from rollout, grad_rollout, last_layer, occlusion"):
+        fa.method_maps(tiny_model, tiny_images, ["rollout", "saliency"])
+
+
+def test_cascading_randomization_covers_attribution_methods(tiny_model, tiny_images):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    cascade = fa.cascading_randomization(tiny_model, tiny_images, ["rollout", "input_x_gradient"], seed=3)
+    assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+    assert list(cascade) == ["rollout", "input_x_gradient"]
+    assert cascade["rollout"] == fa.randomization_sanity(tiny_model, tiny_images, method="rollout", seed=3)
+    stages = cascade["input_x_gradient"]
+    assert [s["stage"] for s in stages] == ["head", "block 2", "block 1", "embedding"]
+    assert stages[0]["spearman"] < 0.99          # the gradient goes through the head
+    assert all(-1.0 <= s["spearman"] <= 1.0 for s in stages)
+
+
+def test_spearman_rows():
+    a = torch.arange(8.0).view(2, 2, 2)
+    rows = fa.spearman_rows(a, torch.stack([a[0], -a[1]]))
+    assert rows.dtype == torch.float64 and rows.tolist() == [1.0, -1.0]

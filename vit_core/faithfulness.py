@@ -1,33 +1,41 @@
 """Is an explanation map faithful to the model, and does it depend on what the model learned?
 
 - Deletion / insertion (Petsiuk et al. 2018, at patch granularity): remove (or add) patches in the
-  order a map ranks them, most relevant first, filling removed patches with the dataset mean (0 in
-  normalised pixels), and record the target class probability after each step. A faithful map
-  makes the deletion curve fall fast (low area) and the insertion curve rise fast (high area).
+  order a map ranks them, most relevant first, and record the target class probability after each
+  step. A removed patch is either filled with the dataset mean (0 in normalised pixels; removal
+  "mean") or left out of the token sequence (removal "drop": CLS and the kept patch tokens keep
+  their position embeddings, the sequence the model saw in training with patch dropout). A faithful
+  map makes the deletion curve fall fast (low area) and the insertion curve rise fast (high area).
   Random maps are the baseline.
 - Model-randomisation sanity check (Adebayo et al. 2018): re-initialise the network cascading from
   the classifier head down to the patch embedding and compare each randomised model's map with the
   trained model's by Spearman rank correlation. A map that stays the same explains the
   architecture or the input, not what was learned.
 
-`python -m vit_core.cli.faithfulness --checkpoint DIR --data DIR -n 500` prints the AUCs of
-attention rollout, gradient rollout, last-layer attention and random maps over n test images.
+`python -m vit_core.cli.faithfulness --checkpoint DIR --data DIR` scores every map over test images.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from .attribution import ATTRIBUTION_METHODS, OCCLUSION_MODES, _forward_tokens, predicted_class
 from .model import ViTClassifier
-from .rollout import Explanation, explain
+from .rollout import explain
 
 PERTURBATION_MODES = ("deletion", "insertion")
-SANITY_METHODS = ("rollout", "grad_rollout", "last_layer")
+# A patch is removed the way occlusion removes it: filled with the dataset mean, or its token dropped.
+REMOVALS = OCCLUSION_MODES
+# Maps that one `explain` call gives; every method name `method_maps` knows.
+EXPLAIN_METHODS = ("rollout", "grad_rollout", "last_layer")
+MAP_METHODS = EXPLAIN_METHODS + tuple(ATTRIBUTION_METHODS)
+SANITY_METHODS = MAP_METHODS
 
 
 def _check_batch(images: torch.Tensor, patch_maps: torch.Tensor, target) -> tuple[int, torch.Tensor]:
@@ -49,51 +57,102 @@ def _check_batch(images: torch.Tensor, patch_maps: torch.Tensor, target) -> tupl
     return size // grid, target_t.clone()
 
 
-@torch.no_grad()
-def perturbation_curve(model: nn.Module, images: torch.Tensor, patch_maps: torch.Tensor, target,
-                       mode: str = "deletion", steps: int | None = None, batch_size: int = 256) -> torch.Tensor:
-    """Target-class probability [B, steps + 1] as patches are removed ("deletion") from the image
-    or added ("insertion") to an all-mean image, in the order of `patch_maps` (most relevant first;
-    ties keep row-major order). Column k is after round-down(k * n / steps) patches out of n;
-    column 0 is the untouched (deletion) or all-mean (insertion) image. `images` are normalised
-    [B, C, S, S], so the dataset mean is 0; `steps` None moves one patch per step. The model is
-    run in eval mode in chunks of `batch_size` images and left in the mode it came in."""
-    if mode not in PERTURBATION_MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {PERTURBATION_MODES}")
-    patch_maps = torch.as_tensor(patch_maps)
-    patch_size, target_t = _check_batch(images, patch_maps, target)
-    batch, grid = images.shape[0], patch_maps.shape[-1]
-    n_patches = grid * grid
-    steps = n_patches if steps is None else int(steps)
+def check_removal(model: nn.Module, removal: str) -> None:
+    """ValueError unless `removal` is a known way to remove a patch that `model` supports."""
+    if removal not in REMOVALS:
+        raise ValueError(f"unknown removal {removal!r}; choose one of {REMOVALS}")
+    if removal == "drop" and not all(hasattr(model, name) for name in ("embed", "blocks", "forward_head")):
+        raise ValueError("removal 'drop' needs a ViTClassifier (embed, blocks, forward_head) to leave tokens out")
+
+
+def moved_counts(n_patches: int, steps: int) -> torch.Tensor:
+    """Patches moved at each curve column 0..steps: round-down(k * n / steps)."""
     if not 1 <= steps <= n_patches:
         raise ValueError(f"steps must be in [1, {n_patches}] (or None for one patch per step), got {steps}")
+    return torch.arange(steps + 1) * n_patches // steps
+
+
+def ranks(patch_maps: torch.Tensor) -> torch.Tensor:
+    """[..., g, g] -> [..., n]: each patch's place in the map's order, 0 = most relevant (ties keep
+    row-major order)."""
+    flat = torch.as_tensor(patch_maps).flatten(-2).float()
+    order = flat.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    return rank.scatter_(-1, order, torch.arange(flat.shape[-1]).expand_as(order))
+
+
+def _mean_fill_pass(model, images, keep, image_index, patch_size):
+    grid = math.isqrt(keep.shape[-1])
+    mask = keep.view(-1, grid, grid).repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
+    return model(images[image_index].float() * mask[:, None].to(images.device))
+
+
+def _drop_pass(model, tokens, keep, image_index):
+    count = int(keep[0].sum())
+    kept = keep.nonzero()[:, 1].view(len(keep), count) + 1  # row-major patch order, token = patch + 1
+    index = torch.cat([torch.zeros(len(keep), 1, dtype=torch.long), kept], dim=1).to(tokens.device)
+    return _forward_tokens(model, tokens[image_index.to(tokens.device)[:, None], index])
+
+
+@torch.no_grad()
+def kept_probabilities(model: nn.Module, images: torch.Tensor, keep: torch.Tensor, image_index: torch.Tensor,
+                       target: torch.Tensor, removal: str = "mean", batch_size: int = 256) -> torch.Tensor:
+    """Target probability [R] of R perturbed inputs: row r is image `image_index[r]` of normalised
+    `images` [B, C, S, S] with only the patches `keep[r]` ([R, n] bool, row-major) kept and the
+    others removed by `removal`, scored for class `target[image_index[r]]` ([B]). Forward passes
+    of at most `batch_size` rows (for "drop", as many tokens: shorter sequences go more at a
+    time, rows of one pass all keeping as many patches). Eval mode; the model's mode is restored."""
+    check_removal(model, removal)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
-    order = patch_maps.reshape(batch, n_patches).float().argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(n_patches).expand(batch, n_patches))  # rank[b, patch]
-    counts = torch.arange(steps + 1) * n_patches // steps                     # patches moved per column
-    chosen = rank[:, None, :] < counts[None, :, None]                          # [B, K, n]: moved yet?
-    keep = ~chosen if mode == "deletion" else chosen
-    keep = keep.reshape(-1, grid, grid)
-    n_columns = steps + 1
-
+    keep, image_index = keep.cpu(), image_index.cpu()
+    probs = torch.empty(len(keep))
     was_training = model.training
     model.eval()
-    probs = torch.empty(batch * n_columns)
     try:
-        for start in range(0, batch * n_columns, batch_size):
-            index = torch.arange(start, min(start + batch_size, batch * n_columns))
-            image_index = index // n_columns
-            mask = keep[index].repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
-            inputs = images[image_index].float() * mask[:, None].to(images.device)
-            logits = model(inputs)
-            probs[index] = logits.float().softmax(dim=-1).gather(
-                1, target_t[image_index, None].to(logits.device)).squeeze(1).cpu()
+        if removal == "mean":
+            groups = [(torch.arange(len(keep)), batch_size)]
+            patch_size = images.shape[-1] // math.isqrt(keep.shape[-1])
+        else:
+            tokens = model.embed(images.float())
+            counts = keep.sum(dim=1)
+            groups = [((counts == c).nonzero().squeeze(1), batch_size * (keep.shape[1] + 1) // (int(c) + 1))
+                      for c in counts.unique()]
+        for rows, per_pass in groups:
+            for start in range(0, len(rows), per_pass):
+                part = rows[start:start + per_pass]
+                logits = (_mean_fill_pass(model, images, keep[part], image_index[part], patch_size)
+                          if removal == "mean" else _drop_pass(model, tokens, keep[part], image_index[part]))
+                wanted = target[image_index[part]].to(logits.device)
+                probs[part] = logits.float().softmax(dim=-1).gather(1, wanted[:, None]).squeeze(1).cpu()
     finally:
         model.train(was_training)
-    return probs.view(batch, n_columns)
+    return probs
+
+
+def perturbation_curve(model: nn.Module, images: torch.Tensor, patch_maps: torch.Tensor, target,
+                       mode: str = "deletion", steps: int | None = None, batch_size: int = 256,
+                       removal: str = "mean") -> torch.Tensor:
+    """Target-class probability [B, steps + 1] as patches are removed ("deletion") from the image
+    or added ("insertion") to an all-removed image, in the order of `patch_maps` (most relevant
+    first; ties keep row-major order). Column k is after round-down(k * n / steps) patches out of
+    n; column 0 is the untouched (deletion) or all-removed (insertion) image. `images` are
+    normalised [B, C, S, S], so the dataset mean is 0; `removal` "mean" fills removed patches
+    with it, "drop" leaves their tokens out (a `ViTClassifier` only). `steps` None moves one patch
+    per step. The model runs in eval mode in chunks of `batch_size` rows and is left in the mode
+    it came in."""
+    if mode not in PERTURBATION_MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {PERTURBATION_MODES}")
+    check_removal(model, removal)
+    patch_maps = torch.as_tensor(patch_maps)
+    _, target_t = _check_batch(images, patch_maps, target)
+    batch, n_patches = images.shape[0], patch_maps.shape[-1] ** 2
+    counts = moved_counts(n_patches, n_patches if steps is None else int(steps))
+    chosen = ranks(patch_maps)[:, None, :] < counts[None, :, None]  # [B, K, n]: moved yet?
+    keep = ~chosen if mode == "deletion" else chosen
+    image_index = torch.arange(batch).repeat_interleave(len(counts))
+    probs = kept_probabilities(model, images, keep.flatten(0, 1), image_index, target_t, removal, batch_size)
+    return probs.view(batch, len(counts))
 
 
 def auc(curve: torch.Tensor) -> torch.Tensor:
@@ -111,7 +170,8 @@ def random_maps(batch: int, grid: int, seed: int = 0) -> torch.Tensor:
 
 
 def deletion_insertion(model: nn.Module, images: torch.Tensor, maps: dict[str, torch.Tensor], target,
-                       steps: int | None = None, batch_size: int = 256) -> dict[str, dict[str, torch.Tensor]]:
+                       steps: int | None = None, batch_size: int = 256,
+                       removal: str = "mean") -> dict[str, dict[str, torch.Tensor]]:
     """Per method in `maps` ({name: [B, g, g]}): "deletion" and "insertion" curves [B, K] and
     "deletion_auc" and "insertion_auc" [B]."""
     results = {}
@@ -119,7 +179,7 @@ def deletion_insertion(model: nn.Module, images: torch.Tensor, maps: dict[str, t
         entry = {}
         for mode in PERTURBATION_MODES:
             curve = perturbation_curve(model, images, patch_maps, target, mode=mode, steps=steps,
-                                       batch_size=batch_size)
+                                       batch_size=batch_size, removal=removal)
             entry[mode] = curve
             entry[f"{mode}_auc"] = auc(curve)
         results[name] = entry
@@ -150,6 +210,40 @@ def spearman(a, b) -> float:
     return float((ra * rb).sum() / denominator)
 
 
+def spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`spearman` of each pair of maps a[i], b[i] ([B, g, g] each) -> float64 [B]."""
+    return torch.tensor([spearman(x, y) for x, y in zip(a, b)], dtype=torch.float64)
+
+
+def check_methods(methods: Sequence[str]) -> list[str]:
+    """`methods` as a list; ValueError naming the allowed values if any is unknown or none is given."""
+    methods = list(methods)
+    unknown = [m for m in methods if m not in MAP_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(MAP_METHODS)}")
+    return methods
+
+
+def method_maps(model: ViTClassifier, images: torch.Tensor, methods: Sequence[str], target=None,
+                head_fusion: str = "mean", discard_ratio: float = 0.0) -> dict[str, torch.Tensor]:
+    """The maps [B, g, g] of `methods` (names in `MAP_METHODS`) for normalised `images`, explaining
+    `target` (an int or [B]; default: the predicted class). The three attention maps come from one
+    `explain` call (rollout and last-layer attention ignore the target); the others from
+    `attribution.ATTRIBUTION_METHODS`."""
+    methods = check_methods(methods)
+    if target is None:
+        target = predicted_class(model, images)
+    maps = {}
+    if any(m in EXPLAIN_METHODS for m in methods):
+        explained = explain(model, images, target=target, head_fusion=head_fusion,
+                            discard_ratio=discard_ratio).maps()
+        maps.update({m: explained[m] for m in methods if m in EXPLAIN_METHODS})
+    for name in methods:
+        if name not in EXPLAIN_METHODS:
+            maps[name] = ATTRIBUTION_METHODS[name](model, images, target).detach()
+    return {name: maps[name].detach().cpu() for name in methods}
+
+
 def _fresh_weights(model: ViTClassifier, seed: int) -> dict[str, torch.Tensor]:
     """The state of a CPU copy of `model` re-initialised by its own `reset_parameters`, drawn from
     `seed` (on the CPU, so any device gives the same draw); the global RNG is left as it was."""
@@ -168,36 +262,44 @@ def _reinitialise(model: nn.Module, fresh: dict[str, torch.Tensor], prefixes: li
             tensor.copy_(fresh[name])
 
 
-def _method_map(explanation: Explanation, method: str) -> torch.Tensor:
-    return getattr(explanation, method)
+def _cascade(model: ViTClassifier) -> list[tuple[str, list[str]]]:
+    """(stage, parameter prefixes) from the head down to the embedding."""
+    stages = [("head", ["norm", "head"])]
+    stages += [(f"block {i + 1}", [f"blocks.{i}"]) for i in reversed(range(len(model.blocks)))]
+    return stages + [("embedding", ["patch_embed", "cls_token", "pos_embed"])]
 
 
-def randomization_sanity(model: ViTClassifier, images: torch.Tensor, method: str = "rollout", target=None,
-                         head_fusion: str = "mean", discard_ratio: float = 0.0, seed: int = 0) -> list[dict]:
+def cascading_randomization(model: ViTClassifier, images: torch.Tensor, methods: Sequence[str], target=None,
+                            head_fusion: str = "mean", discard_ratio: float = 0.0,
+                            seed: int = 0) -> dict[str, list[dict]]:
     """Cascading model randomisation on a deep copy of `model` (the given model is not touched):
     re-initialise the head (final norm + classifier), then block L, ..., block 1, then the
     embedding (patch projection, CLS token, position embedding), each step keeping the earlier
     ones. After each step, the Spearman correlation between the trained model's map and the
     randomised one, per image, for the same target class (default: the trained model's
-    prediction). Returns [{"stage": "head" | "block L" | ... | "embedding", "spearman": mean over
-    images, "spearman_std": their standard deviation}] in cascade order."""
-    if method not in SANITY_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {SANITY_METHODS}")
+    prediction). Per method in `methods` (`MAP_METHODS`): [{"stage": "head" | "block L" | ... |
+    "embedding", "spearman": mean over images, "spearman_std": their standard deviation}] in
+    cascade order (NaN where every image's map went constant)."""
+    methods = check_methods(methods)
     work = copy.deepcopy(model)
-    trained = explain(work, images, target=target, head_fusion=head_fusion, discard_ratio=discard_ratio)
-    target_t = trained.target
-    reference = _method_map(trained, method)
-    stages = [("head", ["norm", "head"])]
-    stages += [(f"block {i + 1}", [f"blocks.{i}"]) for i in reversed(range(len(work.blocks)))]
-    stages += [("embedding", ["patch_embed", "cls_token", "pos_embed"])]
+    target = predicted_class(work, images) if target is None else target
+    settings = dict(target=target, head_fusion=head_fusion, discard_ratio=discard_ratio)
+    reference = method_maps(work, images, methods, **settings)
     fresh = _fresh_weights(work, seed)
-    results = []
-    for stage, prefixes in stages:
+    results: dict[str, list[dict]] = {name: [] for name in methods}
+    for stage, prefixes in _cascade(work):
         _reinitialise(work, fresh, prefixes)
-        randomised = _method_map(
-            explain(work, images, target=target_t, head_fusion=head_fusion, discard_ratio=discard_ratio), method)
-        scores = np.array([spearman(r, m) for r, m in zip(reference, randomised)])
-        finite = np.isfinite(scores).any()  # nanmean of no numbers would warn
-        results.append({"stage": stage, "spearman": float(np.nanmean(scores)) if finite else float("nan"),
-                        "spearman_std": float(np.nanstd(scores)) if finite else float("nan")})
+        for name, randomised in method_maps(work, images, methods, **settings).items():
+            scores = spearman_rows(reference[name], randomised).numpy()
+            finite = np.isfinite(scores).any()  # nanmean of no numbers would warn
+            results[name].append({"stage": stage, "spearman": float(np.nanmean(scores)) if finite else float("nan"),
+                                  "spearman_std": float(np.nanstd(scores)) if finite else float("nan")})
     return results
+
+
+def randomization_sanity(model: ViTClassifier, images: torch.Tensor, method: str = "rollout", target=None,
+                         head_fusion: str = "mean", discard_ratio: float = 0.0, seed: int = 0) -> list[dict]:
+    """`cascading_randomization` of one method: its list of stages."""
+    if method not in MAP_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {MAP_METHODS}")
+    return cascading_randomization(model, images, [method], target, head_fusion, discard_ratio, seed)[method]
