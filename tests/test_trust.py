@@ -10,7 +10,7 @@ from torch import nn
 
 from vit_core import attribution as at
 from vit_core import faithfulness as fa
-from vit_core.trust import TrustFigures, trust_figures
+from vit_core.trust import TrustContext, TrustFigures, trust_figures
 
 from toys import tiny_vit
 
@@ -25,12 +25,14 @@ class AdditiveModel(nn.Module):
     def __init__(self, weights: torch.Tensor):
         super().__init__()
         self.weights = weights
+        self.rows = 0  # inputs seen, to check what a TrustContext evaluates once
 
     def contributions(self, images: torch.Tensor) -> torch.Tensor:
         means = images.unfold(2, 4, 4).unfold(3, 4, 4).mean(dim=(1, 4, 5))  # [B, 4, 4]
         return means * self.weights.view(4, 4)
 
     def forward(self, images):
+        self.rows += len(images)
         logit = self.contributions(images).sum(dim=(1, 2))
         return torch.stack([logit, torch.zeros_like(logit)], dim=1)
 
@@ -136,3 +138,63 @@ def test_bad_arguments_are_clear_errors(additive, positive_images, maps, kwargs,
 def test_bad_target_is_a_clear_error(additive, positive_images):
     with pytest.raises(ValueError, match=r"class index in \[0, 2\)"):
         trust_figures(additive, positive_images, {"a": torch.zeros(2, 4, 4)}, 2)
+
+
+def test_a_context_does_the_shared_work_once(additive, positive_images):
+    batch, steps, n_random = 2, 8, 6
+    optimum = additive.contributions(positive_images)
+    context = TrustContext(additive, positive_images, 0, steps=steps, n_random=n_random, seed=1)
+    first = context.curve_figures({"optimum": optimum})
+    # One map's inner columns, the random maps' deletion columns (insertion reverses them) and the
+    # untouched and all-mean images: nothing else, and no occlusion until a Spearman is asked for.
+    assert additive.rows == batch * (2 * (steps - 1) + n_random * (steps - 1) + 2)
+    additive.rows = 0
+    second = context.curve_figures({"reversed": -optimum, "constant": torch.zeros_like(optimum)})
+    assert additive.rows == batch * 2 * 2 * (steps - 1)
+    additive.rows = 0
+    context.spearman({"optimum": optimum})
+    context.spearman({"reversed": -optimum})
+    assert additive.rows == batch * (16 + 1)  # leave-one-patch-out, once
+    together = trust_figures(additive, positive_images, {"optimum": optimum, "reversed": -optimum,
+                                                          "constant": torch.zeros_like(optimum)},
+                             0, steps=steps, n_random=n_random, seed=1)
+    for name, figures in {**first, **second}.items():
+        for field, value in figures.items():
+            torch.testing.assert_close(value, getattr(together[name], field), msg=f"{name} {field}")
+
+
+@pytest.mark.parametrize("steps", [8, 5])  # 8 divides the 16 patches (one pass serves both modes), 5 does not
+def test_random_insertion_uses_the_reversed_random_orders(additive, positive_images, steps):
+    context = TrustContext(additive, positive_images, 0, steps=steps, n_random=4, seed=7)
+    areas = context.random_areas()
+    randoms = fa.random_maps(4, 4, seed=7)
+    reversed_order = fa.ranks(randoms).float().view(4, 4, 4)  # the last-ranked patch comes first
+    for b in range(2):
+        image = positive_images[b:b + 1].expand(4, -1, -1, -1)
+        for mode, maps in (("deletion", randoms), ("insertion", reversed_order)):
+            expected = fa.auc(fa.perturbation_curve(additive, image, maps, 0, mode=mode, steps=steps))
+            torch.testing.assert_close(areas[mode][b], expected, msg=f"{mode} image {b}")
+
+
+def test_drop_removal_figures_are_the_drop_curves():
+    model = tiny_vit(image_size=16, sharpen=True)
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    target = torch.tensor([1, 6])
+    maps = {name: at.attribute(model, images, name, target) for name in ("attnlrp", "attention_x_gradient")}
+    figures = trust_figures(model, images, maps, target, steps=4, n_random=5, removal="drop")
+    loo = at.occlusion(model, images, target, mode="drop")
+    for name, entry in figures.items():
+        for mode in ("deletion", "insertion"):
+            curve = fa.perturbation_curve(model, images, maps[name], target, mode=mode, steps=4, removal="drop")
+            torch.testing.assert_close(getattr(entry, f"{mode}_auc"), fa.auc(curve))
+        expected = [fa.spearman(maps[name][b], loo[b]) for b in range(2)]
+        assert entry.spearman_occlusion.tolist() == pytest.approx(expected)
+    mean_fill = trust_figures(model, images, maps, target, steps=4, n_random=5)
+    assert not torch.allclose(mean_fill["attnlrp"].deletion_auc, figures["attnlrp"].deletion_auc)
+
+
+def test_bad_removal_is_a_clear_error(additive, positive_images):
+    with pytest.raises(ValueError, match=r"choose one of \('mean', 'drop'\)"):
+        TrustContext(additive, positive_images, 0, removal="blur")
+    with pytest.raises(ValueError, match="needs a ViTClassifier"):
+        TrustContext(additive, positive_images, 0, removal="drop")
