@@ -14,6 +14,7 @@ from PIL import Image
 
 from toys import make_image_folder, tiny_vit
 from vit_core import explain as explain_fn
+from vit_core import faithfulness as fa
 from vit_core import preprocess
 from vit_core.cli import evaluate as evaluate_cli
 from vit_core.cli import faithfulness as faithfulness_cli
@@ -157,7 +158,7 @@ def test_faithfulness_prints_aucs(tmp_path, capsys):
     model.save_pretrained(tmp_path / "ckpt")
     write_folder(tmp_path / "data")
     code = faithfulness_cli.main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"),
-                                  "-n", "5", "--sanity", "2"])
+                                  "-n", "5", "--sanity", "2", "--methods", "rollout,grad_rollout,last_layer"])
     out = capsys.readouterr().out
     assert code == 0
     assert "5 test images" in out
@@ -180,6 +181,79 @@ def test_faithfulness_bad_paths(tmp_path, capsys):
         faithfulness_cli.main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"),
                                "--discard-ratio", "1"])
     assert exit_info.value.code == 2
+
+
+def test_faithfulness_writes_every_method_and_figure_and_the_card(colour_checkpoint, capsys):
+    import json
+    import shutil
+
+    _, ckpt, data = colour_checkpoint
+    shutil.copy(ROOT / "checkpoints" / "vit-cifar10" / "train_info.json", ckpt)  # as train.py leaves it
+    code = faithfulness_cli.main(["--checkpoint", str(ckpt), "--data", str(data), "-n", "3", "--sanity", "1",
+                                  "--write-card"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((ckpt / "faithfulness.json").read_text())
+    assert result["n"] == 3 and result["seed"] == 1 and result["sanity_images"] == 1
+    assert result["command"].startswith("python -m vit_core.cli.faithfulness --checkpoint ")
+    assert result["date"][:2] == "20" and result["removals"] == ["mean", "drop"]
+    expected = [m for m in fa.MAP_METHODS if m != "occlusion"]  # occlusion is the mean-fill reference
+    assert list(result["methods"]) == expected
+    for name, entry in result["methods"].items():
+        for removal in ("mean", "drop"):
+            figures = entry[removal]
+            assert set(figures) == set(faithfulness_cli.FIGURES), name
+            for figure in ("deletion_win_rate", "insertion_win_rate"):
+                assert 0.0 <= figures[figure]["mean"] <= 1.0 and figures[figure]["n"] == 3, (name, figure)
+            assert 0.0 <= figures["deletion_auc"]["mean"] <= 1.0 and figures["deletion_auc"]["sem"] >= 0.0
+        assert [s["stage"] for s in entry["randomisation"]] == ["head", "block 2", "block 1", "embedding"]
+        assert -1.0 <= entry["class_sensitivity"]["mean"] <= 1.0
+    # The token-drop reference agrees with itself, so it gets no Spearman figure there.
+    assert result["methods"]["occlusion_drop"]["drop"]["spearman_occlusion"]["n"] == 0
+    assert result["methods"]["occlusion_drop"]["mean"]["spearman_occlusion"]["n"] == 3
+    # Rollout and last-layer attention never look at the class: the same map for the top-2 class.
+    for name in ("rollout", "last_layer"):
+        assert result["methods"][name]["class_sensitivity"]["mean"] == pytest.approx(1.0)
+    card = (ckpt / "README.md").read_text()
+    assert "## Which map to trust" in card and "seed 1" in card
+    rows = [line for line in card.splitlines() if line.startswith("| ") and " / " in line]
+    assert [row.split(" | ")[0][2:] for row in rows] == expected
+    assert "| occlusion_drop | " in card and "/ ref. |" in card
+
+
+def test_faithfulness_methods_and_removal_can_be_restricted(colour_checkpoint, tmp_path, capsys):
+    import json
+
+    _, ckpt, data = colour_checkpoint
+    out = tmp_path / "report"
+    assert faithfulness_cli.main(["--checkpoint", str(ckpt), "--data", str(data), "-n", "2", "--sanity", "0",
+                                  "--methods", "attnlrp, rollout", "--removal", "drop", "--seed", "5",
+                                  "--out", str(out)]) == 0
+    result = json.loads((out / "faithfulness.json").read_text())
+    assert list(result["methods"]) == ["attnlrp", "rollout"] and result["removals"] == ["drop"]
+    assert result["seed"] == 5 and result["sanity_images"] == 0
+    assert set(result["methods"]["rollout"]) == {"drop", "class_sensitivity"}
+    assert not (ckpt / "faithfulness.json").exists()
+    assert "removal 'drop'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--methods", "rollout,saliency", "unknown method saliency; choose from rollout, grad_rollout, last_layer, "
+                                      "occlusion_drop, integrated_gradients"),
+    ("--methods", "occlusion", "unknown method occlusion; choose from"),
+    ("--removal", "blur", "unknown removal mode blur; choose from mean, drop"),
+])
+def test_faithfulness_bad_method_or_removal_is_one_line_and_status_2(colour_checkpoint, capsys, flag, value, message):
+    _, ckpt, data = colour_checkpoint
+    assert faithfulness_cli.main(["--checkpoint", str(ckpt), "--data", str(data), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (ckpt / "faithfulness.json").exists()
+
+
+def test_faithfulness_write_card_needs_a_training_folder(colour_checkpoint, capsys):
+    _, ckpt, data = colour_checkpoint
+    assert faithfulness_cli.main(["--checkpoint", str(ckpt), "--data", str(data), "--write-card"]) == 2
+    assert "train_info.json" in capsys.readouterr().err and not (ckpt / "faithfulness.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------- evaluate

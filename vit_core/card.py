@@ -152,12 +152,48 @@ def _results(history: list[dict], evaluation: dict | None) -> list[str]:
     return lines + ["", "![training statistics](training.png)", ""]
 
 
+def _faithfulness_lines(out: Path) -> list[str]:
+    """The table `python -m vit_core.cli.faithfulness` leaves in faithfulness.json, if it ran."""
+    result = _read(out / "faithfulness.json")
+    if result is None:
+        return []
+    removals, references = result["removals"], result["references"]
+
+    def cell(name: str, removal: str | None, figure: str) -> str:
+        if removal is not None and figure == "spearman_occlusion" and name == references[removal]:
+            return "ref."
+        summary = result["methods"][name][removal][figure] if removal else result["methods"][name][figure]
+        return "—" if summary["mean"] is None else f"{summary['mean']:.2f}"
+
+    def both(name: str, figure: str) -> str:
+        return " / ".join(cell(name, removal, figure) for removal in removals)
+
+    modes = " / ".join({"mean": "mean fill", "drop": "token drop"}[r] for r in removals)
+    lines = ["## Which map to trust", "",
+             f"{result['n']} test images (seed {result['seed']}), each map explaining the predicted class, "
+             f"{result['steps']} curve steps, {result['n_random']} random maps per image; measured on "
+             f"{result['date'][:10]} by `{result['command']}`. Means over images (standard errors in "
+             "faithfulness.json). Spearman: rank agreement with leave-one-patch-out occlusion; win: the share "
+             "of random maps of the same image whose deletion (insertion) AUC the map beats, 0.5 being chance; "
+             "class: Spearman between the maps for the top-1 and top-2 classes (1 = blind to the class); "
+             "randomised: Spearman with the trained map once every layer is re-initialised (near 0 = the map "
+             f"depends on what was learned). Pairs are {modes}.", "",
+             "| method | Spearman | deletion win | insertion win | class | randomised |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, entry in result["methods"].items():
+        stages = entry.get("randomisation")
+        randomised = f"{stages[-1]['spearman']:.2f}" if stages else "—"
+        lines.append(f"| {name} | {both(name, 'spearman_occlusion')} | {both(name, 'deletion_win_rate')} | "
+                     f"{both(name, 'insertion_win_rate')} | {cell(name, None, 'class_sensitivity')} | {randomised} |")
+    return lines + [""]
+
+
 def write_model_card(out: str | Path) -> Path:
     out = Path(out)
     info, history, evaluation = _read(out / TRAIN_INFO), _read(out / HISTORY) or [], _read(out / EVAL_INFO)
     if info is None:
         raise FileNotFoundError(f"{out / TRAIN_INFO} is missing; the card is built from a training run")
-    lines = _header(info) + _recipe(info) + _compute(info) + _results(history, evaluation)
+    lines = _header(info) + _recipe(info) + _compute(info) + _results(history, evaluation) + _faithfulness_lines(out)
     if (out / NOTES).exists():  # what the numbers alone do not tell, written by whoever ran it
         lines += ["## Notes", "", (out / NOTES).read_text().strip(), ""]
     path = out / "README.md"
