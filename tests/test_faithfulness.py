@@ -258,3 +258,4 @@ def test_spearman_rows():
     a = torch.arange(8.0).view(2, 2, 2)
     rows = fa.spearman_rows(a, torch.stack([a[0], -a[1]]))
     assert rows.dtype == torch.float64 and rows.tolist() == [1.0, -1.0]
+    assert fa.spearman(a.bfloat16(), a) == pytest.approx(1.0)  # maps computed under bf16 autocast

@@ -194,10 +194,10 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 
 
 def spearman(a, b) -> float:
-    """Spearman rank correlation of two maps (any shapes with the same number of entries; torch or
-    numpy), with average ranks for ties. NaN when either map is constant."""
-    a = np.asarray(a.detach().cpu() if hasattr(a, "detach") else a, dtype=np.float64).ravel()
-    b = np.asarray(b.detach().cpu() if hasattr(b, "detach") else b, dtype=np.float64).ravel()
+    """Spearman rank correlation of two maps (any shapes with the same number of entries; torch of
+    any float dtype, or numpy), with average ranks for ties. NaN when either map is constant."""
+    a = np.asarray(a.detach().double().cpu() if hasattr(a, "detach") else a, dtype=np.float64).ravel()
+    b = np.asarray(b.detach().double().cpu() if hasattr(b, "detach") else b, dtype=np.float64).ravel()
     if a.size != b.size:
         raise ValueError(f"maps differ in size: {a.size} vs {b.size}")
     if a.size < 2:

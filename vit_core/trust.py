@@ -74,10 +74,11 @@ class TrustContext:
     so when `steps` divides the number of patches every inserted set is a deleted set's
     complement and one pass serves both. `occlusion_map` is the leave-one-patch-out map
     (`attribution.occlusion` with mode = `removal`) if already computed; otherwise it is
-    computed when a Spearman figure is first asked for. `bf16` runs the perturbed inputs (not
-    the occlusion reference) through a bfloat16 copy of the model under autocast: faster on CPUs
-    with bf16 units; the AUCs move slightly, so near-ties between maps may reorder. Forward passes
-    take up to `batch_size` rows.
+    computed when a Spearman figure is first asked for. `bf16` runs the perturbed inputs through a
+    bfloat16 copy of the model under autocast: faster on CPUs with bf16 units; the AUCs move
+    slightly, so near-ties between maps may reorder. The occlusion reference stays in float32: its
+    values are small differences of log-probabilities, whose ranks bfloat16 would scramble.
+    Forward passes take up to `batch_size` rows.
     """
 
     def __init__(self, model, images: torch.Tensor, target, removal: str = "mean", steps: int = 8,
