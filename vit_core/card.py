@@ -176,13 +176,13 @@ def _faithfulness_lines(out: Path) -> list[str]:
              "faithfulness.json). Spearman: rank agreement with leave-one-patch-out occlusion; win: the share "
              "of random maps of the same image whose deletion (insertion) AUC the map beats, 0.5 being chance; "
              "class: Spearman between the maps for the top-1 and top-2 classes (1 = blind to the class); "
-             "randomised: Spearman with the trained map once every layer is re-initialised (near 0 = the map "
-             f"depends on what was learned). Pairs are {modes}.", "",
+             "randomised: Spearman with the trained map once the head, then also the top block, then every "
+             f"layer is re-initialised (near 0 = the map depends on those weights). Pairs are {modes}.", "",
              "| method | Spearman | deletion win | insertion win | class | randomised |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, entry in result["methods"].items():
         stages = entry.get("randomisation")
-        randomised = f"{stages[-1]['spearman']:.2f}" if stages else "—"
+        randomised = " / ".join(f"{s['spearman']:.2f}" for s in (stages[0], stages[1], stages[-1])) if stages else "—"
         lines.append(f"| {name} | {both(name, 'spearman_occlusion')} | {both(name, 'deletion_win_rate')} | "
                      f"{both(name, 'insertion_win_rate')} | {cell(name, None, 'class_sensitivity')} | {randomised} |")
     return lines + [""]
