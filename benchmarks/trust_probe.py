@@ -10,8 +10,9 @@ map (each `vit_core.attribution` method, plus attention rollout and gradient rol
 leave-one-patch-out occlusion (dataset-mean fill, drop in the predicted class's log-probability)
 and the deletion/insertion win rate against random maps (the chance that the map's AUC beats one
 random map's, i.e. the mean trust percentile / 100), with the standard error over images.
-The target is always the predicted class. --methods picks the maps (default: all), --bf16 runs the
-trust figures under bfloat16 autocast, --threads sets torch's thread count. Times are given as
+The target is always the predicted class. --methods picks the maps (default: all), --removal how a
+patch is removed (mean fill or token drop; the occlusion reference removes it the same way),
+--bf16 runs the perturbed inputs in bfloat16, --threads sets torch's thread count. Times are given as
 wall and process CPU time: on a machine busy with other work the CPU time is the steadier figure.
 `lrp_composite`'s rules were picked on the default subset (-n 50 --seed 0); judge it on another
 --seed.
@@ -70,6 +71,14 @@ def all_maps(model, images, target, methods: list[str]) -> tuple[dict[str, torch
     return maps, loo, seconds
 
 
+def reference(model, images, target, maps, loo, removal: str) -> torch.Tensor:
+    """The leave-one-patch-out map that removes patches as `removal` does."""
+    if removal == "mean":
+        return loo
+    return maps["occlusion_drop"] if "occlusion_drop" in maps else ATTRIBUTION_METHODS["occlusion_drop"](
+        model, images, target)
+
+
 def time_one_image(model, image: torch.Tensor, args) -> None:
     timings: dict[str, list[tuple[float, float]]] = {}
     for _ in range(args.repeats):
@@ -77,14 +86,16 @@ def time_one_image(model, image: torch.Tensor, args) -> None:
         target = predicted_class(model, image)
         maps, loo, seconds = all_maps(model, image, target, args.methods)
         clock = Clock()
-        trust_figures(model, image, maps, target, occlusion_map=loo, steps=args.steps,
-                      n_random=args.n_random, bf16=args.bf16)
+        loo = reference(model, image, target, maps, loo, args.removal)
+        trust_figures(model, image, maps, target, occlusion_map=loo, steps=args.steps, n_random=args.n_random,
+                      bf16=args.bf16, removal=args.removal)
         seconds["trust figures"] = clock.read()
         seconds["total"] = total.read()
         for name, value in seconds.items():
             timings.setdefault(name, []).append(value)
     print(f"one image, {len(maps)} maps, trust figures with {args.steps} steps and {args.n_random} random "
-          f"maps{' (bf16)' if args.bf16 else ''}, {torch.get_num_threads()} threads; median of {args.repeats}:")
+          f"maps, removal {args.removal}{' (bf16)' if args.bf16 else ''}, {torch.get_num_threads()} threads; "
+          f"median of {args.repeats}:")
     print(f"  {'part':<24} {'wall ms':>9} {'CPU ms':>9}")
     for name, values in timings.items():
         wall = statistics.median(v[0] for v in values)
@@ -109,14 +120,17 @@ def agreement(model, images: torch.Tensor, args) -> None:
         maps, loo, seconds = all_maps(model, batch, target, args.methods)
         for name, value in seconds.items():
             spent[name] = spent.get(name, 0.0) + value[1]
-        figures = trust_figures(model, batch, maps, target, occlusion_map=loo,
-                                steps=args.steps, n_random=args.n_random, seed=args.seed, bf16=args.bf16)
+        figures = trust_figures(model, batch, maps, target,
+                                occlusion_map=reference(model, batch, target, maps, loo, args.removal),
+                                steps=args.steps, n_random=args.n_random, seed=args.seed, bf16=args.bf16,
+                                removal=args.removal)
         for name, entry in figures.items():
             row = rows.setdefault(name, {"spearman": [], "deletion": [], "insertion": []})
             row["spearman"] += entry.spearman_occlusion.tolist()
             row["deletion"] += (entry.deletion_percentile / 100).tolist()
             row["insertion"] += (entry.insertion_percentile / 100).tolist()
-    print(f"\n{len(images)} test images, target = predicted class; mean ± standard error over images")
+    print(f"\n{len(images)} test images, target = predicted class, removal {args.removal}; "
+          "mean ± standard error over images")
     print(f"{'method':<22} {'Spearman with LOO':<18} {'deletion win rate':<18} {'insertion win rate':<18} CPU ms/image")
     for name, row in rows.items():
         key = "rollout + grad_rollout" if name in ("rollout", "grad_rollout") else name
@@ -135,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats for (a)")
     parser.add_argument("--chunk", type=int, default=10, help="images per batch in (b)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image subset and random maps")
-    parser.add_argument("--bf16", action="store_true", help="trust figures under bfloat16 autocast")
+    parser.add_argument("--bf16", action="store_true", help="perturbed inputs in bfloat16")
+    parser.add_argument("--removal", choices=("mean", "drop"), default="mean",
+                        help="how a patch is removed in the curves and the occlusion reference")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--methods", default=",".join(ROLLOUTS + tuple(ATTRIBUTION_METHODS)),
                         help="comma-separated maps to compute and score (default: all)")
