@@ -76,6 +76,19 @@ CSS = """
 #examples .thumbnail-item img { width: 100% !important; height: 100% !important; object-fit: cover; }
 #examples .caption-label { font-size: 11px; padding: 0 3px; }
 #image-in img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
+#header p, #info p, #trust p { margin: 0; }
+#header { font-size: 0.95em; }
+/* A phone: the upload, the prediction and the main map first, then the controls, the other
+   panels and the examples (the side column's blocks join the page's flow to be reordered). */
+@media (max-width: 760px) {
+  #main-row { flex-direction: column; }
+  #side { display: contents; }
+  #image-in, #top5 { order: 0; }
+  #stage { order: 1; }
+  #examples { order: 2; }
+  #readout { order: -2; }
+  #maps { order: -1; }
+}
 """
 
 
@@ -83,38 +96,39 @@ CSS = """
 # The layout: every component an event reads or writes is returned by name
 
 # The maps row, main map first (on a phone it comes right after the upload and the prediction).
-MAP_ROW = ("overlay", "token_attention", "patch_grid", "model_view", "top5")
+MAP_ROW = ("overlay", "token_attention", "patch_grid", "model_view")
 
 
 def _inputs(model: ViTClassifier, examples: list[Path]) -> dict[str, gr.components.Component]:
+    """The upload, the prediction under it (the "side" panels), then the example gallery."""
     gallery_items = [(str(p), example_label(p.stem, model.class_names) or p.stem) for p in examples]
-    return {
-        "image_in": gr.Image(label="Upload an image (any size)", type="filepath", image_mode=None,
-                             sources=["upload", "clipboard"], height=150, elem_id="image-in"),
-        "gallery": gr.Gallery(gallery_items, label="…or pick a CIFAR-10 test image (true label)",
-                              columns=3, height=540, allow_preview=False, interactive=False,
-                              object_fit="contain", elem_id="examples", elem_classes="pixelated"),
-    }
+    ui = {"image_in": gr.Image(label="Upload an image (any size)", type="filepath", image_mode=None,
+                               sources=["upload", "clipboard"], height=150, elem_id="image-in")}
+    ui.update(_panels("side"))
+    ui["gallery"] = gr.Gallery(gallery_items, label="…or pick a CIFAR-10 test image (true label)",
+                               columns=3, height=540, allow_preview=False, interactive=False,
+                               object_fit="contain", elem_id="examples", elem_classes="pixelated")
+    return ui
 
 
 def _controls(model: ViTClassifier, method: str) -> dict[str, gr.components.Component]:
     """One control per `Settings` field, under its name; `method` is the picker's first value."""
     return {
         "method": gr.Dropdown([(v, k) for k, v in METHODS.items()], value=method, label="Explanation",
-                              elem_id="method", min_width=190),
+                              elem_id="method", min_width=175),
         "target": gr.Dropdown([PREDICTED] + list(model.class_names), value=PREDICTED, label="Target class",
-                              elem_id="target", min_width=120),
+                              elem_id="target", min_width=125),
         "head_fusion": gr.Dropdown(list(HEAD_FUSIONS), value="mean", label="Head fusion", elem_id="head-fusion",
-                                   min_width=90),
+                                   min_width=100),
         "discard_ratio": gr.Slider(0.0, 0.95, value=0.0, step=0.05, label="Discard ratio", elem_id="discard",
-                                   min_width=120),
-        "opacity": gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Opacity", elem_id="opacity", min_width=120),
+                                   min_width=105),
+        "opacity": gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Opacity", elem_id="opacity", min_width=105),
         "layer": gr.Slider(1, model.depth, value=model.depth, step=1, label="Layer", elem_id="layer",
-                           min_width=120),
-        "head": gr.Dropdown(head_choices(model), value=HEAD_MEAN, label="Head", elem_id="head", min_width=110),
+                           min_width=105),
+        "head": gr.Dropdown(head_choices(model), value=HEAD_MEAN, label="Head", elem_id="head", min_width=115),
         # The keyboard's way to follow a patch (clicking a panel is the mouse's).
         "patch": gr.Number(-1, precision=0, label="Patch (-1: CLS)", minimum=-1,
-                           maximum=model.grid_size**2 - 1, elem_id="patch", min_width=100),
+                           maximum=model.grid_size**2 - 1, elem_id="patch", min_width=120),
     }
 
 
@@ -131,10 +145,10 @@ def _readout() -> dict[str, gr.components.Component]:
     with gr.Row(equal_height=False, elem_id="readout"):
         with gr.Column(scale=3, min_width=280):
             ui.update(_panels("summary"))
+            with gr.Accordion("Trust on this image: every fast map", open=False, elem_id="trust-more"):
+                ui["trust_table"] = gr.Markdown("", elem_id="trust-table")
         with gr.Column(scale=2, min_width=260, elem_id="trust-col"):
             ui["trust"] = gr.Markdown("", elem_id="trust")
-            with gr.Accordion("Every fast map on this image", open=False, elem_id="trust-more"):
-                ui["trust_table"] = gr.Markdown("", elem_id="trust-table")
     return ui
 
 
@@ -174,8 +188,11 @@ def _model_tab() -> dict[str, gr.components.Component]:
         for pair in zip(MODEL_FIGURES[::2], MODEL_FIGURES[1::2]):
             with gr.Row(equal_height=False):
                 for figure in pair:
-                    ui[figure.name] = gr.Image(label=figure.label, format="png", interactive=False, height=300,
-                                               elem_id=figure.name.replace("_", "-"), buttons=["download", "fullscreen"])
+                    with gr.Column(min_width=300):
+                        gr.Markdown(f"**{figure.label}**")  # above, not over the figure's own title
+                        ui[figure.name] = gr.Image(label=figure.label, show_label=False, format="png",
+                                                   interactive=False, height=300, buttons=["download", "fullscreen"],
+                                                   elem_id=figure.name.replace("_", "-"))
     return ui
 
 
@@ -307,16 +324,34 @@ def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, sh
     """demo.launch with this app's settings: upload cap, examples servable, nothing phoning home,
     a bounded number of sessions kept, and a sweep that keeps Gradio's cache folder within its
     budget (`demo.serving.CacheKeeper`, until the demo closes). With share and no route to the
-    share server, warns and serves locally."""
+    share server, warns and serves locally. With share, this prints the outcome itself (Gradio's
+    own hint "set share=True" would follow the warning as if --share had been ignored) and the
+    page's header shows it (`demo.share_requested`, `demo.share_url`)."""
+    demo.share_requested = share
     if share and not host_reachable(SHARE_SERVER, 443, timeout=3.0):
         warnings.warn("--share: Gradio's share server is unreachable (offline?); serving locally only.",
                       stacklevel=2)
         share = False
     CacheKeeper(demo, panel_files()).start()
-    return demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-                       quiet=quiet, max_file_size=MAX_FILE_SIZE, allowed_paths=[str(EXAMPLES_DIR)],
-                       css=CSS, show_error=False, run_history=False, enable_monitoring=False,
-                       ssr_mode=False, state_session_capacity=SESSIONS_KEPT, max_threads=16)
+    result = demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
+                         quiet=quiet or demo.share_requested, max_file_size=MAX_FILE_SIZE,
+                         allowed_paths=[str(EXAMPLES_DIR)], css=CSS, show_error=False, run_history=False,
+                         enable_monitoring=False, ssr_mode=False, state_session_capacity=SESSIONS_KEPT,
+                         max_threads=16)
+    if demo.share_requested and not quiet:
+        print(share_message(demo.local_url, demo.share_url), flush=True)
+    if block:
+        demo.block_thread()
+    return result
+
+
+def share_message(local_url: str, share_url: str | None) -> str:
+    """What `--share` became, for the terminal."""
+    if share_url:
+        rule = "=" * (len(share_url) + 16)
+        return f"{rule}\n  Public link:  {share_url}\n{rule}\n(also on {local_url}; the page header shows the link)"
+    return (f"* Running on local URL:  {local_url}\n* --share: no public link is available (Gradio's share "
+            "server cannot be reached); the app serves locally only.")
 
 
 def checkpoint_folder(source: str) -> Path | None:

@@ -87,7 +87,7 @@ def trust_sentence(method: str, figures: dict[str, float]) -> str:
     rho = figures["spearman_occlusion"]
     rho_text = "n/a (a flat map)" if math.isnan(rho) else f"{rho:+.2f}"
     return (f"**{METHODS[method]}** beats **{min(deletion, insertion):.0f} %** of random maps on this image "
-            f"(deletion {deletion:.0f} %, insertion {insertion:.0f} %) · Spearman ρ {rho_text} with "
+            f"(deletion {deletion:.0f} %, insertion {insertion:.0f} %); Spearman ρ {rho_text} with "
             f"leave-one-patch-out")
 
 
@@ -161,7 +161,7 @@ class TestSetTable:
 def _cell(value: float | None, percent: bool = False) -> str:
     if value is None or math.isnan(value):
         return "–"
-    return f"{value:.0%}" if percent else f"{value:.3f}"
+    return f"{100 * value:.0f} %" if percent else f"{value:.3f}"
 
 
 def read_accuracy(folder: Path | None) -> tuple[float, int | None] | None:
@@ -235,7 +235,7 @@ class Evidence:
             why = (f"the most faithful of the fast methods on the test set (Spearman {rho:.2f} with "
                    f"occlusion{over})")
         else:
-            why = f"no test-set measurement for this checkpoint yet ({self.how_to_measure()})"
+            why = "not yet measured on the test set for this checkpoint (the Compare tab says how)"
         rest = "" if method == "rollout" else "; rollout is one click away"
         return f"Showing **{METHODS[method]}**: {why}{rest}."
 

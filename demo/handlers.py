@@ -116,7 +116,9 @@ class Explorer:
             return {}
         settings = self.settings(controls)
         figures = image_trust(self.model, session, settings)
-        titles = {m: f"{METHODS[m].split(' (slower')[0]}: {_beats(f)} · ρ {_rho(f)}" for m, f in figures.items()}
+        # Pillow's built-in font draws ASCII only: "x" for "×", "rho" for "ρ".
+        titles = {m: f"{METHODS[m].split(' (slower')[0].replace('×', 'x')}: {_beats(f)}, rho {_rho(f)}"
+                  for m, f in figures.items()}
         table = trust_table(figures, settings.method)
         return {"trust": trust_sentence(settings.method, figures[settings.method]) if settings.method in figures
                 else "",

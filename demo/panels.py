@@ -133,7 +133,8 @@ class Panel:
     name: str                              # the key handlers answer with; the layout's name for it
     make: Callable[[], gr.components.Component]  # builds its component, where the layout says
     draw: Callable[[View], Any]            # its value for a view
-    place: str                             # "summary", "top" (first row), "left" / "right" (second row)
+    place: str                             # "side" (under the upload), "summary", "top" (the maps row),
+                                           # "left" / "right" (the attention row)
     redraw: bool = True                    # False: depends on the image only, not on the settings
     export: str | Callable[[Settings], str] | None = None  # PNG name in an export (after the image's)
     click: Callable[[ViTClassifier, float, float], int | None] | None = None  # clicked pixel -> patch
@@ -143,7 +144,7 @@ class Panel:
 
 
 def _clickable(label: str, elem_id: str) -> Callable[[], gr.Image]:
-    return partial(image_panel, label, elem_id, 250, clickable=True)
+    return partial(image_panel, label, elem_id, 205, clickable=True)
 
 
 PANELS: tuple[Panel, ...] = (
@@ -160,7 +161,7 @@ PANELS: tuple[Panel, ...] = (
           export="token_attention", click=image_patch),
     Panel("top5", partial(gr.Label, num_top_classes=5, label="Top-5 classes", elem_id="top5", min_width=170),
           lambda v: {name: float(p) for name, p in zip(v.model.class_names, v.explanation.probs[0])},
-          "top", redraw=False),
+          "side", redraw=False),
     Panel("matrices", partial(image_panel, "Every layer's attention matrix", "matrices", 150),
           lambda v: viz.attention_matrix_grid(v.matrices, cell=2, highlight_token=v.highlight_token),
           "right", export="attention_matrices"),
@@ -228,5 +229,6 @@ MODEL_FIGURES: tuple[ModelFigure, ...] = (
 def anatomy_text(anatomy: Anatomy, note: str) -> str:
     """The line under the Model tab's title: which images the figures come from."""
     grouped = "its label" if anatomy.grouped_by == "label" else "the predicted class"
-    return (f"From **{anatomy.n_images} images** ({anatomy.image_source}), each explained for {grouped}; "
-            f"the weights' own figures (position embedding, filters) need no images. {note.capitalize()}.")
+    return (f"Attention distances, entropies and class maps from **{anatomy.n_images} images** "
+            f"({anatomy.image_source}), each explained for {grouped}; the position embedding and the "
+            f"filters are read off the weights. {note[0].upper()}{note[1:]}.")

@@ -404,7 +404,7 @@ def test_trust_handler_answers_badge_table_and_compare_view(model):
 def test_default_method_and_test_set_table_come_from_faithfulness_json(model, checkpoint_copy):
     bare = Evidence.load(model, checkpoint_copy)
     assert bare.default_method == DEFAULT_METHOD and bare.test_set is None
-    assert "python -m vit_core.cli.faithfulness --checkpoint" in bare.default_text()
+    assert "not yet measured" in bare.default_text() and "Compare tab" in bare.default_text()
     assert "rollout is one click away" in bare.default_text()
     assert "not measured" in bare.test_set_markdown() and FAITHFULNESS_FILE in bare.test_set_markdown()
     # attention x gradient is the most faithful fast method; occlusion_drop scores higher but is slow.
@@ -417,7 +417,7 @@ def test_default_method_and_test_set_table_come_from_faithfulness_json(model, ch
                                        "click away.")
     table = measured.test_set_markdown()
     assert "How to read it" in table and "12 test images" in table
-    assert "| attention × gradient | 0.610 | 76% | 66% | 0.239 | 0.561 |" in table
+    assert "| attention × gradient | 0.610 | 76 % | 66 % | 0.239 | 0.561 |" in table
     assert "| random map | – | – | – | 0.420 | 0.410 |" in table
     explorer = Explorer(model, evidence=measured)
     assert explorer.settings({"method": None}).method == "attention_x_gradient"  # an API caller's None
@@ -459,7 +459,7 @@ def test_anatomy_is_read_from_the_cache_or_computed_once_from_the_examples(model
     assert set(answer) == {f.name for f in MODEL_FIGURES} | {"anatomy_info"}
     for figure in MODEL_FIGURES:
         assert Image.open(answer[figure.name]).size[0] > 100, figure.name
-    assert "From **30 images** (the 30 example images)" in answer["anatomy_info"]
+    assert "from **30 images** (the 30 example images)" in answer["anatomy_info"]
     assert explorer.anatomy()[MODEL_FIGURES[0].name] == answer[MODEL_FIGURES[0].name]  # files written once
     with pytest.raises(gr.Error, match="No anatomy"):
         Explorer(model).anatomy()
@@ -649,7 +649,7 @@ def test_trust_and_anatomy_endpoints(client):
     assert Image.open(compare).width > len(FAST_METHODS) * 128
     *figures, info = client.predict(api_name="/anatomy")
     assert len(figures) == len(MODEL_FIGURES) and all(Image.open(f).size[0] > 100 for f in figures)
-    assert "From **30 images**" in info
+    assert "from **30 images**" in info
 
 
 def test_readme_documents_the_anatomy_answer_order():
@@ -698,3 +698,25 @@ def test_share_offline_warns_and_serves_locally(model):
         assert httpx.get(demo.local_url, timeout=10).status_code == 200
     finally:
         demo.close()
+
+
+@pytest.mark.slow
+def test_share_offline_prints_one_clear_message_not_gradios_hint(model, capfd):
+    if host_reachable(app.SHARE_SERVER, 443, timeout=2):
+        pytest.skip("the share server is reachable from here; this checks the offline path")
+    demo = app.build_demo(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        app.launch(demo, share=True, block=False)
+    try:
+        out = capfd.readouterr().out
+        assert "no public link is available" in out and demo.local_url in out
+        assert "To create a public link" not in out  # Gradio's hint would read as if --share were ignored
+        assert demo.share_requested is True and demo.share_url is None  # what the page header reads
+    finally:
+        demo.close()
+
+
+def test_share_message_shows_the_public_link_clearly():
+    message = app.share_message("http://127.0.0.1:7860/", "https://abc123.gradio.live")
+    assert "  Public link:  https://abc123.gradio.live\n" in message and message.startswith("=" * 20)
