@@ -24,13 +24,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from train_throughput import synthetic_folder, timed  # noqa: E402
+from train_throughput import report_pipeline_step, synthetic_folder, timed  # noqa: E402
 from vit_core.card import ACCURACY_MARKS, minutes_to_accuracy  # noqa: E402
 from vit_core.config import RECIPES, TrainConfig  # noqa: E402
 from vit_core.data import load_image_folder  # noqa: E402
@@ -59,29 +58,9 @@ def shipped_step(data, cfg: TrainConfig, drop: float):
 
 
 def report_step(train_dir: Path, cfg: TrainConfig):
-    """The report's path: per-image PIL transforms in a DataLoader, one-hot targets, fp32."""
-    from torchvision import datasets, transforms
-
+    """The report's input path and step with its network, in fp32."""
     model = build_model(cfg, [str(c) for c in range(10)]).train()
-    optimizer = build_optimizer(model, cfg)
-    tf = transforms.Compose([transforms.RandomResizedCrop(32), transforms.RandomHorizontalFlip(),
-                             transforms.ToTensor(), transforms.Normalize(model.mean, model.std)])
-    loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(train_dir), transform=tf),
-                                         batch_size=cfg.batch_size, shuffle=True, drop_last=True)
-    batches = iter(loader)
-
-    def step():
-        nonlocal batches
-        try:
-            x, y = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            x, y = next(batches)
-        loss = F.cross_entropy(model(x), F.one_hot(y, 10).float())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return step
+    return report_pipeline_step(train_dir, model, build_optimizer(model, cfg), cfg.batch_size)
 
 
 def print_history(checkpoint: Path) -> None:
@@ -112,7 +91,7 @@ def main() -> None:
     rates = {
         "shipped, patch dropout": timed(shipped_step(data, shipped, shipped.patch_drop), args.steps, 2, 128),
         "shipped, whole images": timed(shipped_step(data, shipped, 0.0), args.steps, 2, 128),
-        "report": timed(report_step(train_dir, report), args.steps * 2, 2, 64),
+        "report": timed(report_step(train_dir, report), args.steps * 2, 2, report.batch_size),
     }
     for name, rate in rates.items():
         print(f"{name:>24s}: {rate:7.1f} img/s = {EPOCH_IMAGES / rate / 60:6.2f} min per epoch")

@@ -51,6 +51,33 @@ def synthetic_folder(root: Path, n_per_class: int = 64) -> Path:
     return root
 
 
+def report_pipeline_step(train_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         batch_size: int = 64):
+    """One step of the 2022 report's input path and loss: torchvision ImageFolder + per-image PIL
+    RandomResizedCrop/flip/ToTensor/Normalize in a DataLoader, one-hot float targets."""
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([
+        transforms.RandomResizedCrop(32), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.Normalize(model.mean, model.std)])
+    loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(train_dir), transform=tf),
+                                         batch_size=batch_size, shuffle=True, num_workers=0, drop_last=True)
+    batches = iter(loader)
+
+    def step():
+        nonlocal batches
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            x, y = next(batches)
+        loss = F.cross_entropy(model(x), F.one_hot(y, 10).float())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "cifar10"))
@@ -66,7 +93,7 @@ def main() -> None:
         train_dir = synthetic_folder(Path(tmp.name))
         print(f"no data at {args.data}; using a synthetic JPEG ImageFolder")
     device = torch.device("cpu")
-    cfg = TrainConfig(data=str(args.data), out="", preset=args.preset)
+    cfg = TrainConfig(data=str(args.data), out="", preset=args.preset, amp="off")  # pipelines compared in fp32
     print(f"preset {args.preset}, {torch.get_num_threads()} threads, torch {torch.__version__}")
 
     def fresh_model():
@@ -95,28 +122,7 @@ def main() -> None:
         train_step(model, optimizer, images, labels, cfg, device)
 
     # The report: per-image PIL transforms in a DataLoader, one-hot targets, batch 64.
-    from torchvision import datasets, transforms
-
-    report_tf = transforms.Compose([
-        transforms.RandomResizedCrop(32), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-        transforms.Normalize(model.mean, model.std)])
-    report_data = datasets.ImageFolder(str(train_dir), transform=report_tf)
-    loader = torch.utils.data.DataLoader(report_data, batch_size=64, shuffle=True, num_workers=0, drop_last=True)
-    report_model, report_optimizer = fresh_model()
-    batches = iter(loader)
-
-    def report_step():
-        nonlocal batches
-        try:
-            x, y = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            x, y = next(batches)
-        one_hot = F.one_hot(y, 10).float()
-        loss = F.cross_entropy(report_model(x), one_hot)
-        report_optimizer.zero_grad()
-        loss.backward()
-        report_optimizer.step()
+    report_step = report_pipeline_step(train_dir, *fresh_model())
 
     bare = timed(bare_step, args.steps, args.warmup, 128)
     pipeline = timed(pipeline_step, args.steps, args.warmup, 128)
