@@ -65,7 +65,8 @@ class Explorer:
         """Runs the model once on the uploaded image; answers every panel for the settings."""
         settings = self.settings(controls)
         picture, notes = read_upload(upload_path(image), size=self.model.image_size)
-        session = analyze(self.model, picture, name=upload_name(image), notes=notes)
+        # No backward pass yet: the gradient rollout is computed when first shown (current_explanation).
+        session = analyze(self.model, picture, name=upload_name(image), notes=notes, gradients=False)
         return {**draw(view(self.model, session, settings)), "session": session, "patch": -1}
 
     def example(self, evt: gr.SelectData, **controls) -> Answer:

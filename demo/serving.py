@@ -234,7 +234,7 @@ def arrays_handler(explorer) -> Callable[..., dict]:
     def explain_arrays(image, **controls) -> dict:
         settings = explorer.settings(controls)
         picture, notes = read_upload(upload_path(image), size=explorer.model.image_size)
-        session = analyze(explorer.model, picture, name=upload_name(image), notes=notes)
+        session = analyze(explorer.model, picture, name=upload_name(image), notes=notes, gradients=False)
         return {"arrays": explanation_arrays(view(explorer.model, session, settings)), "session": session}
     return explain_arrays
 

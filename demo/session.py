@@ -164,16 +164,18 @@ def read_upload(path: str | os.PathLike | None, size: int | None = None) -> tupl
 # The model's part
 
 def analyze(model: ViTClassifier, image: Image.Image, name: str = "image",
-            notes: list[str] | None = None) -> Session:
+            notes: list[str] | None = None, gradients: bool = True) -> Session:
     """The one model run per image: probabilities, attentions, rollouts (vit_core.explain). Other
-    maps are computed when first asked for (`current_explanation`)."""
+    maps are computed when first asked for (`current_explanation`); so is the gradient rollout
+    with `gradients=False` (a forward pass only, for an upload shown with another method)."""
     notes = list(notes or [])
     width, height = image.info.get(FULL_SIZE_KEY, image.size)  # a JPEG may have been decoded reduced
     if (width, height) != (model.image_size, model.image_size):
         notes.append(f"resized from {width}×{height} to {model.image_size}×{model.image_size}")
     pixels = to_model_pixels(image, model.image_size)
     inputs = preprocess(pixels, model)
-    return Session(explanation=explain(model, inputs), pixels=pixels, inputs=inputs, name=name, notes=notes)
+    return Session(explanation=explain(model, inputs, gradients=gradients), pixels=pixels, inputs=inputs, name=name,
+                   notes=notes)
 
 
 def label_probs(model: ViTClassifier, image: Image.Image) -> dict[str, float]:

@@ -12,13 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import demo.app as app
 from demo.handlers import Explorer
 from demo.serving import CacheKeeper, PanelFiles, panel_files
 from toys import tiny_vit
+from vit_core import preprocess
 from vit_core.checkpoints import hub_constants
+from vit_core.rollout import explain
 
 ROOT = Path(__file__).resolve().parents[1]
 CAT = ROOT / "demo" / "examples" / "cat_0000.jpg"
@@ -227,6 +230,47 @@ def test_a_48_megapixel_phone_photo_is_explained_in_under_a_second(model, tmp_pa
     elapsed = time.perf_counter() - started
     assert elapsed < 1.0, f"took {elapsed:.2f} s"
     assert "resized from 8000×6000" in answer["summary"]
+
+
+# ------------------------------------------------------------------------------------------------
+# No backward pass until a gradient map is shown
+
+def count_backward_passes(monkeypatch) -> list:
+    calls = []
+    original = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def test_an_explanation_without_gradients_computes_them_once_when_asked(model, monkeypatch):
+    inputs = preprocess(Image.open(CAT), model)
+    eager = explain(model, inputs)
+    backward = count_backward_passes(monkeypatch)
+    lazy = explain(model, inputs, gradients=False)
+    assert backward == [] and lazy.grad_rollout is None and "grad_rollout" not in lazy.maps()
+    for name in ("probs", "target", "attentions", "rollout", "layer_maps", "last_layer"):
+        torch.testing.assert_close(getattr(lazy, name), getattr(eager, name))
+    assert "grad_rollout" not in lazy.as_numpy() and "attentions" in lazy.as_numpy()
+    derived = lazy.with_settings("max", 0.5)
+    torch.testing.assert_close(derived.with_maps(model, inputs, ["grad_rollout"]).maps()["grad_rollout"],
+                               eager.grad_rollout)
+    assert backward == [1]
+    assert torch.equal(lazy.with_maps(model, inputs, ["grad_rollout"]).maps()["grad_rollout"],
+                       derived.maps()["grad_rollout"]) and backward == [1]  # shared, not recomputed
+
+
+def test_an_upload_runs_no_backward_pass_until_a_gradient_map_is_shown(model, monkeypatch):
+    explorer = Explorer(model)
+    backward = count_backward_passes(monkeypatch)
+    answer = explorer.explain({"path": str(DOG), "orig_name": DOG.name}, method="rollout")
+    assert backward == []
+    for method in ("last_layer", "rollout"):
+        explorer.redraw(answer["session"], method=method)
+    assert backward == []
+    shown = explorer.redraw(answer["session"], method="grad_rollout")
+    assert backward == [1] and "explaining:**" in shown["summary"]
+    explorer.redraw(answer["session"], method="grad_rollout", opacity=0.2)
+    assert backward == [1]
 
 
 # ------------------------------------------------------------------------------------------------

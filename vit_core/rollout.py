@@ -132,7 +132,8 @@ class Explanation:
     target: torch.Tensor         # [B] class explained by grad_rollout
     attentions: torch.Tensor     # [B, L, H, T, T] per-head softmax attention of every block
     rollout: torch.Tensor        # [B, g, g] attention rollout, CLS row, raw
-    grad_rollout: torch.Tensor   # [B, g, g] class-specific gradient rollout for `target`, raw
+    grad_rollout: torch.Tensor | None  # [B, g, g] gradient rollout for `target`, raw; None until asked
+                                       # for when made by explain(gradients=False) (see `maps()`)
     layer_maps: torch.Tensor     # [B, L, g, g] each layer's CLS -> patch attention (heads fused)
     last_layer: torch.Tensor     # [B, g, g] last layer's CLS -> patch attention (heads fused)
     head_fusion: str
@@ -145,26 +146,31 @@ class Explanation:
     def maps(self) -> dict[str, torch.Tensor]:
         """The explanation maps by method name, each [B, g, g]: the three attention maps, then every
         attribution map computed so far for `target` (`explain(methods=...)`, `with_maps`)."""
-        attributions = {name: value for name, value in self._own_maps().items() if name != "grad_rollout"}
-        return {"rollout": self.rollout, "grad_rollout": self.grad_rollout, "last_layer": self.last_layer,
-                **attributions}
+        own = self._own_maps()
+        attributions = {name: value for name, value in own.items() if name != "grad_rollout"}
+        gradient = {"grad_rollout": own["grad_rollout"]} if "grad_rollout" in own else {}  # not yet asked for
+        return {"rollout": self.rollout, **gradient, "last_layer": self.last_layer, **attributions}
 
     def _own_maps(self) -> dict[str, torch.Tensor]:
         """The cache's entry for `target` (created, with this gradient rollout, on first use)."""
         own = self._class_maps.setdefault(tuple(self.target.tolist()), {})
-        own.setdefault("grad_rollout", self.grad_rollout)
+        if self.grad_rollout is not None:
+            own.setdefault("grad_rollout", self.grad_rollout)
         return own
 
     def with_maps(self, model: ViTClassifier, images: torch.Tensor, methods: Sequence[str]) -> "Explanation":
         """This explanation with the maps of `methods` (names in MAP_METHODS) for `target` in `maps()`;
         `images` are the ones it was computed from. Each attribution map is computed once per target
         (`attribution.ATTRIBUTION_METHODS`; see SLOW_METHODS for the costly ones) and then kept for
-        this explanation and every one derived from it. Returns self."""
+        this explanation and every one derived from it; so is the gradient rollout of an explanation
+        made with `explain(gradients=False)`. Returns self."""
         methods = check_methods(methods)
         self._check_images(images)
         own = self._own_maps()
         for name in methods:
-            if name not in ATTENTION_METHODS and name not in own:
+            if name == "grad_rollout" and name not in own:
+                own[name] = explain(model, images, target=self.target).grad_rollout
+            elif name not in ATTENTION_METHODS and name not in own:
                 own[name] = ATTRIBUTION_METHODS[name](model, images, self.target.to(images.device)).detach().cpu()
         return self
 
@@ -231,30 +237,52 @@ class Explanation:
     def as_numpy(self) -> dict[str, np.ndarray]:
         """Every tensor and setting, and every map of `maps()`, as numpy arrays by name."""
         arrays = {name: getattr(self, name).numpy() for name in
-                  ("probs", "target", "attentions", "rollout", "grad_rollout", "layer_maps", "last_layer")}
-        arrays.update({name: value.numpy() for name, value in self.maps().items()})
+                  ("probs", "target", "attentions", "rollout", "layer_maps", "last_layer")}
+        arrays.update({name: value.numpy() for name, value in self.maps().items()})  # grad_rollout once known
         arrays["head_fusion"] = np.array(self.head_fusion)
         arrays["discard_ratio"] = np.array(self.discard_ratio)
         return arrays
 
 
 def explain(model: ViTClassifier, images: torch.Tensor, target: int | torch.Tensor | None = None,
-            head_fusion: str = "mean", discard_ratio: float = 0.0, methods: Sequence[str] = ()) -> Explanation:
+            head_fusion: str = "mean", discard_ratio: float = 0.0, methods: Sequence[str] = (),
+            gradients: bool = True) -> Explanation:
     """Probabilities, attentions, rollout and gradient rollout for a normalised batch [B, 3, S, S],
     from one forward and one backward pass in float32. `target` (an int or [B]) defaults to the
     predicted class. `methods` (names in MAP_METHODS) are attribution maps computed now as well, each
-    with its own passes (`Explanation.with_maps` computes more later)."""
+    with its own passes (`Explanation.with_maps` computes more later). With `gradients=False` only
+    the forward pass runs: `grad_rollout` is None and `maps()` leaves it out until
+    `with_maps(..., ["grad_rollout"])` asks for it (the app's uploads, shown with other methods)."""
     _check_rollout_args(head_fusion, discard_ratio)
     methods = check_methods(methods)
     if images.ndim != 4 or images.shape[1:] != (3, model.image_size, model.image_size):
         raise ValueError(f"images must be [B, 3, {model.image_size}, {model.image_size}] from "
                          f"vit_core.preprocess, got shape {tuple(images.shape)}")
+    probs, target_t, attentions, grads = _passes(model, images, target, gradients)
+    layer_maps = cls_patch_map(fuse_heads(attentions, head_fusion))
+    explanation = Explanation(
+        probs=probs,
+        target=target_t,
+        attentions=attentions,
+        rollout=cls_patch_map(attention_rollout(attentions, head_fusion, discard_ratio)),
+        grad_rollout=None if grads is None else cls_patch_map(gradient_rollout(attentions, grads)),
+        layer_maps=layer_maps,
+        last_layer=layer_maps[:, -1],
+        head_fusion=head_fusion,
+        discard_ratio=discard_ratio,
+    )
+    return explanation.with_maps(model, images.detach(), methods)
+
+
+def _passes(model: ViTClassifier, images: torch.Tensor, target: int | torch.Tensor | None, gradients: bool):
+    """The model's forward pass (and, with `gradients`, the backward pass of the target's logit to
+    every attention map): probs [B, C], target [B], attentions [B, L, H, T, T], their gradients or None."""
     was_training = model.training
     model.eval()
     try:
         # The input asks for gradients so the graph exists even if the weights are frozen.
-        images = images.detach().float().requires_grad_(True)
-        with torch.enable_grad():
+        images = images.detach().float().requires_grad_(gradients)
+        with torch.set_grad_enabled(gradients):
             logits, attention_list = model(images, return_attention=True)
             probs = logits.detach().softmax(dim=-1)
             if target is None:
@@ -263,25 +291,13 @@ def explain(model: ViTClassifier, images: torch.Tensor, target: int | torch.Tens
                 target_t = torch.as_tensor(target, dtype=torch.long).expand(len(images)).clone()
                 if ((target_t < 0) | (target_t >= logits.shape[-1])).any():
                     raise ValueError(f"target must be a class index in [0, {logits.shape[-1]})")
-            score = logits.gather(1, target_t[:, None]).sum()  # samples are independent: one backward
-            gradient_list = torch.autograd.grad(score, attention_list)
+            if gradients:
+                score = logits.gather(1, target_t[:, None]).sum()  # samples are independent: one backward
+                gradient_list = torch.autograd.grad(score, attention_list)
     finally:
         model.train(was_training)
     attentions = torch.stack([a.detach() for a in attention_list], dim=1)
-    gradients = torch.stack(gradient_list, dim=1)
-    layer_maps = cls_patch_map(fuse_heads(attentions, head_fusion))
-    explanation = Explanation(
-        probs=probs,
-        target=target_t,
-        attentions=attentions,
-        rollout=cls_patch_map(attention_rollout(attentions, head_fusion, discard_ratio)),
-        grad_rollout=cls_patch_map(gradient_rollout(attentions, gradients)),
-        layer_maps=layer_maps,
-        last_layer=layer_maps[:, -1],
-        head_fusion=head_fusion,
-        discard_ratio=discard_ratio,
-    )
-    return explanation.with_maps(model, images.detach(), methods)
+    return probs, target_t, attentions, torch.stack(gradient_list, dim=1) if gradients else None
 
 
 def token_map(attentions: torch.Tensor, token: int, layer: int, head: int | None = None) -> torch.Tensor:
