@@ -6,7 +6,7 @@ embedded, a learnable CLS token and position embedding are added, and `depth` pr
 
 On CUDA, plain forward passes use the fused attention kernel (`need_weights=False`); on a CPU the
 attention is spelled out with matrix products, which for 65 tokens trains faster than the CPU's
-fused kernel (1.13x on 2 cores in benchmarks/attention_path.py). For explanations the blocks also
+fused kernel (benchmarks/attention_path.py measures both). For explanations the blocks also
 return each head's softmax attention, computed from the very same parameters inside one forward
 pass, with the probabilities kept in the autograd graph so gradients can reach them.
 
@@ -39,9 +39,9 @@ CIFAR10_CLASSES = (
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
-# Named configurations. `seed` is the report's network; `cpu` is the one the app ships, sized so a
-# single run on a 2-core CPU finishes in about two hours (128 wide trains ~1.8x faster than 192, so
-# ~45 epochs fit instead of ~26, which matters more than width on a short budget); `tiny` is for tests.
+# Named configurations. `seed` is the report's network; `cpu` is the one the app ships, narrower so
+# that a CPU run sees more epochs, which mattered more than width on a short budget (its model card
+# gives the run; benchmarks/train_throughput.py --preset times a step); `tiny` is for tests.
 PRESETS: dict[str, dict] = {
     "seed": dict(emb_size=256, depth=6, n_heads=8, mlp_ratio=2.0, dropout=0.2),
     "cpu": dict(emb_size=128, depth=6, n_heads=4, mlp_ratio=2.0, dropout=0.0),
