@@ -77,6 +77,7 @@ CSS = """
 #examples .caption-label { font-size: 11px; padding: 0 3px; }
 #image-in img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
 #header p, #info p, #trust p { margin: 0; }
+#controls .icon-wrap { right: 2px !important; }  /* the arrow beside, not over, a narrow dropdown's text */
 #header { font-size: 0.95em; }
 /* A phone: the upload, the prediction and the main map first, then the controls, the other
    panels and the examples (the side column's blocks join the page's flow to be reordered). */
@@ -88,6 +89,8 @@ CSS = """
   #examples { order: 2; }
   #readout { order: -2; }
   #maps { order: -1; }
+  #top5 h2.output-class { font-size: var(--text-lg); padding: var(--size-6) 0 0; }
+  #test-set table, #compare-table table, #trust-table table { display: block; overflow-x: auto; }
 }
 """
 
@@ -115,20 +118,20 @@ def _controls(model: ViTClassifier, method: str) -> dict[str, gr.components.Comp
     """One control per `Settings` field, under its name; `method` is the picker's first value."""
     return {
         "method": gr.Dropdown([(v, k) for k, v in METHODS.items()], value=method, label="Explanation",
-                              elem_id="method", min_width=175),
+                              elem_id="method", min_width=180),
         "target": gr.Dropdown([PREDICTED] + list(model.class_names), value=PREDICTED, label="Target class",
-                              elem_id="target", min_width=125),
+                              elem_id="target", min_width=130),
         "head_fusion": gr.Dropdown(list(HEAD_FUSIONS), value="mean", label="Head fusion", elem_id="head-fusion",
                                    min_width=100),
         "discard_ratio": gr.Slider(0.0, 0.95, value=0.0, step=0.05, label="Discard ratio", elem_id="discard",
-                                   min_width=105),
-        "opacity": gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Opacity", elem_id="opacity", min_width=105),
+                                   min_width=90),
+        "opacity": gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Opacity", elem_id="opacity", min_width=90),
         "layer": gr.Slider(1, model.depth, value=model.depth, step=1, label="Layer", elem_id="layer",
-                           min_width=105),
-        "head": gr.Dropdown(head_choices(model), value=HEAD_MEAN, label="Head", elem_id="head", min_width=115),
+                           min_width=90),
+        "head": gr.Dropdown(head_choices(model), value=HEAD_MEAN, label="Head", elem_id="head", min_width=140),
         # The keyboard's way to follow a patch (clicking a panel is the mouse's).
         "patch": gr.Number(-1, precision=0, label="Patch (-1: CLS)", minimum=-1,
-                           maximum=model.grid_size**2 - 1, elem_id="patch", min_width=120),
+                           maximum=model.grid_size**2 - 1, elem_id="patch", min_width=115),
     }
 
 
