@@ -8,12 +8,14 @@ This file is the layout and the event wiring only. The panels are entries of `de
 (the layout places them, and the events' outputs, clears and exports derive from that list); the
 handlers are `demo.handlers.Explorer`'s methods, which answer {output name: value}; the settings
 are `demo.session.Settings`, read from the controls by name. Every number drawn comes from
-`vit_core`. An upload is run through the model once (one forward + one backward pass); the session
-keeps that explanation and every setting redraws from it, except a new class for gradient rollout,
-computed once per class and image.
+`vit_core`. An upload is run through the model once (one forward + one backward pass, and the
+chosen attribution map's own passes); the session keeps that explanation and every setting redraws
+from it, except a new class or a newly picked map, computed once per class and image. The trust
+figures follow in a chained event, so the panels never wait for them; the checkpoint's files
+(eval.json, faithfulness.json, anatomy.npz) are read once at start-up (`demo.evidence`).
 
-Named endpoints for `gradio_client`: /predict, /explain, /redraw, /faithfulness, /sanity_check,
-/export (README, "Scripting with gradio_client").
+Named endpoints for `gradio_client`: /predict, /explain, /redraw, /trust, /faithfulness,
+/sanity_check, /export, /anatomy (README, "Scripting with gradio_client").
 """
 
 from __future__ import annotations
