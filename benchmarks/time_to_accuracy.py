@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from train_throughput import report_pipeline_step, synthetic_folder, timed  # noqa: E402
+from train_throughput import report_pipeline_step, timed, train_folder  # noqa: E402
 from vit_core.card import ACCURACY_MARKS, minutes_to_accuracy  # noqa: E402
 from vit_core.config import RECIPES, TrainConfig  # noqa: E402
 from vit_core.data import load_image_folder  # noqa: E402
@@ -79,12 +78,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     print_history(Path(args.checkpoint))
-    train_dir = Path(args.data) / "train"
-    tmp = None
-    if not train_dir.is_dir():
-        tmp = tempfile.TemporaryDirectory()
-        train_dir = synthetic_folder(Path(tmp.name))
-        print(f"no data at {args.data}; timing on a synthetic JPEG ImageFolder")
+    train_dir, tmp = train_folder(args.data)
     data = load_image_folder(train_dir, limit=2048)
     shipped = TrainConfig(data="", out="")
     report = TrainConfig(data="", out="", **RECIPES["report"])

@@ -51,6 +51,16 @@ def synthetic_folder(root: Path, n_per_class: int = 64) -> Path:
     return root
 
 
+def train_folder(data: str) -> tuple[Path, tempfile.TemporaryDirectory | None]:
+    """DATA/train, or a synthetic JPEG ImageFolder (and its temporary folder, to clean up) without data."""
+    train_dir = Path(data) / "train"
+    if train_dir.is_dir():
+        return train_dir, None
+    tmp = tempfile.TemporaryDirectory()
+    print(f"no data at {data}; timing on a synthetic JPEG ImageFolder")
+    return synthetic_folder(Path(tmp.name)), tmp
+
+
 def report_pipeline_step(train_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                          batch_size: int = 64):
     """One step of the 2022 report's input path and loss: torchvision ImageFolder + per-image PIL
@@ -86,12 +96,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
 
-    train_dir = Path(args.data) / "train"
-    tmp = None
-    if not train_dir.is_dir():
-        tmp = tempfile.TemporaryDirectory()
-        train_dir = synthetic_folder(Path(tmp.name))
-        print(f"no data at {args.data}; using a synthetic JPEG ImageFolder")
+    train_dir, tmp = train_folder(args.data)
     device = torch.device("cpu")
     cfg = TrainConfig(data=str(args.data), out="", preset=args.preset, amp="off")  # pipelines compared in fp32
     print(f"preset {args.preset}, {torch.get_num_threads()} threads, torch {torch.__version__}")
