@@ -9,7 +9,8 @@ map (each `vit_core.attribution` method, plus attention rollout and gradient rol
 (b) Over n test images (a fixed random subset), per method: the mean Spearman correlation with
 leave-one-patch-out occlusion (dataset-mean fill, drop in the predicted class's log-probability)
 and the deletion/insertion win rate against random maps (the chance that the map's AUC beats one
-random map's, i.e. the mean trust percentile / 100), with the standard error over images.
+random map's, i.e. the mean trust percentile / 100), with the standard error over images, and the
+share of images on which the map's deletion AUC beats the median random map ("images > median").
 The target is always the predicted class. --methods picks the maps (default: all), --removal how a
 patch is removed (mean fill or token drop; the occlusion reference removes it the same way),
 --bf16 runs the perturbed inputs in bfloat16, --threads sets torch's thread count. Times are given as
@@ -131,12 +132,15 @@ def agreement(model, images: torch.Tensor, args) -> None:
             row["insertion"] += (entry.insertion_percentile / 100).tolist()
     print(f"\n{len(images)} test images, target = predicted class, removal {args.removal}; "
           "mean ± standard error over images")
-    print(f"{'method':<22} {'Spearman with LOO':<18} {'deletion win rate':<18} {'insertion win rate':<18} CPU ms/image")
+    print(f"{'method':<22} {'Spearman with LOO':<18} {'deletion win rate':<18} {'insertion win rate':<18} "
+          f"{'images > median':<16} CPU ms/image")
     for name, row in rows.items():
         key = "rollout + grad_rollout" if name in ("rollout", "grad_rollout") else name
         cost = 1000 * spent.get(key, float("nan")) / len(images)
+        # The share of images on which the map's deletion AUC beats the median random map's.
+        beats = float(np.mean(np.array(row["deletion"]) > 0.5))
         print(f"{name:<22} {_mean_sem(np.array(row['spearman'])):<18} {_mean_sem(np.array(row['deletion'])):<18} "
-              f"{_mean_sem(np.array(row['insertion'])):<18} {cost:7.1f}")
+              f"{_mean_sem(np.array(row['insertion'])):<18} {beats:<16.3f} {cost:7.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
