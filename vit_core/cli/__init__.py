@@ -2,7 +2,9 @@
 
     python -m vit_core.cli.explain IMAGE... --checkpoint DIR --out DIR     drawings + .npz per image
     python -m vit_core.cli.evaluate --checkpoint DIR --data DIR            test and per-class accuracy
-    python -m vit_core.cli.faithfulness --checkpoint DIR --data DIR -n N   deletion/insertion AUCs
+    python -m vit_core.cli.faithfulness --checkpoint DIR --data DIR -n N   every map's trust over a test set
+    python -m vit_core.cli.anatomy --checkpoint DIR [--data DIR]           the Model tab's cached figures
+    python -m vit_core.cli.space USER/SPACE [--dry-run]                    deploy the app as a Space
 
 Bad input (an unreadable image or checkpoint, missing data, a `--device` that is not here) prints
 one `error: ...` line on stderr and returns status 2, like argparse's own usage errors.
