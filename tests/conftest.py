@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from toys import make_image_folder, tiny_vit
+from toys import local_client, make_image_folder, tiny_vit
 from vit_core import ViTClassifier
 
 
@@ -24,3 +24,19 @@ def tiny_images() -> torch.Tensor:
 def toy_data(tmp_path):
     """A tiny generated ImageFolder with train/ and test/ (two colour classes)."""
     return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    """The app launched on a loopback port, serving the test module's own `model` fixture."""
+    import demo.app as app  # imported here: most tests never launch the app
+
+    demo = app.build_demo(model)
+    app.launch(demo, block=False, quiet=True)
+    yield demo
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server, tmp_path_factory):
+    return local_client(server, tmp_path_factory)

@@ -7,16 +7,13 @@ is checked where it matters (offline loading, size, /predict agreeing with the m
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 import time
 import warnings
-import zlib
 from pathlib import Path
 
 import gradio as gr
@@ -33,7 +30,7 @@ from demo.handlers import Explorer, export_files, faithfulness, sanity_check
 from demo.panels import GAP, MODEL_FIGURES, PANELS, REDRAWN, SCALE, clicked_patch, draw, view
 from demo.session import (DEFAULT_METHOD, FAST_METHODS, METHODS, Settings, analyze, current_explanation, label_probs,
                           read_upload)
-from toys import tiny_vit
+from toys import BAD_FILES, image_bytes, local_client, noise, tiny_vit, upload
 from vit_core import ViTClassifier, preprocess, to_model_pixels
 from vit_core.checkpoints import host_reachable
 from vit_core.rollout import explain
@@ -73,41 +70,6 @@ def analyzed(model, path=CAT) -> session_module.Session:
 @pytest.fixture(scope="module")
 def session(model) -> session_module.Session:
     return analyzed(model)
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid-looking PNG header promising width x height pixels, with almost no data."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
-            + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + png_chunk(b"IEND", b""))
-
-
-def image_bytes(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def _noise(size=(40, 30)) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-
-
-BAD_FILES = {
-    # name: (bytes factory, part of the expected message)
-    "empty.png": (lambda: b"", "empty"),
-    "notes.txt": (lambda: b"just some text, not pixels\n" * 20, "not an image"),
-    "random.jpg": (lambda: os.urandom(2048), "not an image"),
-    "truncated.png": (lambda: image_bytes(_noise(), "PNG")[:300], "damaged or truncated"),
-    "truncated.jpg": (lambda: image_bytes(_noise((200, 200)), "JPEG")[:1500], "damaged or truncated"),
-    "bad-crc.png": (lambda: (lambda b: b[:60] + bytes([b[60] ^ 0xFF]) + b[61:])(image_bytes(_noise(), "PNG")),
-                    "damaged or truncated"),
-    "bomb.png": (lambda: bomb_png(20_000, 20_000), "too large"),  # 400 MP: PIL refuses at open
-    "big.png": (lambda: bomb_png(8_000, 6_000), "megapixels"),   # 48 MP: over the app's 40 MP limit
-}
 
 
 @pytest.fixture(scope="module")
@@ -525,30 +487,7 @@ def test_shipped_checkpoint_loads_offline_and_fits_a_space():
 # ------------------------------------------------------------------------------------------------
 # The launched app through gradio_client
 
-@pytest.fixture(scope="module")
-def server(model):
-    demo = app.build_demo(model)
-    app.launch(demo, block=False, quiet=True)
-    yield demo
-    demo.close()
-
-
-def _client(server, tmp_path_factory):
-    from gradio_client import Client
-
-    return Client(server.local_url, verbose=False, analytics_enabled=False,
-                  download_files=str(tmp_path_factory.mktemp("client")))
-
-
-@pytest.fixture(scope="module")
-def client(server, tmp_path_factory):
-    return _client(server, tmp_path_factory)
-
-
-def upload(path):
-    from gradio_client import handle_file
-
-    return handle_file(str(path))
+# `server` and `client` come from conftest.py.
 
 
 def top1(label: dict) -> str:
@@ -613,7 +552,7 @@ def test_explain_with_settings_then_redraw_in_the_same_session(client):
 
 
 def test_sessions_are_isolated(server, tmp_path_factory):
-    first, second = _client(server, tmp_path_factory), _client(server, tmp_path_factory)
+    first, second = local_client(server, tmp_path_factory), local_client(server, tmp_path_factory)
     first.predict(upload(CAT), api_name="/explain")
     second.predict(upload(DOG), api_name="/explain")
     assert "true label:** cat" in first.predict(api_name="/redraw")[-1]
@@ -621,7 +560,7 @@ def test_sessions_are_isolated(server, tmp_path_factory):
 
 
 def test_redraw_before_any_image_is_harmless(server, tmp_path_factory):
-    fresh = _client(server, tmp_path_factory)
+    fresh = local_client(server, tmp_path_factory)
     fresh.predict(api_name="/redraw")  # skipped, no error
     with pytest.raises(Exception, match="Upload an image or pick an example first"):
         fresh.predict(api_name="/faithfulness")
@@ -669,7 +608,7 @@ def test_bad_uploads_get_a_clear_error_and_the_server_keeps_serving(client, mode
 
 def test_uploads_over_the_size_cap_are_refused(client, tmp_path):
     huge = tmp_path / "huge.png"
-    huge.write_bytes(image_bytes(_noise(), "PNG") + os.urandom(11 * 2**20))  # 11 MB > 10 MB cap
+    huge.write_bytes(image_bytes(noise(), "PNG") + os.urandom(11 * 2**20))  # 11 MB > 10 MB cap
     with pytest.raises(Exception):
         client.predict(upload(huge), api_name="/explain")
     assert client.predict(upload(CAT), api_name="/predict")["label"]

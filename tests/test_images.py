@@ -2,57 +2,19 @@
 
 from __future__ import annotations
 
-import io
-import os
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from toys import BAD_FILES
 from vit_core.images import FRAMES_KEY, FULL_SIZE_KEY, ImageError, decode_rgb, read_image, to_rgb
 from vit_core.model import to_model_pixels
 
 ROOT = Path(__file__).resolve().parents[1]
 CAT = ROOT / "demo" / "examples" / "cat_0000.jpg"
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid-looking PNG header promising width x height pixels, with almost no data."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
-            + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + png_chunk(b"IEND", b""))
-
-
-def image_bytes(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def noise(size=(40, 30)) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-
-
-BAD_FILES = {
-    # name: (bytes factory, part of the expected message)
-    "empty.png": (lambda: b"", "empty"),
-    "notes.txt": (lambda: b"just some text, not pixels\n" * 20, "not an image"),
-    "random.jpg": (lambda: os.urandom(2048), "not an image"),
-    "truncated.png": (lambda: image_bytes(noise(), "PNG")[:300], "damaged or truncated"),
-    "truncated.jpg": (lambda: image_bytes(noise((200, 200)), "JPEG")[:1500], "damaged or truncated"),
-    "bad-crc.png": (lambda: (lambda b: b[:60] + bytes([b[60] ^ 0xFF]) + b[61:])(image_bytes(noise(), "PNG")),
-                    "damaged or truncated"),
-    "bomb.png": (lambda: bomb_png(20_000, 20_000), "too large"),  # 400 MP: PIL refuses at open
-    "big.png": (lambda: bomb_png(8_000, 6_000), "megapixels"),   # 48 MP: over the 40 MP limit
-}
 
 
 @pytest.mark.parametrize("name", sorted(BAD_FILES))

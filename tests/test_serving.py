@@ -18,7 +18,7 @@ from PIL import Image
 import demo.app as app
 from demo.handlers import Explorer
 from demo.serving import CacheKeeper, PanelFiles, panel_files
-from toys import tiny_vit
+from toys import tiny_vit, upload
 from vit_core import preprocess
 from vit_core.checkpoints import hub_constants
 from vit_core.rollout import explain
@@ -157,26 +157,7 @@ def model(tmp_path_factory):
     return app.load_checkpoint(folder)
 
 
-@pytest.fixture(scope="module")
-def server(model):
-    demo = app.build_demo(model)
-    app.launch(demo, block=False, quiet=True)
-    yield demo
-    demo.close()
-
-
-@pytest.fixture(scope="module")
-def client(server, tmp_path_factory):
-    from gradio_client import Client
-
-    return Client(server.local_url, verbose=False, analytics_enabled=False, ssl_verify=False,
-                  download_files=str(tmp_path_factory.mktemp("client")))
-
-
-def upload(path):
-    from gradio_client import handle_file
-
-    return handle_file(str(path))
+# `server` and `client` come from conftest.py.
 
 
 def test_explain_arrays_answers_the_numbers_behind_the_panels(client, model):

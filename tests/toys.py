@@ -1,7 +1,12 @@
-"""Builders for the tests: the tiny ViT and a tiny generated ImageFolder."""
+"""Builders for the tests: the tiny ViT, a tiny generated ImageFolder, broken image files and
+gradio_client helpers for the launched app."""
 
 from __future__ import annotations
 
+import io
+import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +52,52 @@ def make_image_folder(root: Path, classes=("blue", "red"), per_class: int = 48, 
                 pixels = np.array(colours[label % 3], dtype=np.float32) + rng.normal(0, 40, (size, size, 3))
                 Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
     return root
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid-looking PNG header promising width x height pixels, with almost no data."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
+            + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + png_chunk(b"IEND", b""))
+
+
+def image_bytes(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def noise(size=(40, 30)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+# Files every image reader must refuse: name -> (bytes factory, part of the expected message).
+BAD_FILES = {
+    "empty.png": (lambda: b"", "empty"),
+    "notes.txt": (lambda: b"just some text, not pixels\n" * 20, "not an image"),
+    "random.jpg": (lambda: os.urandom(2048), "not an image"),
+    "truncated.png": (lambda: image_bytes(noise(), "PNG")[:300], "damaged or truncated"),
+    "truncated.jpg": (lambda: image_bytes(noise((200, 200)), "JPEG")[:1500], "damaged or truncated"),
+    "bad-crc.png": (lambda: (lambda b: b[:60] + bytes([b[60] ^ 0xFF]) + b[61:])(image_bytes(noise(), "PNG")),
+                    "damaged or truncated"),
+    "bomb.png": (lambda: bomb_png(20_000, 20_000), "too large"),  # 400 MP: PIL refuses at open
+    "big.png": (lambda: bomb_png(8_000, 6_000), "megapixels"),   # 48 MP: over the 40 MP limit
+}
+
+
+def local_client(server, tmp_path_factory):
+    """A fresh gradio_client session on the launched app, downloading into its own temp folder."""
+    from gradio_client import Client  # imported here: most tests never launch the app
+
+    return Client(server.local_url, verbose=False, analytics_enabled=False,
+                  download_files=str(tmp_path_factory.mktemp("client")))
+
+
+def upload(path):
+    from gradio_client import handle_file
+
+    return handle_file(str(path))
