@@ -242,8 +242,7 @@ def export_files(model: ViTClassifier, session: Session, settings: Settings, out
     return paths
 
 
-_EXPORT_ROOT: Path | None = None
-_STATIC_DIR: Path | None = None
+_PROCESS_DIRS: dict[str, Path] = {}
 
 
 def _saved(image: Image.Image, path: Path) -> Path:
@@ -251,23 +250,24 @@ def _saved(image: Image.Image, path: Path) -> Path:
     return path
 
 
+def _process_dir(prefix: str) -> Path:
+    """One temp folder per `prefix` for the whole process, made on first use, removed at exit."""
+    if prefix not in _PROCESS_DIRS:
+        _PROCESS_DIRS[prefix] = Path(tempfile.mkdtemp(prefix=prefix))
+        atexit.register(shutil.rmtree, _PROCESS_DIRS[prefix], True)
+    return _PROCESS_DIRS[prefix]
+
+
 def _static_dir() -> Path:
-    """One per-process folder for files that never change while the app runs, removed at exit."""
-    global _STATIC_DIR
-    if _STATIC_DIR is None:
-        _STATIC_DIR = Path(tempfile.mkdtemp(prefix="vit-explorer-static-"))
-        atexit.register(shutil.rmtree, _STATIC_DIR, True)
-    return _STATIC_DIR
+    """The folder for files that never change while the app runs."""
+    return _process_dir("vit-explorer-static-")
 
 
 def _export_dir() -> Path:
     """A fresh folder per export under one per-process temp dir; folders older than an hour go."""
-    global _EXPORT_ROOT
-    if _EXPORT_ROOT is None:
-        _EXPORT_ROOT = Path(tempfile.mkdtemp(prefix="vit-explorer-export-"))
-        atexit.register(shutil.rmtree, _EXPORT_ROOT, True)
+    root = _process_dir("vit-explorer-export-")
     now = time.time()
-    for old in _EXPORT_ROOT.iterdir():
+    for old in root.iterdir():
         if now - old.stat().st_mtime > 3600:
             shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(dir=_EXPORT_ROOT))
+    return Path(tempfile.mkdtemp(dir=root))

@@ -58,8 +58,8 @@ def browser(server):
 
 
 def open_page(browser, server, width: int = 1440, height: int = 900):
-    """A new page (its own browser context) of `width` x `height` CSS pixels on the app, ready for
-    an upload. Every request it makes outside the app is recorded in `page.external_requests`."""
+    """Yields a new page (its own browser context) of `width` x `height` CSS pixels on the app,
+    ready for an upload; then closes it and checks it requested nothing outside the app."""
     page = browser.new_page(viewport={"width": width, "height": height})
     page.set_default_timeout(TIMEOUT_MS)
     page.external_requests = []
@@ -68,33 +68,26 @@ def open_page(browser, server, width: int = 1440, height: int = 900):
             else page.external_requests.append(r.url))
     page.goto(server.local_url)
     page.wait_for_selector("#image-in input[type=file]", state="attached")
-    return page
+    yield page
+    page.context.close()
+    assert page.external_requests == [], "the page fetched from outside the app"
 
 
 @pytest.fixture
 def page(browser, server):
-    page = open_page(browser, server)
-    yield page
-    page.context.close()
-    assert page.external_requests == [], "the page fetched from outside the app"
+    yield from open_page(browser, server)
 
 
 @pytest.fixture
 def projector(browser, server):
     """A 1280x720 page: what a projector shows."""
-    page = open_page(browser, server, 1280, 720)
-    yield page
-    page.context.close()
-    assert page.external_requests == [], "the page fetched from outside the app"
+    yield from open_page(browser, server, 1280, 720)
 
 
 @pytest.fixture
 def phone(browser, server):
     """A 390x844 page: a phone opening the share link."""
-    page = open_page(browser, server, 390, 844)
-    yield page
-    page.context.close()
-    assert page.external_requests == [], "the page fetched from outside the app"
+    yield from open_page(browser, server, 390, 844)
 
 
 def upload(page, path: Path = DOG) -> dict[str, str]:
