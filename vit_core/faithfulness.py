@@ -27,14 +27,13 @@ from torch import nn
 
 from .attribution import ATTRIBUTION_METHODS, OCCLUSION_MODES, _forward_tokens, predicted_class
 from .model import ViTClassifier
-from .rollout import explain
+from .rollout import ATTENTION_METHODS, MAP_METHODS, check_methods, explain
 
 PERTURBATION_MODES = ("deletion", "insertion")
 # A patch is removed the way occlusion removes it: filled with the dataset mean, or its token dropped.
 REMOVALS = OCCLUSION_MODES
-# Maps that one `explain` call gives; every method name `method_maps` knows.
-EXPLAIN_METHODS = ("rollout", "grad_rollout", "last_layer")
-MAP_METHODS = EXPLAIN_METHODS + tuple(ATTRIBUTION_METHODS)
+# Maps that one `explain` call gives; `method_maps` knows every name in rollout's MAP_METHODS.
+EXPLAIN_METHODS = ATTENTION_METHODS
 SANITY_METHODS = MAP_METHODS
 
 
@@ -215,12 +214,11 @@ def spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.tensor([spearman(x, y) for x, y in zip(a, b)], dtype=torch.float64)
 
 
-def check_methods(methods: Sequence[str]) -> list[str]:
-    """`methods` as a list; ValueError naming the allowed values if any is unknown or none is given."""
-    methods = list(methods)
-    unknown = [m for m in methods if m not in MAP_METHODS]
-    if unknown or not methods:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(MAP_METHODS)}")
+def _some_methods(methods: Sequence[str]) -> list[str]:
+    """`rollout.check_methods` of `methods` as a list (so a bare string is refused), and at least one."""
+    methods = check_methods(list(methods))
+    if not methods:
+        raise ValueError(f"no method given; choose from {', '.join(MAP_METHODS)}")
     return methods
 
 
@@ -230,7 +228,7 @@ def method_maps(model: ViTClassifier, images: torch.Tensor, methods: Sequence[st
     `target` (an int or [B]; default: the predicted class). The three attention maps come from one
     `explain` call (rollout and last-layer attention ignore the target); the others from
     `attribution.ATTRIBUTION_METHODS`."""
-    methods = check_methods(methods)
+    methods = _some_methods(methods)
     if target is None:
         target = predicted_class(model, images)
     maps = {}
@@ -280,7 +278,7 @@ def cascading_randomization(model: ViTClassifier, images: torch.Tensor, methods:
     prediction). Per method in `methods` (`MAP_METHODS`): [{"stage": "head" | "block L" | ... |
     "embedding", "spearman": mean over images, "spearman_std": their standard deviation}] in
     cascade order (NaN where every image's map went constant)."""
-    methods = check_methods(methods)
+    methods = _some_methods(methods)
     work = copy.deepcopy(model)
     target = predicted_class(work, images) if target is None else target
     settings = dict(target=target, head_fusion=head_fusion, discard_ratio=discard_ratio)
