@@ -29,10 +29,11 @@ from demo.session import DEFAULT_METHOD, FAST_METHODS, METHODS, Session, Setting
 from vit_core import ViTClassifier
 from vit_core.anatomy import Anatomy, AnatomyError, compute_anatomy, load_anatomy, load_example_images
 from vit_core.card import EVAL_INFO
+from vit_core.faithfulness import RESULTS_FILE, read_results, result_mean
 from vit_core.rollout import SLOW_METHODS
 from vit_core.trust import trust_figures
 
-FAITHFULNESS_FILE = "faithfulness.json"
+FAITHFULNESS_FILE = RESULTS_FILE
 MAKE_FAITHFULNESS = "python -m vit_core.cli.faithfulness --checkpoint {folder} --data DATA_DIR"
 # Test-set columns: (figure in faithfulness.json, heading, shown as a percentage).
 TEST_SET_COLUMNS = (
@@ -105,12 +106,6 @@ def trust_table(figures: dict[str, dict[str, float]], current: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # Per checkpoint: the files beside it
 
-def _mean(entry, figure: str) -> float | None:
-    value = entry.get(figure) if isinstance(entry, dict) else None
-    value = value.get("mean") if isinstance(value, dict) else None
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 @dataclasses.dataclass(frozen=True)
 class TestSetTable:
     """The test-set faithfulness figures (means over images) of the methods the app shows."""
@@ -119,23 +114,19 @@ class TestSetTable:
     n_images: int | None
 
     @classmethod
-    def read(cls, path: Path) -> "TestSetTable | None":
-        """None when the file is missing, unreadable or holds no method the app shows."""
+    def read(cls, folder: Path) -> "TestSetTable | None":
+        """None when `folder` has no faithfulness results, they are unreadable or hold no method the
+        app shows."""
         try:
-            data = json.loads(path.read_text())
+            data = read_results(folder)
         except (OSError, ValueError):
             return None
-        methods = data.get("methods") if isinstance(data, dict) else None
-        if not isinstance(methods, dict):
+        shown = [m for m in METHODS if isinstance(data["methods"].get(m), dict)] if data else []
+        if not shown:
             return None
-        entries = {m: methods[m] for m in METHODS if isinstance(methods.get(m), dict)}
-        if not entries:
-            return None
-        entries["random"] = data.get("random")  # the random maps' AUCs, the baseline
-        rows = {}
-        for method, entry in entries.items():
-            part = entry.get(TEST_SET_REMOVAL) if isinstance(entry, dict) else None
-            rows[method] = {figure: _mean(part, figure) for figure, _, _ in TEST_SET_COLUMNS}
+        rows = {method: {figure: result_mean(data, method, TEST_SET_REMOVAL, figure)
+                         for figure, _, _ in TEST_SET_COLUMNS}
+                for method in shown + ["random"]}  # the random maps' AUCs: the baseline
         n_images = data.get("n")
         return cls(rows, int(n_images) if isinstance(n_images, (int, float)) else None)
 
@@ -219,7 +210,7 @@ class Evidence:
         """Reads the files in `folder`; with `examples`, the anatomy too (cached or computed once)."""
         anatomy, note = model_anatomy(model, folder, examples) if examples is not None else (None, "")
         return cls(folder=folder, accuracy=read_accuracy(folder),
-                   test_set=TestSetTable.read(folder / FAITHFULNESS_FILE) if folder else None,
+                   test_set=TestSetTable.read(folder) if folder else None,
                    anatomy=anatomy, anatomy_note=note)
 
     @property

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .faithfulness import read_results, result_mean
+
 TRAIN_INFO = "train_info.json"
 HISTORY = "history.json"
 EVAL_INFO = "eval.json"
@@ -153,8 +155,8 @@ def _results(history: list[dict], evaluation: dict | None) -> list[str]:
 
 
 def _faithfulness_lines(out: Path) -> list[str]:
-    """The table `python -m vit_core.cli.faithfulness` leaves in faithfulness.json, if it ran."""
-    result = _read(out / "faithfulness.json")
+    """The table `python -m vit_core.cli.faithfulness` leaves in RESULTS_FILE, if it ran."""
+    result = read_results(out)
     if result is None:
         return []
     removals, references = result["removals"], result["references"]
@@ -162,8 +164,8 @@ def _faithfulness_lines(out: Path) -> list[str]:
     def cell(name: str, removal: str | None, figure: str) -> str:
         if removal is not None and figure == "spearman_occlusion" and name == references[removal]:
             return "ref."
-        summary = result["methods"][name][removal][figure] if removal else result["methods"][name][figure]
-        return "—" if summary["mean"] is None else f"{summary['mean']:.2f}"
+        mean = result_mean(result, name, removal, figure)
+        return "—" if mean is None else f"{mean:.2f}"
 
     def both(name: str, figure: str) -> str:
         return " / ".join(cell(name, removal, figure) for removal in removals)

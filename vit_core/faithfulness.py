@@ -12,14 +12,17 @@
   trained model's by Spearman rank correlation. A map that stays the same explains the
   architecture or the input, not what was learned.
 
-`python -m vit_core.cli.faithfulness --checkpoint DIR --data DIR` scores every map over test images.
+`python -m vit_core.cli.faithfulness --checkpoint DIR --data DIR` scores every map over test images and
+writes RESULTS_FILE beside the checkpoint; `read_results` and `result_mean` read it back.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +38,8 @@ REMOVALS = OCCLUSION_MODES
 # Maps that one `explain` call gives; `method_maps` knows every name in rollout's MAP_METHODS.
 EXPLAIN_METHODS = ATTENTION_METHODS
 SANITY_METHODS = MAP_METHODS
+# What `python -m vit_core.cli.faithfulness` writes beside a checkpoint (`read_results`).
+RESULTS_FILE = "faithfulness.json"
 
 
 def _check_batch(images: torch.Tensor, patch_maps: torch.Tensor, target) -> tuple[int, torch.Tensor]:
@@ -301,3 +306,31 @@ def randomization_sanity(model: ViTClassifier, images: torch.Tensor, method: str
     if method not in MAP_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {MAP_METHODS}")
     return cascading_randomization(model, images, [method], target, head_fusion, discard_ratio, seed)[method]
+
+
+# ------------------------------------------------------------------------------------------------
+# The results file: its one reader, beside the module that scores the maps
+
+def read_results(folder: str | Path) -> dict | None:
+    """The RESULTS_FILE `python -m vit_core.cli.faithfulness` wrote into `folder`, or None when it has
+    not run there. Its "methods" map each method to {removal: {figure: {"mean", "se", "n"}}} plus
+    "class_sensitivity" and "randomisation"; "random" holds the random maps' AUCs per removal, "n"
+    the image count, "removals" and "references" the removal modes and their occlusion reference.
+    ValueError when the file is not JSON or has no "methods" table."""
+    path = Path(folder) / RESULTS_FILE
+    if not path.exists():
+        return None
+    results = json.loads(path.read_text())
+    if not isinstance(results, dict) or not isinstance(results.get("methods"), dict):
+        raise ValueError(f"{path} holds no \"methods\" table; rerun python -m vit_core.cli.faithfulness")
+    return results
+
+
+def result_mean(results: dict, name: str, removal: str | None, figure: str) -> float | None:
+    """The mean over images of `figure` for method `name` ("random": the random maps) under `removal`
+    (None for a figure that does not depend on it, like "class_sensitivity"); None when absent."""
+    entry = results.get("random") if name == "random" else results["methods"].get(name)
+    for key in (removal, figure) if removal is not None else (figure,):
+        entry = entry.get(key) if isinstance(entry, dict) else None
+    value = entry.get("mean") if isinstance(entry, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

@@ -35,14 +35,15 @@ from ..attribution import predicted_class
 from ..card import TRAIN_INFO, write_model_card
 from ..checkpoints import CheckpointError, load_checkpoint
 from ..data import DataError, load_split
-from ..faithfulness import MAP_METHODS, REMOVALS, cascading_randomization, method_maps, spearman_rows
+from ..faithfulness import (MAP_METHODS, REMOVALS, RESULTS_FILE, cascading_randomization, method_maps,
+                            spearman_rows)
 from ..model import normalize
 from ..rollout import HEAD_FUSIONS
 from ..trust import TrustContext
 from . import fail
 
 PROG = "python -m vit_core.cli.faithfulness"
-RESULTS = "faithfulness.json"
+RESULTS = RESULTS_FILE  # read back by faithfulness.read_results
 # The leave-one-patch-out reference of each removal; "occlusion" is only ever the reference.
 REFERENCES = {"mean": "occlusion", "drop": "occlusion_drop"}
 METHODS = tuple(m for m in MAP_METHODS if m != "occlusion")
