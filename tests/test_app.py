@@ -30,7 +30,8 @@ from demo.handlers import Explorer, export_files, faithfulness, sanity_check
 from demo.panels import GAP, MODEL_FIGURES, PANELS, REDRAWN, SCALE, clicked_patch, draw, view
 from demo.session import (DEFAULT_METHOD, FAST_METHODS, METHODS, Settings, analyze, current_explanation, label_probs,
                           read_upload)
-from toys import BAD_FILES, image_bytes, local_client, noise, tiny_vit, upload
+from toys import (BAD_FILES, image_bytes, local_client, noise, tiny_vit, upload, write_animated_gif,
+                  write_rotated_jpeg)
 from vit_core import ViTClassifier, preprocess, to_model_pixels
 from vit_core.checkpoints import host_reachable
 from vit_core.rollout import explain
@@ -85,10 +86,7 @@ def bad_files(tmp_path_factory) -> dict[str, tuple[Path, str]]:
 
 @pytest.fixture(scope="module")
 def animated_gif(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("gif") / "anim.gif"
-    frames = [Image.new("RGB", (48, 48), color) for color in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0)
-    return path
+    return write_animated_gif(tmp_path_factory.mktemp("gif") / "anim.gif")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,14 +121,7 @@ def test_animated_images_use_the_first_frame(animated_gif, model):
 
 
 def test_exif_orientation_and_alpha_are_honoured(tmp_path, model):
-    # Stored landscape, left half red; EXIF orientation 6 says "rotate 90° clockwise to view".
-    stored = Image.new("RGB", (64, 32), (0, 0, 255))
-    stored.paste((255, 0, 0), (0, 0, 32, 32))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    path = tmp_path / "rotated.jpg"
-    stored.save(path, exif=exif.tobytes(), quality=95)
-    upright = to_model_pixels(read_upload(path)[0], 32)
+    upright = to_model_pixels(read_upload(write_rotated_jpeg(tmp_path / "rotated.jpg"))[0], 32)
     top, bottom = np.asarray(upright)[4, 16], np.asarray(upright)[28, 16]
     assert top[0] > 200 and top[2] < 60       # the red half is on top once upright
     assert bottom[2] > 200 and bottom[0] < 60

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from toys import BAD_FILES
+from toys import BAD_FILES, write_animated_gif, write_rotated_jpeg
 from vit_core.images import FRAMES_KEY, FULL_SIZE_KEY, ImageError, decode_rgb, read_image, to_rgb
 from vit_core.model import to_model_pixels
 
@@ -53,22 +53,13 @@ def test_reads_an_example_as_rgb_from_a_path_or_a_file():
 
 
 def test_animated_images_use_the_first_frame(tmp_path):
-    path = tmp_path / "anim.gif"
-    frames = [Image.new("RGB", (48, 48), color) for color in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0)
-    image = read_image(path)
+    image = read_image(write_animated_gif(tmp_path / "anim.gif"))
     assert image.info[FRAMES_KEY] == 3
     assert to_model_pixels(image, 32).getpixel((16, 16)) == (255, 0, 0)
 
 
 def test_exif_orientation_and_alpha_are_honoured(tmp_path):
-    # Stored landscape, left half red; EXIF orientation 6 says "rotate 90° clockwise to view".
-    stored = Image.new("RGB", (64, 32), (0, 0, 255))
-    stored.paste((255, 0, 0), (0, 0, 32, 32))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    path = tmp_path / "rotated.jpg"
-    stored.save(path, exif=exif.tobytes(), quality=95)
+    path = write_rotated_jpeg(tmp_path / "rotated.jpg")
     upright = read_image(path)
     assert upright.size == (32, 64)
     top, bottom = np.asarray(upright)[8, 16], np.asarray(upright)[56, 16]

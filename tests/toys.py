@@ -89,6 +89,23 @@ BAD_FILES = {
 }
 
 
+def write_animated_gif(path: Path) -> Path:
+    """Three 48x48 frames, red then green then blue: a reader must show the first (red)."""
+    frames = [Image.new("RGB", (48, 48), color) for color in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0)
+    return path
+
+
+def write_rotated_jpeg(path: Path) -> Path:
+    """Stored landscape 64x32, left half red, the rest blue, with EXIF orientation 6 ("rotate 90°
+    clockwise to view"): read upright it is 32x64 with the red half on top."""
+    stored = Image.new("RGB", (64, 32), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 32, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, exif=exif.tobytes(), quality=95)
+    return path
+
 def local_client(server, tmp_path_factory):
     """A fresh gradio_client session on the launched app, downloading into its own temp folder."""
     from gradio_client import Client  # imported here: most tests never launch the app
