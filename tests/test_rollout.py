@@ -207,8 +207,17 @@ def slow_explain(model, image: torch.Tensor, target: int | None, fusion: str, ra
 
     attn = np.array([[a.detach().numpy() for a in probs] for probs in heads_per_layer], dtype=np.float64)
     grads = np.array([[a.grad.numpy() for a in probs] for probs in heads_per_layer], dtype=np.float64)
+    return dict(probs=torch.softmax(logits.detach(), -1).numpy(), target=target, attentions=attn,
+                **slow_maps(attn, grads, fusion, ratio, g))
+
+
+def slow_maps(attn: np.ndarray, grads: np.ndarray, fusion: str, ratio: float, g: int, n_prefix: int = 1,
+              explained: tuple[int, ...] | None = (0,)) -> dict:
+    """Rollout, gradient rollout and per-layer maps of one image's attentions and gradients
+    [L, H, T, T] by explicit loops. Patch tokens follow `n_prefix` prefix tokens; the map reads the
+    mean of the `explained` rows (None: of the patch rows)."""
     n_layers, n_heads, tokens = attn.shape[0], attn.shape[1], attn.shape[-1]
-    n_drop = math.floor(ratio * (tokens - 1))
+    n_drop = math.floor(ratio * (tokens - n_prefix))
     joint = np.eye(tokens)
     fused_layers = []
     for layer in range(n_layers):
@@ -219,7 +228,7 @@ def slow_explain(model, image: torch.Tensor, target: int | None, fusion: str, ra
                 fused[i, j] = {"mean": sum(values) / n_heads, "max": max(values), "min": min(values)}[fusion]
         fused_layers.append(fused.copy())
         for i in range(tokens):
-            weakest = sorted(range(1, tokens), key=lambda j: fused[i, j])[:n_drop]
+            weakest = sorted(range(n_prefix, tokens), key=lambda j: fused[i, j])[:n_drop]
             for j in weakest:
                 fused[i, j] = 0.0
         a = fused + np.eye(tokens)
@@ -229,10 +238,10 @@ def slow_explain(model, image: torch.Tensor, target: int | None, fusion: str, ra
     for layer in range(n_layers):
         bar = np.maximum(grads[layer] * attn[layer], 0).mean(axis=0)
         relevance = relevance + bar @ relevance
-    as_grid = lambda row: row[1:].reshape(g, g)  # noqa: E731
-    return dict(probs=torch.softmax(logits.detach(), -1).numpy(), target=target, attentions=attn,
-                rollout=as_grid(joint[0]), grad_rollout=as_grid(relevance[0]),
-                layer_maps=np.stack([as_grid(f[0]) for f in fused_layers]))
+    rows = list(range(n_prefix, tokens)) if explained is None else list(explained)
+    as_grid = lambda m: (sum(m[r] for r in rows) / len(rows))[n_prefix:].reshape(g, g)  # noqa: E731
+    return dict(rollout=as_grid(joint), grad_rollout=as_grid(relevance),
+                layer_maps=np.stack([as_grid(f) for f in fused_layers]))
 
 
 @pytest.mark.parametrize("fusion, ratio, target", [("mean", 0.0, None), ("max", 0.5, 3), ("min", 0.25, 7)])

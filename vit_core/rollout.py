@@ -9,7 +9,10 @@
   R <- R + A_l R from R = I. Class-specific, unlike plain rollout.
 
 Every map comes back raw (no rescaling) with patches in row-major order, the order of
-`vit_core.patchify`. Normalising for display belongs to `viz`.
+`vit_core.patchify`. Normalising for display belongs to `viz`. Maps read the model's
+`adapters.TokenLayout`: for our ViT the CLS row and the patch columns after it; for an adapted timm
+ViT the explained row(s) among its prefix tokens (CLS, distillation, registers), or the mean of the
+patch rows for a model that averages its patch tokens.
 
 `explain` also offers the attribution maps of `vit_core.attribution` (LRP, gradients, occlusion,
 Integrated Gradients) by name: asked for with `methods=` or later with `Explanation.with_maps`,
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .adapters import TokenLayout, token_layout
 from .attribution import ATTRIBUTION_METHODS
 from .model import ViTClassifier
 
@@ -66,25 +70,26 @@ def fuse_heads(attention: torch.Tensor, head_fusion: str = "mean") -> torch.Tens
     return attention.amin(dim=-3)
 
 
-def discard_weakest(attention: torch.Tensor, discard_ratio: float) -> torch.Tensor:
-    """In each row of [..., T, T], zero the floor(ratio * (T-1)) smallest patch entries (columns
-    1..T-1); the CLS column is never discarded. Returns a new tensor."""
+def discard_weakest(attention: torch.Tensor, discard_ratio: float, n_prefix_tokens: int = 1) -> torch.Tensor:
+    """In each row of [..., T, T], zero the floor(ratio * (T-P)) smallest patch entries (columns
+    P..T-1, P = n_prefix_tokens); the prefix (CLS) columns are never discarded. Returns a new tensor."""
     _check_rollout_args("mean", discard_ratio)
-    n_drop = math.floor(discard_ratio * (attention.shape[-1] - 1))
+    n_drop = math.floor(discard_ratio * (attention.shape[-1] - n_prefix_tokens))
     attention = attention.clone()
     if n_drop > 0:
-        patches = attention[..., 1:]
+        patches = attention[..., n_prefix_tokens:]
         weakest = patches.topk(n_drop, dim=-1, largest=False).indices
         patches.scatter_(-1, weakest, 0.0)  # a view: writes into `attention`
     return attention
 
 
 def attention_rollout(attentions: torch.Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0,
-                      start_layer: int = 0) -> torch.Tensor:
+                      start_layer: int = 0, n_prefix_tokens: int = 1) -> torch.Tensor:
     """Joint attention [B, T, T] from per-head attentions [B, L, H, T, T].
 
-    For each layer l >= start_layer: fuse heads, discard, add the identity, divide rows by their
-    sums; then joint = A_L ... A_start (later layers on the left). Every row of the result sums to 1.
+    For each layer l >= start_layer: fuse heads, discard (never the first `n_prefix_tokens`
+    columns), add the identity, divide rows by their sums; then joint = A_L ... A_start (later
+    layers on the left). Every row of the result sums to 1.
     """
     _check_rollout_args(head_fusion, discard_ratio)
     if attentions.ndim != 5:
@@ -95,7 +100,7 @@ def attention_rollout(attentions: torch.Tensor, head_fusion: str = "mean", disca
     eye = torch.eye(tokens, dtype=attentions.dtype, device=attentions.device)
     joint = eye.expand(attentions.shape[0], tokens, tokens)
     for layer in range(start_layer, n_layers):
-        a = discard_weakest(fuse_heads(attentions[:, layer], head_fusion), discard_ratio) + eye
+        a = discard_weakest(fuse_heads(attentions[:, layer], head_fusion), discard_ratio, n_prefix_tokens) + eye
         a = a / a.sum(dim=-1, keepdim=True)
         joint = a @ joint
     return joint
@@ -115,9 +120,21 @@ def gradient_rollout(attentions: torch.Tensor, gradients: torch.Tensor) -> torch
     return relevance
 
 
-def cls_patch_map(matrix: torch.Tensor) -> torch.Tensor:
-    """CLS row, patch columns of [..., T, T] as a square grid [..., g, g] (row-major patches)."""
-    row = matrix[..., 0, 1:]
+def cls_patch_map(matrix: torch.Tensor, layout: TokenLayout = TokenLayout()) -> torch.Tensor:
+    """The explained row, patch columns of [..., T, T] as a square grid [..., g, g] (row-major
+    patches). The default layout reads the CLS row (token 0) and the columns after it."""
+    prefix, explained = layout.n_prefix_tokens, layout.explained_tokens
+    if explained is None:  # a model that averages its patch tokens
+        row = matrix[..., prefix:, :].mean(dim=-2)
+    elif len(explained) == 1:
+        row = matrix[..., explained[0], :]
+    else:
+        row = matrix[..., list(explained), :].mean(dim=-2)
+    return _patch_grid(row[..., prefix:])
+
+
+def _patch_grid(row: torch.Tensor) -> torch.Tensor:
+    """Patch columns [..., N] -> [..., g, g]."""
     grid = math.isqrt(row.shape[-1])
     if grid * grid != row.shape[-1]:
         raise ValueError(f"{row.shape[-1]} patches do not form a square grid")
@@ -131,13 +148,14 @@ class Explanation:
     probs: torch.Tensor          # [B, C] softmax class probabilities
     target: torch.Tensor         # [B] class explained by grad_rollout
     attentions: torch.Tensor     # [B, L, H, T, T] per-head softmax attention of every block
-    rollout: torch.Tensor        # [B, g, g] attention rollout, CLS row, raw
+    rollout: torch.Tensor        # [B, g, g] attention rollout, CLS (explained) row, raw
     grad_rollout: torch.Tensor | None  # [B, g, g] gradient rollout for `target`, raw; None until asked
                                        # for when made by explain(gradients=False) (see `maps()`)
     layer_maps: torch.Tensor     # [B, L, g, g] each layer's CLS -> patch attention (heads fused)
     last_layer: torch.Tensor     # [B, g, g] last layer's CLS -> patch attention (heads fused)
     head_fusion: str
     discard_ratio: float
+    layout: TokenLayout = TokenLayout()  # which rows and columns of `attentions` the maps read
     # Class-specific maps already computed for these images, {target: {method: [B, g, g]}} with the
     # target a tuple (one class per image): gradient rollouts and attribution maps. Shared by every
     # Explanation derived from this one, since no setting changes them.
@@ -167,6 +185,10 @@ class Explanation:
         methods = check_methods(methods)
         self._check_images(images)
         own = self._own_maps()
+        attributions = [m for m in methods if m not in ATTENTION_METHODS and m not in own]
+        if attributions and not isinstance(model, ViTClassifier):
+            raise ValueError(f"{', '.join(attributions)} need vit_core's own ViTClassifier; for "
+                             f"{type(model).__name__} choose from {', '.join(ATTENTION_METHODS)}")
         for name in methods:
             if name == "grad_rollout" and name not in own:
                 own[name] = explain(model, images, target=self.target).grad_rollout
@@ -180,9 +202,11 @@ class Explanation:
         _check_rollout_args(head_fusion, discard_ratio)
         if (head_fusion, discard_ratio) == (self.head_fusion, self.discard_ratio):
             return self
-        layer_maps = cls_patch_map(fuse_heads(self.attentions, head_fusion))
+        prefix = self.layout.n_prefix_tokens
+        layer_maps = cls_patch_map(fuse_heads(self.attentions, head_fusion), self.layout)
         return self._derived(
-            rollout=cls_patch_map(attention_rollout(self.attentions, head_fusion, discard_ratio)),
+            rollout=cls_patch_map(attention_rollout(self.attentions, head_fusion, discard_ratio,
+                                                    n_prefix_tokens=prefix), self.layout),
             layer_maps=layer_maps, last_layer=layer_maps[:, -1], head_fusion=head_fusion,
             discard_ratio=discard_ratio)
 
@@ -225,8 +249,10 @@ class Explanation:
 
     def token_attention(self, token: int, layer: int, head: int | None = None) -> torch.Tensor:
         """Where `token` attends in block `layer`, for each image: `token_map` of every image's
-        attentions, [B, g, g]. Token 0 is CLS, token i + 1 patch i; `head` None averages the heads."""
-        return torch.stack([token_map(attentions, token, layer, head) for attentions in self.attentions])
+        attentions, [B, g, g]. Token 0 is CLS, token i + 1 patch i (i + P after P prefix tokens);
+        `head` None averages the heads."""
+        prefix = self.layout.n_prefix_tokens
+        return torch.stack([token_map(attentions, token, layer, head, prefix) for attentions in self.attentions])
 
     def _derived(self, **changes) -> "Explanation":
         """dataclasses.replace that keeps the shared cache of gradient rollouts."""
@@ -248,7 +274,8 @@ def explain(model: ViTClassifier, images: torch.Tensor, target: int | torch.Tens
             head_fusion: str = "mean", discard_ratio: float = 0.0, methods: Sequence[str] = (),
             gradients: bool = True) -> Explanation:
     """Probabilities, attentions, rollout and gradient rollout for a normalised batch [B, 3, S, S],
-    from one forward and one backward pass in float32. `target` (an int or [B]) defaults to the
+    from one forward and one backward pass in float32. `model` is a ViTClassifier or a model made
+    by `vit_core.adapters.adapt` / `load_model` (attention maps only). `target` (an int or [B]) defaults to the
     predicted class. `methods` (names in MAP_METHODS) are attribution maps computed now as well, each
     with its own passes (`Explanation.with_maps` computes more later). With `gradients=False` only
     the forward pass runs: `grad_rollout` is None and `maps()` leaves it out until
@@ -258,18 +285,21 @@ def explain(model: ViTClassifier, images: torch.Tensor, target: int | torch.Tens
     if images.ndim != 4 or images.shape[1:] != (3, model.image_size, model.image_size):
         raise ValueError(f"images must be [B, 3, {model.image_size}, {model.image_size}] from "
                          f"vit_core.preprocess, got shape {tuple(images.shape)}")
+    layout = token_layout(model)
     probs, target_t, attentions, grads = _passes(model, images, target, gradients)
-    layer_maps = cls_patch_map(fuse_heads(attentions, head_fusion))
+    layer_maps = cls_patch_map(fuse_heads(attentions, head_fusion), layout)
     explanation = Explanation(
         probs=probs,
         target=target_t,
         attentions=attentions,
-        rollout=cls_patch_map(attention_rollout(attentions, head_fusion, discard_ratio)),
-        grad_rollout=None if grads is None else cls_patch_map(gradient_rollout(attentions, grads)),
+        rollout=cls_patch_map(attention_rollout(attentions, head_fusion, discard_ratio,
+                                                n_prefix_tokens=layout.n_prefix_tokens), layout),
+        grad_rollout=None if grads is None else cls_patch_map(gradient_rollout(attentions, grads), layout),
         layer_maps=layer_maps,
         last_layer=layer_maps[:, -1],
         head_fusion=head_fusion,
         discard_ratio=discard_ratio,
+        layout=layout,
     )
     return explanation.with_maps(model, images.detach(), methods)
 
@@ -300,12 +330,14 @@ def _passes(model: ViTClassifier, images: torch.Tensor, target: int | torch.Tens
     return probs, target_t, attentions, torch.stack(gradient_list, dim=1) if gradients else None
 
 
-def token_map(attentions: torch.Tensor, token: int, layer: int, head: int | None = None) -> torch.Tensor:
+def token_map(attentions: torch.Tensor, token: int, layer: int, head: int | None = None,
+              n_prefix_tokens: int = 1) -> torch.Tensor:
     """Where one token attends, for ONE image: the row of `token` in block `layer`'s attention,
     restricted to the patch columns, as a [g, g] grid (row-major patches).
 
     `attentions` is [L, H, T, T] (one image of `Explanation.attentions`); token 0 is CLS and token
-    i + 1 is patch i; `layer` may be negative (-1 = last block); `head` None averages the heads."""
+    i + 1 is patch i (i + P after P = `n_prefix_tokens` prefix tokens); `layer` may be negative
+    (-1 = last block); `head` None averages the heads."""
     attentions = torch.as_tensor(attentions)
     if attentions.ndim != 4 or attentions.shape[-1] != attentions.shape[-2]:
         raise ValueError(f"attentions must be [L, H, T, T] for one image, got shape {tuple(attentions.shape)}")
@@ -318,4 +350,4 @@ def token_map(attentions: torch.Tensor, token: int, layer: int, head: int | None
         raise ValueError(f"head must be None (mean over heads) or in [0, {n_heads}), got {head}")
     per_layer = attentions[layer]
     matrix = per_layer.mean(dim=0) if head is None else per_layer[head]
-    return cls_patch_map(matrix[token:token + 1])  # the row of `token` plays the CLS row's part
+    return _patch_grid(matrix[token, n_prefix_tokens:])
