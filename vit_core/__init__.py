@@ -1,9 +1,11 @@
 """vit_core: a small Vision Transformer for CIFAR-10 and the tools to see what it attends to.
 
 The command-line tools live in `vit_core.cli` (`python -m vit_core.cli.explain`, `.evaluate`,
-`.faithfulness`); this package only holds the library.
+`.faithfulness`, `.anatomy`, `.space`); this package only holds the library.
 """
 
+from .adapters import TokenLayout, adapt, load_model
+from .attribution import ATTRIBUTION_METHODS, attribute
 from .checkpoints import CheckpointError, load_checkpoint
 from .images import ImageError, read_image
 from .model import (
@@ -30,6 +32,7 @@ from .rollout import (
 )
 
 __all__ = [
+    "TokenLayout", "adapt", "load_model", "ATTRIBUTION_METHODS", "attribute",
     "CheckpointError", "load_checkpoint", "ImageError", "read_image",
     "CIFAR10_CLASSES", "PRESETS", "CheckpointMismatchError", "ViTClassifier", "load_image",
     "normalize", "patchify", "preprocess", "to_model_pixels",
