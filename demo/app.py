@@ -2,6 +2,7 @@
 
     python demo/app.py                        # the shipped checkpoint, fully offline
     python demo/app.py --checkpoint user/repo # weights from the Hugging Face Hub
+    python demo/app.py --checkpoint DIR       # also a timm ViT (save_for_hf folder, or timm/<name> cached)
     python demo/app.py --host 0.0.0.0 --port 7860 --share
 
 This file is the layout and the event wiring only. The panels are entries of `demo.panels.PANELS`
@@ -47,13 +48,14 @@ if str(ROOT) not in sys.path:  # `python demo/app.py` from anywhere finds vit_co
     sys.path.insert(0, str(ROOT))
 
 from demo.evidence import Evidence  # noqa: E402
-from demo.handlers import FAITHFULNESS_OUTPUTS, TRUST_OUTPUTS, Explorer  # noqa: E402
+from demo.handlers import FAITHFULNESS_OUTPUTS, NOT_AVAILABLE, TRUST_OUTPUTS, Explorer  # noqa: E402
 from demo.panels import MODEL_FIGURES, PANELS, REDRAWN, draw, image_panel, view  # noqa: E402
 from demo.serving import (GRADIO_DELETE_CACHE, SESSIONS_KEPT, CacheKeeper, answering,  # noqa: E402
                           limit_heap_arenas, panel_files, wire_arrays)
-from demo.session import (HEAD_MEAN, METHODS, PREDICTED, Settings, analyze, example_label,  # noqa: E402
-                          head_choices)
-from vit_core import CheckpointError, ViTClassifier, load_checkpoint  # noqa: E402
+from demo.session import (HEAD_MEAN, PREDICTED, Settings, analyze, example_label, head_choices,  # noqa: E402
+                          is_own, methods_for)
+from vit_core import CheckpointError, ViTClassifier, load_checkpoint  # noqa: E402,F401 (load_checkpoint: re-exported)
+from vit_core.adapters import load_model  # noqa: E402
 from vit_core.checkpoints import host_reachable  # noqa: E402
 from vit_core.images import MAX_FILE_BYTES  # noqa: E402
 from vit_core.rollout import HEAD_FUSIONS  # noqa: E402
@@ -105,12 +107,17 @@ MAP_ROW = ("overlay", "token_attention", "patch_grid", "model_view")
 
 
 def _inputs(model: ViTClassifier, examples: list[Path]) -> dict[str, gr.components.Component]:
-    """The upload, the prediction under it (the "side" panels), then the example gallery."""
-    gallery_items = [(str(p), example_label(p.stem, model.class_names) or p.stem) for p in examples]
+    """The upload, the prediction under it (the "side" panels), then the example gallery (another
+    model's classes are not CIFAR-10's: its examples are shown without labels, resized to its input)."""
+    if is_own(model):
+        gallery_items = [(str(p), example_label(p.stem, model.class_names) or p.stem) for p in examples]
+        gallery_label = "…or pick a CIFAR-10 test image (true label)"
+    else:
+        gallery_items, gallery_label = [str(p) for p in examples], "…or pick an example image"
     ui = {"image_in": gr.Image(label="Upload an image (any size)", type="filepath", image_mode=None,
                                sources=["upload", "clipboard"], height=150, elem_id="image-in")}
     ui.update(_panels("side"))
-    ui["gallery"] = gr.Gallery(gallery_items, label="…or pick a CIFAR-10 test image (true label)",
+    ui["gallery"] = gr.Gallery(gallery_items, label=gallery_label,
                                columns=3, height=540, allow_preview=False, interactive=False,
                                object_fit="contain", elem_id="examples", elem_classes="pixelated")
     return ui
@@ -119,7 +126,7 @@ def _inputs(model: ViTClassifier, examples: list[Path]) -> dict[str, gr.componen
 def _controls(model: ViTClassifier, method: str) -> dict[str, gr.components.Component]:
     """One control per `Settings` field, under its name; `method` is the picker's first value."""
     return {
-        "method": gr.Dropdown([(v, k) for k, v in METHODS.items()], value=method, label="Explanation",
+        "method": gr.Dropdown([(v, k) for k, v in methods_for(model).items()], value=method, label="Explanation",
                               elem_id="method", min_width=180),
         "target": gr.Dropdown([PREDICTED] + list(model.class_names), value=PREDICTED, label="Target class",
                               elem_id="target", min_width=130),
@@ -164,7 +171,8 @@ def _compare_tab(explorer: Explorer) -> dict[str, gr.components.Component]:
                     "maps it beats on this image, and its Spearman ρ with leave-one-patch-out occlusion).")
         ui["compare"] = image_panel("Every map, this image", "compare", 190, show_label=False)
         ui["compare_table"] = gr.Markdown("", elem_id="compare-table")
-        ui["test_set"] = gr.Markdown(explorer.evidence.test_set_markdown(), elem_id="test-set")
+        ui["test_set"] = gr.Markdown(explorer.evidence.test_set_markdown() if is_own(explorer.model)
+                                     else NOT_AVAILABLE, elem_id="test-set")
     return ui
 
 
@@ -309,7 +317,7 @@ def build_demo(model: ViTClassifier, workers: int = 2, evidence: Evidence | None
     examples = sorted(EXAMPLES_DIR.glob("*.jpg")) + sorted(EXAMPLES_DIR.glob("*.png"))
     with gr.Blocks(title="ViT attention explorer", fill_width=True, analytics_enabled=False,
                    delete_cache=GRADIO_DELETE_CACHE) as demo:
-        explorer = Explorer(model, examples, evidence or Evidence.load(model, None, EXAMPLES_DIR),
+        explorer = Explorer(model, examples, evidence or Evidence.load(model, None, anatomy_examples(model)),
                             share=lambda: (getattr(demo, "share_requested", False), demo.share_url))
         wire(layout(model, examples, explorer), explorer, workers, demo)
     return demo
@@ -321,7 +329,7 @@ def build_demo(model: ViTClassifier, workers: int = 2, evidence: Evidence | None
 def warm_up(model: ViTClassifier) -> None:
     """One explanation and one drawing of every panel, so the first user does not pay for them."""
     blank = Image.new("RGB", (model.image_size, model.image_size), (128, 128, 128))
-    draw(view(model, analyze(model, blank), Settings().checked(model)))
+    draw(view(model, analyze(model, blank), Explorer(model).defaults.checked(model)))
 
 
 def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False,
@@ -359,8 +367,13 @@ def share_message(local_url: str, share_url: str | None) -> str:
             "server cannot be reached); the app serves locally only.")
 
 
+def anatomy_examples(model) -> Path | None:
+    """The images the Model tab's anatomy is computed from; None (no anatomy) for other models."""
+    return EXAMPLES_DIR if is_own(model) else None
+
+
 def checkpoint_folder(source: str) -> Path | None:
-    """The local folder `load_checkpoint(source, search_dirs=[ROOT])` read, where eval.json,
+    """The local folder `load_model(source, search_dirs=[ROOT])` read, where eval.json,
     faithfulness.json and anatomy.npz may lie beside the weights; None for a Hub repo id."""
     path = Path(source)
     candidates = [path] if path.is_absolute() else [path, ROOT / path]
@@ -370,7 +383,8 @@ def checkpoint_folder(source: str) -> Path | None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
-                        help="checkpoint directory or Hugging Face Hub repo id (default: the shipped one)")
+                        help="checkpoint directory or Hugging Face Hub repo id (default: the shipped one); "
+                             "also a timm ViT: a folder saved by timm's save_for_hf, or timm/<name>")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="interface to bind; 0.0.0.0 to serve the local network")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
@@ -388,12 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     limit_heap_arenas()  # before the server starts its threads
     torch.set_num_threads(max(1, args.threads))
     try:
-        model = load_checkpoint(args.checkpoint, search_dirs=[ROOT])  # relative paths: cwd, then the repo
+        model = load_model(args.checkpoint, search_dirs=[ROOT])  # relative paths: cwd, then the repo
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     warm_up(model)
-    evidence = Evidence.load(model, checkpoint_folder(args.checkpoint), EXAMPLES_DIR)
+    evidence = Evidence.load(model, checkpoint_folder(args.checkpoint), anatomy_examples(model))
     launch(build_demo(model, workers=max(1, args.workers), evidence=evidence), host=args.host, port=args.port,
            share=args.share)
     return 0

@@ -28,8 +28,8 @@ from PIL import Image
 
 from demo.evidence import Evidence, image_trust, trust_sentence, trust_table
 from demo.panels import MODEL_FIGURES, PANELS, REDRAWN, anatomy_text, clicked_patch, compare_strip, draw, view
-from demo.session import (METHODS, Session, Settings, analyze, current_explanation, label_probs, read_upload,
-                          upload_name, upload_path)
+from demo.session import (ATTENTION_DEFAULT, METHODS, Session, Settings, analyze, current_explanation, is_own,
+                          label_probs, methods_for, read_upload, upload_name, upload_path)
 from vit_core import ViTClassifier, viz
 from vit_core import faithfulness as faith
 
@@ -37,6 +37,8 @@ Answer = dict[str, Any]
 FAITHFULNESS_OUTPUTS = ("deletion", "insertion", "auc", "sanity")
 TRUST_OUTPUTS = ("trust", "trust_table", "compare", "compare_table")
 TRUST_PENDING = "Measuring how far to trust each map on this image…"
+# What the figures that need our own ViTClassifier say for other models (vit_core.adapters).
+NOT_AVAILABLE = "Not available for this model (it needs the explorer's own ViT; attention maps only)."
 
 
 class Explorer:
@@ -49,7 +51,8 @@ class Explorer:
         self.model = model.eval()
         self.examples = list(examples)
         self.evidence = evidence or Evidence()
-        self.defaults = Settings(method=self.evidence.default_method)
+        method = self.evidence.default_method
+        self.defaults = Settings(method=method if method in methods_for(model) else ATTENTION_DEFAULT)
         self.share = share
         anatomy = self.evidence.anatomy
         # Drawn once per checkpoint; written once, so every request serves the same files.
@@ -98,10 +101,14 @@ class Explorer:
 
     def faithfulness(self, session: Session | None, **controls) -> Answer:
         """Deletion and insertion curves of the current map against a random map."""
+        if not is_own(self.model):
+            return {"deletion": None, "insertion": None, "auc": NOT_AVAILABLE}
         return faithfulness(self.model, require(session), self.settings(controls))
 
     def sanity_check(self, session: Session | None, **controls) -> Answer:
         """The model-randomisation check of the current method."""
+        if not is_own(self.model):
+            return {"sanity": NOT_AVAILABLE}
         return {"sanity": sanity_check(self.model, require(session), self.settings(controls))}
 
     def export(self, session: Session | None, **controls) -> Answer:
@@ -115,6 +122,8 @@ class Explorer:
         map's sentence, every map's figures, and the maps side by side for the Compare view."""
         if session is None:
             return {}
+        if not is_own(self.model):
+            return {"trust": NOT_AVAILABLE, "trust_table": "", "compare": None, "compare_table": NOT_AVAILABLE}
         settings = self.settings(controls)
         figures = image_trust(self.model, session, settings)
         # Pillow's built-in font draws ASCII only: "x" for "×", "rho" for "ρ".
@@ -128,6 +137,8 @@ class Explorer:
 
     def anatomy(self) -> Answer:
         """The Model tab: the anatomy figures (files written once) and where they come from."""
+        if not is_own(self.model):
+            return {**{f.name: None for f in MODEL_FIGURES}, "anatomy_info": NOT_AVAILABLE}
         if self.evidence.anatomy is None:
             raise gr.Error("No anatomy for this model: the app was started without example images.")
         return {**self.model_figure_files, "anatomy_info": anatomy_text(self.evidence.anatomy,
@@ -136,11 +147,14 @@ class Explorer:
     def header(self, method: str | None = None) -> Answer:
         """The header line: the model, its measured accuracy, what the page shows, the public link."""
         model = self.model
-        parts = [f"**ViT attention explorer** · {model.depth} layers × {model.n_heads} heads on "
-                 f"{model.grid_size}×{model.grid_size} patches of {model.patch_size} px",
-                 self.evidence.accuracy_text()]
-        method = method if method in METHODS else self.defaults.method
-        if method == self.defaults.method:
+        parts = [f"**ViT attention explorer** · {model_name(model)}{model.depth} layers × {model.n_heads} heads on "
+                 f"{model.grid_size}×{model.grid_size} patches of {model.patch_size} px"]
+        if is_own(model) or self.evidence.accuracy is not None:
+            parts.append(self.evidence.accuracy_text())
+        method = method if method in methods_for(model) else self.defaults.method
+        if not is_own(model):
+            parts.append(f"Showing **{METHODS[method]}** (attention maps only for this model)")
+        elif method == self.defaults.method:
             parts.append(self.evidence.default_text())
         else:
             parts.append(f"Showing **{METHODS[method]}** (the app opens on {METHODS[self.defaults.method]}; "
@@ -160,6 +174,15 @@ class Explorer:
     def new_image() -> Answer:  # curves, checks and trust of the previous image no longer apply
         return {"deletion": None, "insertion": None, "auc": "", "sanity": "", "trust": TRUST_PENDING,
                 "trust_table": "", "compare": None, "compare_table": ""}
+
+
+def model_name(model) -> str:
+    """"name · " for a model from another library (its timm architecture), "" for ours."""
+    if is_own(model):
+        return ""
+    inner = getattr(model, "vit", model)
+    name = (getattr(inner, "pretrained_cfg", None) or {}).get("architecture") or type(inner).__name__
+    return f"**{name}** · "
 
 
 def _beats(figures: dict[str, float]) -> str:

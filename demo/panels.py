@@ -29,6 +29,17 @@ CLASS_FREE_METHODS = ("rollout", "last_layer")
 
 SCALE = 8  # screen pixels per image pixel in the large panels (32 px -> 256 px)
 GAP = 2    # white gap between patches in the patch grid
+DISPLAY_SIDE = SCALE * 32  # the large panels' side in screen pixels, whatever the model's input size
+
+
+def scale_for(model) -> int:
+    """Screen pixels per image pixel: SCALE for a 32-px model, 1 for a 224-px one."""
+    return max(1, DISPLAY_SIDE // model.image_size)
+
+
+def matrix_cell(tokens: int, widest: int) -> int:
+    """Pixels per matrix entry: `widest` for up to 80 tokens, fewer for long sequences."""
+    return max(1, min(widest, widest * 80 // tokens))
 
 
 @dataclasses.dataclass
@@ -49,9 +60,28 @@ class View:
         return self.settings.patch if self.settings.patch >= 0 else None
 
     @property
-    def token(self) -> int:
-        """The followed token: 0 is CLS, patch i is token i + 1."""
-        return 0 if self.patch is None else self.patch + 1
+    def prefix(self) -> int:
+        """Tokens before the patches (CLS, distillation, registers): patch i is token i + prefix."""
+        return self.explanation.layout.n_prefix_tokens
+
+    @property
+    def token(self) -> int | None:
+        """The followed token: the (first) explained prefix token, usually CLS, while no patch is
+        chosen (None for a model that reads the mean of its patch tokens), else patch + prefix."""
+        if self.patch is not None:
+            return self.patch + self.prefix
+        explained = self.explanation.layout.explained_tokens
+        return explained[0] if explained else None
+
+    @property
+    def token_text(self) -> str:
+        if self.patch is not None:
+            return f"patch {self.patch}"
+        return "CLS" if self.token is not None else "mean of the patch tokens"
+
+    @property
+    def scale(self) -> int:
+        return scale_for(self.model)
 
     @property
     def highlight_token(self) -> int | None:
@@ -77,12 +107,19 @@ def view(model: ViTClassifier, session: Session, settings: Settings) -> View:
 # Drawing: each takes a View and returns the panel's value (vit_core.viz does the pictures)
 
 def _overlay(v: View, patch_map: torch.Tensor) -> Image.Image:
-    return viz.overlay_map(v.pixels, patch_map, alpha=v.settings.opacity, scale=SCALE, highlight=v.patch)
+    return viz.overlay_map(v.pixels, patch_map, alpha=v.settings.opacity, scale=v.scale, highlight=v.patch)
 
 
 def _matrix(v: View) -> Image.Image:
+    # viz labels token 0 as CLS and token i + 1 as patch i: true for one prefix token only
     return viz.attention_matrix_image(v.matrices[v.settings.layer - 1], title=f"layer {v.settings.layer}, "
-                                      f"{v.head_text}", highlight_token=v.highlight_token, cell=4)
+                                      f"{v.head_text}", highlight_token=v.highlight_token,
+                                      cell=matrix_cell(v.matrices.shape[-1], 4), labels=v.prefix == 1)
+
+
+def _matrices(v: View) -> Image.Image:
+    return viz.attention_matrix_grid(v.matrices, cell=matrix_cell(v.matrices.shape[-1], 2),
+                                     highlight_token=v.highlight_token)
 
 
 def _summary(v: View) -> str:
@@ -93,24 +130,25 @@ def _summary(v: View) -> str:
         info.append(f"**true label:** {true_label}")
     if v.settings.method not in CLASS_FREE_METHODS:
         info.append(f"**explaining:** {names[int(v.explanation.target[0])]}")
-    token_text = "CLS" if v.patch is None else f"patch {v.patch}"
-    info.append(f"**token:** {token_text} — where it attends in layer {v.settings.layer}, {v.head_text}")
+    info.append(f"**token:** {v.token_text} — where it attends in layer {v.settings.layer}, {v.head_text}")
     return " · ".join(info + v.session.notes)
 
 
 def _token_attention(v: View) -> Image.Image:
-    token_map = v.explanation.token_attention(v.token, v.settings.layer - 1, v.settings.head_index)[0]
-    return _overlay(v, token_map)
+    layer = v.settings.layer - 1
+    if v.token is None:  # no CLS to follow: where the patch tokens attend on average (heads fused)
+        return _overlay(v, v.explanation.layer_maps[0, layer])
+    return _overlay(v, v.explanation.token_attention(v.token, layer, v.settings.head_index)[0])
 
 
 def grid_patch(model: ViTClassifier, x: float, y: float) -> int | None:
     """Pixel (x, y) of the patch grid -> patch index (None in a gap)."""
-    return viz.patch_grid_index(x, y, model.grid_size, model.patch_size, scale=SCALE, gap=GAP)
+    return viz.patch_grid_index(x, y, model.grid_size, model.patch_size, scale=scale_for(model), gap=GAP)
 
 
 def image_patch(model: ViTClassifier, x: float, y: float) -> int | None:
     """Pixel (x, y) of a full-image panel -> patch index."""
-    side = model.image_size * SCALE
+    side = model.image_size * scale_for(model)
     return viz.patch_index_at(x, y, side, side, model.grid_size)
 
 
@@ -149,10 +187,10 @@ def _clickable(label: str, elem_id: str) -> Callable[[], gr.Image]:
 
 PANELS: tuple[Panel, ...] = (
     Panel("model_view", _clickable("As the model sees it", "model-view"),
-          lambda v: viz.upscale_nearest(v.pixels, SCALE), "top", redraw=False, export="model_view",
+          lambda v: viz.upscale_nearest(v.pixels, v.scale), "top", redraw=False, export="model_view",
           click=image_patch),
     Panel("patch_grid", _clickable("Patches (click one)", "patch-grid"),
-          lambda v: viz.patch_grid(v.pixels, v.model.patch_size, scale=SCALE, gap=GAP, highlight=v.patch),
+          lambda v: viz.patch_grid(v.pixels, v.model.patch_size, scale=v.scale, gap=GAP, highlight=v.patch),
           "top", export="patch_grid", click=grid_patch),
     Panel("overlay", _clickable("Explanation map", "overlay"),
           lambda v: _overlay(v, v.explanation.maps()[v.settings.method][0]), "top",
@@ -162,13 +200,13 @@ PANELS: tuple[Panel, ...] = (
     Panel("top5", partial(gr.Label, num_top_classes=5, label="Top-5 classes", elem_id="top5", min_width=170),
           lambda v: {name: float(p) for name, p in zip(v.model.class_names, v.explanation.probs[0])},
           "side", redraw=False),
-    Panel("matrices", partial(image_panel, "Every layer's attention matrix", "matrices", 150),
-          lambda v: viz.attention_matrix_grid(v.matrices, cell=2, highlight_token=v.highlight_token),
+    Panel("matrices", partial(image_panel, "Every layer's attention matrix", "matrices", 150), _matrices,
           "right", export="attention_matrices"),
     Panel("matrix", partial(image_panel, "Attention matrix", "matrix", 320, scale=2, min_width=300), _matrix,
           "left", export=lambda s: f"attention_layer{s.layer}"),
     Panel("layer_strip", partial(image_panel, "CLS attention per layer (heads fused)", "layer-strip", 150),
-          lambda v: viz.map_strip(v.explanation.layer_maps[0], image=v.pixels, alpha=v.settings.opacity, scale=4),
+          lambda v: viz.map_strip(v.explanation.layer_maps[0], image=v.pixels, alpha=v.settings.opacity,
+                                  scale=max(1, v.scale // 2)),
           "right", export="cls_per_layer"),
     Panel("summary", partial(gr.Markdown, "Upload an image or pick an example.", label="summary", elem_id="info"),
           _summary, "summary"),
@@ -195,7 +233,7 @@ def compare_strip(v: View, methods: list[str], titles: dict[str, str] | None = N
     maps = v.explanation.maps()
     titles = titles or {}
     return viz.map_strip(torch.stack([maps[m][0] for m in methods]), image=v.pixels, alpha=v.settings.opacity,
-                         titles=[titles.get(m, METHODS[m]) for m in methods], scale=4)
+                         titles=[titles.get(m, METHODS[m]) for m in methods], scale=max(1, v.scale // 2))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from PIL import Image
 
 from vit_core import ViTClassifier, preprocess, to_model_pixels
 from vit_core.images import FRAMES_KEY, FULL_SIZE_KEY, MAX_FILE_BYTES, ImageError, read_image
-from vit_core.rollout import HEAD_FUSIONS, SLOW_METHODS, Explanation, explain
+from vit_core.rollout import ATTENTION_METHODS, HEAD_FUSIONS, SLOW_METHODS, Explanation, explain
 
 METHODS = {  # value -> label, in the method picker's order
     "lrp_composite": "LRP (composite)",
@@ -38,8 +38,28 @@ METHODS = {  # value -> label, in the method picker's order
 FAST_METHODS = tuple(m for m in METHODS if m not in SLOW_METHODS)
 # The picker's default when no test-set measurement says otherwise (see demo.evidence).
 DEFAULT_METHOD = "lrp_composite"
+# Other models (vit_core.adapters) get the attention maps only, opening on this one.
+ATTENTION_DEFAULT = "grad_rollout"
 PREDICTED = "predicted"
 HEAD_MEAN = "all (mean)"
+
+
+def is_own(model) -> bool:
+    """Our own ViTClassifier: the attribution maps, trust figures and anatomy need it."""
+    return isinstance(model, ViTClassifier)
+
+
+def methods_for(model) -> dict[str, str]:
+    """The picker's {value: label} for this model: every method for ours, attention maps otherwise."""
+    return dict(METHODS) if is_own(model) else {m: METHODS[m] for m in METHODS if m in ATTENTION_METHODS}
+
+
+def model_inputs(model, image: Image.Image) -> tuple[Image.Image, torch.Tensor]:
+    """What the model sees (RGB, image_size a side) and its normalised input [1, 3, S, S]: the
+    model's own preprocessing when it has one (vit_core.adapters.TimmViT), else ours."""
+    pixels = to_model_pixels(image, model.image_size)
+    own = getattr(model, "preprocess", None)
+    return pixels, own(pixels) if callable(own) else preprocess(pixels, model)
 
 
 def head_choices(model: ViTClassifier) -> list[str]:
@@ -74,8 +94,8 @@ class Settings:
 
     def checked(self, model: ViTClassifier) -> "Settings":
         """Validated copy with defaults resolved; bad values raise gr.Error with the allowed ones."""
-        if self.method not in METHODS:
-            raise gr.Error(f"Unknown method {self.method!r}; choose one of {list(METHODS)}.")
+        if self.method not in methods_for(model):
+            raise gr.Error(f"Unknown method {self.method!r}; choose one of {list(methods_for(model))}.")
         if self.target != PREDICTED and self.target not in model.class_names:
             raise gr.Error(f"Unknown class {self.target!r}; choose {PREDICTED!r} or one of {model.class_names}.")
         if self.head_fusion not in HEAD_FUSIONS:
@@ -172,8 +192,7 @@ def analyze(model: ViTClassifier, image: Image.Image, name: str = "image",
     width, height = image.info.get(FULL_SIZE_KEY, image.size)  # a JPEG may have been decoded reduced
     if (width, height) != (model.image_size, model.image_size):
         notes.append(f"resized from {width}×{height} to {model.image_size}×{model.image_size}")
-    pixels = to_model_pixels(image, model.image_size)
-    inputs = preprocess(pixels, model)
+    pixels, inputs = model_inputs(model, image)
     return Session(explanation=explain(model, inputs, gradients=gradients), pixels=pixels, inputs=inputs, name=name,
                    notes=notes)
 
@@ -181,7 +200,7 @@ def analyze(model: ViTClassifier, image: Image.Image, name: str = "image",
 def label_probs(model: ViTClassifier, image: Image.Image) -> dict[str, float]:
     """Class probabilities for one image (forward pass only), as a gr.Label value."""
     with torch.inference_mode():
-        probs = model(preprocess(image, model)).softmax(dim=-1)[0]
+        probs = model(model_inputs(model, image)[1]).softmax(dim=-1)[0]
     return {name: float(p) for name, p in zip(model.class_names, probs)}
 
 

@@ -27,12 +27,12 @@ import demo.session as session_module
 import vit_core.rollout as rollout
 from demo.evidence import FAITHFULNESS_FILE, Evidence, image_trust
 from demo.handlers import Explorer, export_files, faithfulness, sanity_check
-from demo.panels import GAP, MODEL_FIGURES, PANELS, REDRAWN, SCALE, clicked_patch, draw, view
+from demo.panels import DISPLAY_SIDE, GAP, MODEL_FIGURES, PANELS, REDRAWN, SCALE, clicked_patch, draw, view
 from demo.session import (DEFAULT_METHOD, FAST_METHODS, METHODS, Settings, analyze, current_explanation, label_probs,
                           read_upload)
 from toys import (BAD_FILES, image_bytes, local_client, noise, tiny_vit, upload, write_animated_gif,
                   write_rotated_jpeg)
-from vit_core import ViTClassifier, preprocess, to_model_pixels
+from vit_core import ViTClassifier, preprocess, to_model_pixels, viz
 from vit_core.checkpoints import host_reachable
 from vit_core.rollout import explain
 
@@ -650,3 +650,107 @@ def test_share_offline_prints_one_clear_message_not_gradios_hint(model, capfd):
 def test_share_message_shows_the_public_link_clearly():
     message = app.share_message("http://127.0.0.1:7860/", "https://abc123.gradio.live")
     assert "  Public link:  https://abc123.gradio.live\n" in message and message.startswith("=" * 20)
+
+
+# ------------------------------------------------------------------------------------------------
+# Another library's ViT (vit_core.adapters): timm models saved with save_for_hf
+
+# timm variants of test_adapters: a 4×4 grid each, with 1 (CLS), 4 (CLS + 3 registers) and 0 prefix tokens
+TIMM_VARIANTS = {"vit_p16": 1, "registers": 4, "no_cls_avg": 0}
+
+
+@pytest.fixture(scope="module", params=sorted(TIMM_VARIANTS))
+def timm_folder(request, tmp_path_factory) -> Path:
+    from timm.models import save_for_hf
+
+    from test_adapters import make_timm
+
+    folder = tmp_path_factory.mktemp(f"timm-{request.param}")
+    save_for_hf(make_timm(request.param), folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def timm_explorer(timm_folder) -> Explorer:
+    return Explorer(app.load_model(timm_folder), sorted(EXAMPLES.glob("*.jpg")))
+
+
+def test_a_timm_model_draws_every_panel_on_its_own_grid(timm_explorer, tmp_path):
+    model = timm_explorer.model
+    assert not isinstance(model, ViTClassifier) and model.grid_size == 4
+    answer = timm_explorer.explain({"path": str(CAT), "orig_name": CAT.name})
+    assert list(answer) == [panel.name for panel in PANELS] + ["session", "patch"]
+    side = DISPLAY_SIDE
+    assert answer["model_view"].size == answer["overlay"].size == answer["token_attention"].size == (side, side)
+    assert answer["patch_grid"].size == (side + 5 * GAP,) * 2
+    assert set(answer["top5"]) == {f"class {i}" for i in range(5)}
+    assert f"resized from 32×32 to {model.image_size}×{model.image_size}" in answer["summary"]
+    assert "true label" not in answer["summary"]
+    session = answer["session"]
+    tokens = 16 + model.n_prefix_tokens
+    assert session.explanation.attentions.shape == (1, model.depth, model.n_heads, tokens, tokens)
+    torch.testing.assert_close(session.inputs, model.preprocess(session.pixels))  # the model's own preprocessing
+    paths = export_files(model, session, timm_explorer.defaults.checked(model), tmp_path)
+    arrays = np.load(next(p for p in paths if p.endswith(".npz")))
+    assert arrays["explained_map"].shape == (1, 4, 4) and str(arrays["method"]) == "grad_rollout"
+
+
+class Click:  # what a click hands the handler: the pixel clicked
+    def __init__(self, x, y):
+        self.index = [x, y]
+
+
+def test_a_click_on_patch_i_follows_token_i_plus_the_prefix(timm_explorer):
+    model, prefix = timm_explorer.model, timm_explorer.model.n_prefix_tokens
+    session = timm_explorer.explain({"path": str(DOG), "orig_name": DOG.name})["session"]
+    cell = model.patch_size * (DISPLAY_SIDE // model.image_size)
+    x, y = GAP + 3 * (cell + GAP) + cell / 2, GAP + 2 * (cell + GAP) + 1  # row 2, column 3: patch 11
+    clicked = timm_explorer.click_on("patch_grid")(Click(x, y), session, head="head 2", layer=1)
+    assert clicked["patch"] == 11 and "patch 11" in clicked["summary"]
+    typed = timm_explorer.redraw(session, head="head 2", layer=1, patch=11)
+    assert np.array_equal(np.asarray(typed["matrix"]), np.asarray(clicked["matrix"]))
+    # where token 11 + prefix attends in block 1, head 2, over the patch tokens, drawn by hand
+    row = session.explanation.attentions[0, 0, 1, 11 + prefix, prefix:].reshape(4, 4)
+    expected = viz.overlay_map(session.pixels, row, scale=DISPLAY_SIDE // model.image_size, highlight=11)
+    assert np.array_equal(np.asarray(clicked["token_attention"]), np.asarray(expected))
+    highlighted = view(model, session, Settings(head="head 2", layer=1, patch=11, method="rollout").checked(model))
+    assert highlighted.highlight_token == 11 + prefix
+    unselected = timm_explorer.redraw(session, head="head 2", layer=1, patch=-1)
+    assert ("CLS" if prefix else "mean of the patch tokens") in unselected["summary"]
+
+
+def test_a_timm_model_offers_attention_maps_only_and_no_trust_figures(timm_explorer, timm_folder):
+    model = timm_explorer.model
+    assert list(session_module.methods_for(model)) == ["grad_rollout", "rollout", "last_layer"]
+    with pytest.raises(gr.Error, match="Unknown method 'lrp_composite'"):
+        Settings(method="lrp_composite").checked(model)
+    session = timm_explorer.explain({"path": str(CAT), "orig_name": CAT.name})["session"]
+    not_available = "Not available for this model"
+    assert not_available in timm_explorer.trust(session)["trust"]
+    assert not_available in timm_explorer.anatomy()["anatomy_info"]
+    assert not_available in timm_explorer.faithfulness(session)["auc"]
+    assert not_available in timm_explorer.sanity_check(session)["sanity"]
+    header = timm_explorer.header()["header"]
+    assert "vit_tiny_patch16_224" in header and "accuracy" not in header
+    assert f"2 layers × 2 heads on 4×4 patches of {model.patch_size} px" in header
+    demo = app.build_demo(model, workers=1, evidence=Evidence.load(model, timm_folder, None))
+    components = {getattr(c, "elem_id", None): c for c in demo.blocks.values()}
+    assert [value for _, value in components["method"].choices] == ["grad_rollout", "rollout", "last_layer"]
+    assert not_available in components["test-set"].value
+    gallery = components["examples"].value  # the shipped examples, without CIFAR-10 labels
+    assert len(gallery) == len(list(EXAMPLES.glob("*.jpg"))) and all(item["caption"] is None for item in gallery)
+
+
+def test_main_opens_a_timm_folder(timm_folder, monkeypatch):
+    launched = []
+    monkeypatch.setattr(app, "launch", lambda demo, **kwargs: launched.append(demo))
+    assert app.main(["--checkpoint", str(timm_folder)]) == 0 and len(launched) == 1
+
+
+def test_main_fails_fast_offline_on_an_uncached_hub_id(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    assert app.main(["--checkpoint", "nowhere/none"]) == 2
+    assert time.monotonic() - start < 5
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "'nowhere/none'" in error and "Offline?" in error
