@@ -131,7 +131,7 @@ class FakeHub:
 
 @pytest.mark.parametrize("keep_others", [False, True])
 def test_upload_commits_exactly_the_list_and_mirrors_the_space(keep_others, working_copy, capsys, monkeypatch):
-    monkeypatch.setattr(space, "_hub_offline_reason", lambda: None)
+    monkeypatch.setattr(space, "hub_offline_reason", lambda: None)
     monkeypatch.setattr("huggingface_hub.get_token", lambda: "hf_test")
     monkeypatch.setattr("huggingface_hub.HfApi", FakeHub)
     FakeHub.calls = []
@@ -147,7 +147,7 @@ def test_upload_commits_exactly_the_list_and_mirrors_the_space(keep_others, work
 
 
 def test_upload_without_a_token_says_how_to_log_in(working_copy, capsys, monkeypatch):
-    monkeypatch.setattr(space, "_hub_offline_reason", lambda: None)
+    monkeypatch.setattr(space, "hub_offline_reason", lambda: None)
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
     assert space.main(["user/demo", "--root", str(working_copy)]) == 2
     assert "hf auth login" in capsys.readouterr().err

@@ -41,7 +41,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
-from .checkpoints import CONFIG_NAME, CheckpointError, _hub_offline_reason, load_checkpoint, looks_like_repo_id
+from .checkpoints import (CONFIG_NAME, OFFLINE_ADVICE, CheckpointError, hub_offline_reason, load_checkpoint,
+                          looks_like_repo_id)
 from .images import to_rgb
 from .model import WEIGHTS_NAME, ViTClassifier, normalize
 
@@ -285,10 +286,10 @@ def _hub_file(repo_id: str, filename: str) -> str:
         return hf_hub_download(repo_id, filename, local_files_only=True)
     except LocalEntryNotFoundError:
         pass
-    reason = _hub_offline_reason()
+    reason = hub_offline_reason()
     if reason is not None:
         raise CheckpointError(f"Cannot load {repo_id!r} from the Hugging Face Hub: {filename} is not in the "
-                              f"local cache and {reason}. Offline? Pass a local model folder instead.")
+                              f"local cache and {reason}. {OFFLINE_ADVICE}")
     return hf_hub_download(repo_id, filename)
 
 

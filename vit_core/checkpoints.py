@@ -30,7 +30,7 @@ CONFIG_NAME = "config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 HUB_PROBE_TIMEOUT_S = 3.0
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_OFFLINE_ADVICE = "Offline? Pass a local checkpoint directory instead."
+OFFLINE_ADVICE = "Offline? Pass a local checkpoint directory instead (a local model folder: ours, or one saved by timm)."
 
 
 class CheckpointError(ValueError):
@@ -60,7 +60,7 @@ def host_reachable(host: str, port: int = 443, timeout: float = HUB_PROBE_TIMEOU
     return bool(result and result[0])
 
 
-def _hub_offline_reason() -> str | None:
+def hub_offline_reason() -> str | None:
     """Why the Hub cannot be used right now, or None when it answers."""
     if hub_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         return "HF_HUB_OFFLINE is set"
@@ -99,14 +99,14 @@ def _load_from_hub(repo_id: str) -> ViTClassifier:
             return ViTClassifier.from_pretrained(repo_id, local_files_only=True)
         except LocalEntryNotFoundError:
             pass
-        reason = _hub_offline_reason()
+        reason = hub_offline_reason()
         if reason is not None:
-            raise CheckpointError(f"{failed}: it is not in the local cache and {reason}. {_OFFLINE_ADVICE}")
+            raise CheckpointError(f"{failed}: it is not in the local cache and {reason}. {OFFLINE_ADVICE}")
         return ViTClassifier.from_pretrained(repo_id)
     except CheckpointError:
         raise
     except Exception as error:  # the Hub client raises many kinds (HTTP, validation, I/O); all end here
-        raise CheckpointError(f"{failed} ({type(error).__name__}: {error}). {_OFFLINE_ADVICE}") from error
+        raise CheckpointError(f"{failed} ({type(error).__name__}: {error}). {OFFLINE_ADVICE}") from error
 
 
 def load_checkpoint(source: str | os.PathLike, search_dirs: Sequence[str | os.PathLike] = ()) -> ViTClassifier:

@@ -19,7 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..checkpoints import _hub_offline_reason, looks_like_repo_id
+from ..checkpoints import hub_offline_reason, looks_like_repo_id
 from . import fail
 
 PROG = "python -m vit_core.cli.space"
@@ -110,7 +110,7 @@ def upload(root: Path, files: list[str], space: str, keep_others: bool = False) 
     answers and a token is there before anything is sent, so offline it fails in seconds."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
 
-    reason = _hub_offline_reason()
+    reason = hub_offline_reason()
     if reason is not None:
         raise SpaceError(f"cannot upload to {space}: {reason}. `--dry-run` shows what would be sent.")
     token = get_token()
