@@ -37,7 +37,6 @@ PERTURBATION_MODES = ("deletion", "insertion")
 REMOVALS = OCCLUSION_MODES
 # Maps that one `explain` call gives; `method_maps` knows every name in rollout's MAP_METHODS.
 EXPLAIN_METHODS = ATTENTION_METHODS
-SANITY_METHODS = MAP_METHODS
 # What `python -m vit_core.cli.faithfulness` writes beside a checkpoint (`read_results`).
 RESULTS_FILE = "faithfulness.json"
 
