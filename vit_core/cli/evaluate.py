@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..card import TRAIN_INFO, write_model_card
+from ..card import EVAL_INFO, TRAIN_INFO, write_model_card
 from ..checkpoints import CheckpointError, load_checkpoint
 from ..data import DataError, load_split
 from ..devices import DeviceError, pick_device
@@ -48,9 +48,9 @@ def _print_result(result: dict) -> None:
 
 
 def _write_card(folder: Path, result: dict, class_names: list[str]) -> None:
-    (folder / "eval.json").write_text(json.dumps(result, indent=2))
+    (folder / EVAL_INFO).write_text(json.dumps(result, indent=2))
     plot_confusion(torch.tensor(result["confusion"]), class_names).save(folder / "confusion.png")
-    print(f"wrote {folder / 'eval.json'}, {folder / 'confusion.png'}, {write_model_card(folder)}")
+    print(f"wrote {folder / EVAL_INFO}, {folder / 'confusion.png'}, {write_model_card(folder)}")
 
 
 def main(argv: list[str] | None = None) -> int:
