@@ -56,7 +56,7 @@ from demo.session import (HEAD_MEAN, PREDICTED, Settings, analyze, example_label
                           is_own, methods_for)
 from vit_core import CheckpointError, ViTClassifier, load_checkpoint  # noqa: E402,F401 (load_checkpoint: re-exported)
 from vit_core.adapters import load_model  # noqa: E402
-from vit_core.checkpoints import host_reachable  # noqa: E402
+from vit_core.checkpoints import candidate_folders, host_reachable  # noqa: E402
 from vit_core.images import MAX_FILE_BYTES  # noqa: E402
 from vit_core.rollout import HEAD_FUSIONS  # noqa: E402
 
@@ -375,9 +375,7 @@ def anatomy_examples(model) -> Path | None:
 def checkpoint_folder(source: str) -> Path | None:
     """The local folder `load_model(source, search_dirs=[ROOT])` read, where eval.json,
     faithfulness.json and anatomy.npz may lie beside the weights; None for a Hub repo id."""
-    path = Path(source)
-    candidates = [path] if path.is_absolute() else [path, ROOT / path]
-    return next((candidate for candidate in candidates if candidate.is_dir()), None)
+    return next((folder for folder in candidate_folders(source, [ROOT]) if folder.is_dir()), None)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

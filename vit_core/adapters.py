@@ -41,8 +41,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
-from .checkpoints import (CONFIG_NAME, OFFLINE_ADVICE, CheckpointError, hub_offline_reason, load_checkpoint,
-                          looks_like_repo_id)
+from .checkpoints import (CONFIG_NAME, OFFLINE_ADVICE, CheckpointError, candidate_folders, hub_offline_reason,
+                          load_checkpoint, looks_like_repo_id)
 from .images import to_rgb
 from .model import WEIGHTS_NAME, ViTClassifier, normalize
 
@@ -314,7 +314,7 @@ def load_model(source: str | os.PathLike, search_dirs: Sequence[str | os.PathLik
     go to `load_checkpoint`. A Hub id (`timm/<name>`, `user/name`) is read from the local cache
     first and fails within seconds when offline. Raises CheckpointError."""
     text = str(source)
-    candidates = [Path(text)] + ([Path(d) / text for d in search_dirs] if not Path(text).is_absolute() else [])
+    candidates = candidate_folders(text, search_dirs)
     for folder in candidates:
         if folder.is_dir() and (folder / CONFIG_NAME).is_file():
             config = _read_config(folder / CONFIG_NAME, f"Cannot load the model in {folder}")

@@ -42,6 +42,13 @@ def looks_like_repo_id(text: str) -> bool:
     return bool(_REPO_ID.fullmatch(text)) and ".." not in text
 
 
+def candidate_folders(source: str | os.PathLike, search_dirs: Sequence[str | os.PathLike] = ()) -> list[Path]:
+    """Where a model folder named `source` may lie: the path itself (relative ones from the working
+    directory), then, for a relative one, under each of `search_dirs`, in that order."""
+    path = Path(source)
+    return [path] if path.is_absolute() else [path] + [Path(d) / path for d in search_dirs]
+
+
 def host_reachable(host: str, port: int = 443, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     """Whether a TCP connection to host:port opens within `timeout` seconds, name lookup included
     (run in a thread, since a lookup can block longer than any socket timeout)."""
@@ -117,10 +124,7 @@ def load_checkpoint(source: str | os.PathLike, search_dirs: Sequence[str | os.Pa
     config.json or model.safetensors, weights that are not safetensors or do not fit config.json,
     a config.json no ViTClassifier accepts, or a Hub id that is neither cached nor downloadable."""
     text = str(source)
-    candidates = [Path(text)]
-    if not Path(text).is_absolute():
-        candidates += [Path(d) / text for d in search_dirs]
-    for candidate in candidates:
+    for candidate in candidate_folders(text, search_dirs):
         if candidate.is_dir():
             return _load_folder(candidate)
         if candidate.is_file():
