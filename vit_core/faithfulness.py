@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attribution import ATTRIBUTION_METHODS, OCCLUSION_MODES, _forward_tokens, predicted_class
+from .attribution import ATTRIBUTION_METHODS, OCCLUSION_MODES, _eval_mode, _forward_tokens, predicted_class
 from .model import ViTClassifier
 from .rollout import ATTENTION_METHODS, MAP_METHODS, check_methods, explain
 
@@ -110,9 +110,7 @@ def kept_probabilities(model: nn.Module, images: torch.Tensor, keep: torch.Tenso
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     keep, image_index = keep.cpu(), image_index.cpu()
     probs = torch.empty(len(keep))
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         if removal == "mean":
             groups = [(torch.arange(len(keep)), batch_size)]
             patch_size = images.shape[-1] // math.isqrt(keep.shape[-1])
@@ -128,8 +126,6 @@ def kept_probabilities(model: nn.Module, images: torch.Tensor, keep: torch.Tenso
                           if removal == "mean" else _drop_pass(model, tokens, keep[part], image_index[part]))
                 wanted = target[image_index[part]].to(logits.device)
                 probs[part] = logits.float().softmax(dim=-1).gather(1, wanted[:, None]).squeeze(1).cpu()
-    finally:
-        model.train(was_training)
     return probs
 
 
