@@ -15,10 +15,15 @@ from PIL import Image
 
 from test_rollout import slow_maps
 from toys import tiny_vit
-from vit_core import explain
+from vit_core import explain, preprocess
 from vit_core.adapters import TimmViT, TokenLayout, adapt, capture_attention, load_model, token_layout
+from vit_core.attribution import (OWN_MODEL_METHODS, attention_x_gradient, attribute, input_x_gradient,
+                                  integrated_gradients, occlusion)
 from vit_core.checkpoints import CheckpointError
+from vit_core.faithfulness import _cascade, _fresh_weights, cascading_randomization
 from vit_core.model import normalize
+from vit_core.rollout import MAP_METHODS, supported_methods
+from vit_core.trust import trust_figures
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=2, num_classes=5)
 # name -> (timm model name, its arguments, expected layout)
@@ -122,21 +127,27 @@ def test_explain_equals_slow_loops(variant):
         result = explain(model, images, target=target, head_fusion=fusion, discard_ratio=ratio)
         assert result.layout == layout
         for b in range(len(images)):
-            logits, heads = slow_forward(model.vit, images[b])
-            wanted = int(logits.argmax()) if target is None else target
-            logits[wanted].backward()
-            attn = np.array([[a.detach().numpy() for a in probs] for probs in heads], dtype=np.float64)
-            grads = np.array([[a.grad.numpy() for a in probs] for probs in heads], dtype=np.float64)
-            assert int(result.target[b]) == wanted
-            np.testing.assert_allclose(result.probs[b].numpy(), torch.softmax(logits.detach(), -1).numpy(),
-                                       rtol=1e-4, atol=1e-6)
-            np.testing.assert_allclose(result.attentions[b].numpy(), attn, rtol=1e-4, atol=1e-6)
-            slow = slow_maps(attn, grads, fusion, ratio, model.grid_size, layout.n_prefix_tokens,
-                             layout.explained_tokens)
-            for name in ("rollout", "grad_rollout", "layer_maps"):
-                np.testing.assert_allclose(getattr(result, name)[b].numpy(), slow[name], rtol=1e-4, atol=1e-6,
-                                           err_msg=name)
-            assert np.abs(slow["grad_rollout"]).sum() > 0
+            assert_matches_slow_loops(result, b, *slow_forward(model.vit, images[b]), target, model)
+
+
+def assert_matches_slow_loops(result, b: int, logits, heads, target, model) -> None:
+    """Image b of `result` (an Explanation) against a slow forward pass's logits and per-head
+    probabilities: the target, probabilities, attentions and the maps of `test_rollout.slow_maps`."""
+    wanted = int(logits.argmax()) if target is None else target
+    logits[wanted].backward()
+    attn = np.array([[a.detach().numpy() for a in probs] for probs in heads], dtype=np.float64)
+    grads = np.array([[a.grad.numpy() for a in probs] for probs in heads], dtype=np.float64)
+    assert int(result.target[b]) == wanted
+    np.testing.assert_allclose(result.probs[b].numpy(), torch.softmax(logits.detach(), -1).numpy(),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(result.attentions[b].numpy(), attn, rtol=1e-4, atol=1e-6)
+    layout = model.layout
+    slow = slow_maps(attn, grads, result.head_fusion, result.discard_ratio, model.grid_size,
+                     layout.n_prefix_tokens, layout.explained_tokens)
+    for name in ("rollout", "grad_rollout", "layer_maps"):
+        np.testing.assert_allclose(getattr(result, name)[b].numpy(), slow[name], rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
+    assert np.abs(slow["grad_rollout"]).sum() > 0
 
 
 def test_settings_and_token_attention_follow_the_layout():
@@ -152,11 +163,95 @@ def test_settings_and_token_attention_follow_the_layout():
     torch.testing.assert_close(result.token_attention(prefix + 5, layer=1, head=0), row)
 
 
-def test_attribution_maps_ask_for_our_own_model():
+def test_methods_that_read_our_modules_ask_for_our_own_model():
     model = adapt(make_timm("vit_p4"))
-    result = explain(model, images_for(model))
-    with pytest.raises(ValueError, match="input_x_gradient need vit_core's own ViTClassifier"):
-        result.with_maps(model, images_for(model), ["input_x_gradient"])
+    images = images_for(model)
+    assert supported_methods(model) == tuple(m for m in MAP_METHODS if m not in OWN_MODEL_METHODS)
+    assert supported_methods(tiny_vit()) == MAP_METHODS
+    result = explain(model, images)
+    with pytest.raises(ValueError, match="attnlrp need vit_core's own ViTClassifier; for TimmViT choose from"):
+        result.with_maps(model, images, ["input_x_gradient", "attnlrp"])
+    for method in OWN_MODEL_METHODS:
+        with pytest.raises(ValueError, match="reads the modules of vit_core's own ViTClassifier"):
+            attribute(model, images, method)
+
+
+def explained_row(matrix: np.ndarray, layout: TokenLayout, grid: int) -> np.ndarray:
+    """The layout's explained row of a [T, T] matrix over the patch columns, as [g, g], by hand."""
+    prefix = layout.n_prefix_tokens
+    rows = list(layout.explained_tokens) if layout.explained_tokens is not None else range(prefix, len(matrix))
+    return np.mean([matrix[r, prefix:] for r in rows], axis=0).reshape(grid, grid)
+
+
+@pytest.mark.parametrize("variant", ["vit_p4", "no_cls_avg", "deit_distilled"])
+def test_attention_x_gradient_reads_the_explained_rows(variant):
+    model = adapt(make_timm(variant))
+    images = images_for(model)
+    result = attention_x_gradient(model, images, 3)
+    for b in range(len(images)):
+        logits, heads = slow_forward(model.vit, images[b])
+        logits[3].backward()
+        total = sum(np.mean([np.maximum(a.grad.numpy() * a.detach().numpy(), 0) for a in probs], axis=0)
+                    for probs in heads)
+        expected = explained_row(total, model.layout, model.grid_size)
+        assert np.abs(expected).sum() > 0
+        np.testing.assert_allclose(result[b].numpy(), expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("variant", ["vit_p4", "registers_avg_qknorm"])
+def test_occlusion_and_gradients_of_a_timm_model_match_timm_itself(variant):
+    model = adapt(make_timm(variant))
+    images, target = images_for(model), torch.tensor([1, 4])
+    p, g = model.patch_size, model.grid_size
+    with torch.no_grad():
+        full = model.vit(images).log_softmax(-1)
+        for i in range(g * g):  # one patch filled with the mean (0), through timm's own forward
+            masked = images.clone()
+            masked[:, :, i // g * p:(i // g + 1) * p, i % g * p:(i % g + 1) * p] = 0
+            removed = model.vit(masked).log_softmax(-1)
+            expected = (full - removed).gather(1, target[:, None])[:, 0]
+            torch.testing.assert_close(occlusion(model, images, target)[:, i // g, i % g], expected,
+                                       rtol=1e-4, atol=1e-6)
+    inputs = images.clone().requires_grad_(True)
+    model.vit(inputs).gather(1, target[:, None]).sum().backward()
+    by_hand = (images * inputs.grad).view(2, 3, g, p, g, p).sum(dim=(1, 3, 5))
+    torch.testing.assert_close(input_x_gradient(model, images, target), by_hand, rtol=1e-4, atol=1e-6)
+    # Integrated Gradients' completeness: the map sums to logit(image) - logit(mean image)
+    ig = integrated_gradients(model, images, target, steps=64)
+    with torch.no_grad():
+        gap = (model.vit(images) - model.vit(torch.zeros_like(images))).gather(1, target[:, None])[:, 0]
+    torch.testing.assert_close(ig.sum(dim=(1, 2)), gap, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("variant", ["vit_p4", "registers", "deit_distilled"])
+def test_the_randomisation_cascade_reinitialises_every_timm_weight_once(variant):
+    model = adapt(make_timm(variant))
+    stages = _cascade(model)
+    assert [s for s, _ in stages] == ["head", "block 2", "block 1", "embedding"]
+    names = list(model.state_dict())
+    covered = [n for n in names for _, prefixes in stages
+               if any(n == q or n.startswith(q + ".") for q in prefixes)]
+    assert sorted(covered) == sorted(names)  # each name in exactly one stage
+    fresh, trained = _fresh_weights(model, seed=0), model.state_dict()
+    assert all(not torch.equal(fresh[n], trained[n]) for n in names)  # the jittered weights all redrawn
+    before = {n: t.clone() for n, t in trained.items()}
+    images = images_for(model)
+    results = cascading_randomization(model, images, ["grad_rollout", "input_x_gradient"])
+    assert [r["stage"] for r in results["grad_rollout"]] == ["head", "block 2", "block 1", "embedding"]
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())  # the given model untouched
+
+
+def test_trust_figures_of_a_timm_model():
+    model = adapt(make_timm("registers"))
+    images, target = images_for(model), torch.tensor([0, 2])
+    maps = {"grad_rollout": explain(model, images, target=target).grad_rollout,
+            "occlusion": occlusion(model, images, target)}
+    figures = trust_figures(model, images, maps, target)
+    torch.testing.assert_close(figures["occlusion"].spearman_occlusion, torch.ones(2, dtype=torch.float64))
+    for result in figures.values():
+        for name in ("deletion_percentile", "insertion_percentile"):
+            values = getattr(result, name)
+            assert ((values >= 0) & (values <= 100)).all()
 
 
 def test_our_model_goes_through_as_it_is():
@@ -176,7 +271,7 @@ def test_preprocessing_and_class_names_come_from_pretrained_cfg():
     assert (model.mean, model.std, model.interpolation) == ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3), "bilinear")
     assert model.class_names == ["tench", "n2", "goldfish", "n4", "n5"]
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8))
-    batch = model.preprocess([picture, picture])
+    batch = preprocess([picture, picture], model)
     resized = np.array(picture.resize((16, 16), Image.Resampling.BILINEAR))
     expected = normalize(torch.from_numpy(resized).permute(2, 0, 1)[None], model.mean, model.std)
     assert batch.shape == (2, 3, 16, 16)

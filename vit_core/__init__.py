@@ -4,7 +4,7 @@ The command-line tools live in `vit_core.cli` (`python -m vit_core.cli.explain`,
 `.faithfulness`, `.anatomy`, `.space`); this package only holds the library.
 """
 
-from .adapters import TokenLayout, adapt, load_model
+from .adapters import TokenLayout, adapt, cls_patch_map, load_model
 from .attribution import ATTRIBUTION_METHODS, attribute
 from .checkpoints import CheckpointError, load_checkpoint
 from .images import ImageError, read_image
@@ -23,7 +23,6 @@ from .rollout import (
     HEAD_FUSIONS,
     Explanation,
     attention_rollout,
-    cls_patch_map,
     discard_weakest,
     explain,
     fuse_heads,

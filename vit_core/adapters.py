@@ -1,5 +1,5 @@
-"""Explaining other Vision Transformers: timm's `VisionTransformer` family through the interface
-`vit_core.explain` uses.
+"""Explaining other Vision Transformers: timm's `VisionTransformer` family and Hugging Face
+transformers' ViT / DeiT classifiers through the interface `vit_core.explain` uses.
 
 `adapt(model)` takes a timm ViT (ViT, DeiT including the distilled one, models with register tokens,
 models without a CLS token that average their patch tokens, any patch or image size) and returns a
@@ -8,7 +8,9 @@ block's softmax attention [B, H, T, T] from that same forward pass, kept in the 
 timm computes attention with `F.scaled_dot_product_attention`, which hands out no weights, so an
 explanation pass swaps each block's attention forward for the explicit computation (q kᵀ · scale,
 softmax, dropout, @ v, projection) with the module's own parameters, and puts it back afterwards;
-plain passes run timm's code untouched. Our own `ViTClassifier` already has this interface:
+plain passes run timm's code untouched. A transformers `ViTForImageClassification` or DeiT
+classifier becomes an `HFViT`, whose explanation passes switch the model to its own eager
+attention and read its `output_attentions`. Our own `ViTClassifier` already has this interface:
 `adapt` returns it unchanged.
 
 `TokenLayout` says where the patch tokens sit and which row an explanation reads:
@@ -20,13 +22,14 @@ plain passes run timm's code untouched. Our own `ViTClassifier` already has this
 Register tokens are prefix tokens that are never read.
 
 `load_model(source)` loads a timm folder (`config.json` with `architecture` + `model.safetensors`,
-as timm's `save_for_hf` / `push_to_hf_hub` write) or Hub repo id (`timm/<name>`), or one of our own
-checkpoints, and returns it adapted. timm is imported only when a timm model is met.
+as timm's `save_for_hf` / `push_to_hf_hub` write), a transformers folder (`config.json` with
+`model_type`, as `save_pretrained` writes), the Hub repo id of either, or one of our own
+checkpoints, and returns it adapted. timm and transformers are imported only when such a model is met.
 """
-
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -35,7 +38,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
@@ -43,12 +46,12 @@ from torch import nn
 
 from .checkpoints import (CONFIG_NAME, OFFLINE_ADVICE, CheckpointError, candidate_folders, hub_offline_reason,
                           load_checkpoint, looks_like_repo_id)
-from .images import to_rgb
-from .model import WEIGHTS_NAME, ViTClassifier, normalize
+from .model import WEIGHTS_NAME, ViTClassifier
 
-SUPPORTED = ("vit_core ViTClassifier, or a timm VisionTransformer (ViT, DeiT incl. distilled, register "
+SUPPORTED = ("vit_core ViTClassifier; a timm VisionTransformer (ViT, DeiT incl. distilled, register "
              "tokens, no CLS token) with timm's standard Attention blocks, 'token' or 'avg' pooling, "
-             "square images and patches, 3 input channels")
+             "square images and patches, 3 input channels; or a Hugging Face transformers "
+             "ViTForImageClassification, DeiTForImageClassification or DeiTForImageClassificationWithTeacher")
 _INTERPOLATIONS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                    "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
 
@@ -76,10 +79,31 @@ def token_layout(model: nn.Module) -> TokenLayout:
     """The layout of an adapted model; ViTClassifier's is one CLS token, read."""
     if isinstance(model, ViTClassifier):
         return TokenLayout()
-    if isinstance(model, TimmViT):
+    if isinstance(model, (TimmViT, HFViT)):
         return model.layout
     raise TypeError(f"cannot explain a {type(model).__name__}; pass it through vit_core.adapters.adapt "
                     f"first (supported: {SUPPORTED})")
+
+
+def cls_patch_map(matrix: torch.Tensor, layout: TokenLayout = TokenLayout()) -> torch.Tensor:
+    """The explained row, patch columns of [..., T, T] as a square grid [..., g, g] (row-major
+    patches). The default layout reads the CLS row (token 0) and the columns after it."""
+    prefix, explained = layout.n_prefix_tokens, layout.explained_tokens
+    if explained is None:  # a model that averages its patch tokens
+        row = matrix[..., prefix:, :].mean(dim=-2)
+    elif len(explained) == 1:
+        row = matrix[..., explained[0], :]
+    else:
+        row = matrix[..., list(explained), :].mean(dim=-2)
+    return patch_grid(row[..., prefix:])
+
+
+def patch_grid(row: torch.Tensor) -> torch.Tensor:
+    """Patch columns [..., N] -> [..., g, g]."""
+    grid = math.isqrt(row.shape[-1])
+    if grid * grid != row.shape[-1]:
+        raise ValueError(f"{row.shape[-1]} patches do not form a square grid")
+    return row.reshape(*row.shape[:-1], grid, grid)
 
 
 def _why_unsupported(vit: nn.Module) -> str | None:
@@ -170,8 +194,9 @@ class TimmViT(nn.Module):
 
     `image_size`, `patch_size`, `grid_size`, `depth`, `n_heads`, `n_prefix_tokens`, `layout`,
     `class_names`; preprocessing from the model's `pretrained_cfg`: `mean`, `std`, `interpolation`
-    (`crop_pct` is kept for reference: the explorer explains the whole picture, so `preprocess`
-    resizes it without a centre crop). The input size is the one the model was built for."""
+    (as `resample`, which `vit_core.preprocess` uses; `crop_pct` is kept for reference: the
+    explorer explains the whole picture, so it is resized without a centre crop). The input size
+    is the one the model was built for."""
 
     def __init__(self, vit: nn.Module, class_names: Sequence[str] | None = None):
         super().__init__()
@@ -180,6 +205,8 @@ class TimmViT(nn.Module):
             raise ValueError(f"unsupported model: {reason}; supported: {SUPPORTED}")
         self.vit = vit
         cfg = dict(getattr(vit, "pretrained_cfg", None) or {})
+        self.name = cfg.get("architecture") or type(vit).__name__
+        self.blocks_path = "vit.blocks"  # where the blocks sit in the state dict (the randomisation check)
         self.image_size = int(vit.patch_embed.img_size[0])
         self.patch_size = int(vit.patch_embed.patch_size[0])
         self.grid_size = int(vit.patch_embed.grid_size[0])
@@ -196,6 +223,7 @@ class TimmViT(nn.Module):
         self.mean = tuple(float(m) for m in cfg.get("mean", IMAGENET_DEFAULT_MEAN))
         self.std = tuple(float(s) for s in cfg.get("std", IMAGENET_DEFAULT_STD))
         self.interpolation = cfg.get("interpolation", "bicubic")
+        self.resample = _INTERPOLATIONS.get(self.interpolation, Image.Resampling.BICUBIC)  # model.resampling
         self.crop_pct = cfg.get("crop_pct")
 
     def forward(self, images: torch.Tensor, return_attention: bool = False):
@@ -207,24 +235,95 @@ class TimmViT(nn.Module):
             raise RuntimeError(f"captured {len(store)} attention maps from {self.depth} blocks")
         return logits, tuple(store)
 
-    def preprocess(self, images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
-        """PIL image(s) -> normalised [B, 3, S, S]: upright RGB, resized whole with the model's
-        interpolation, normalised with its mean and std."""
-        images = [images] if isinstance(images, Image.Image) else list(images)
-        if not images:
-            raise ValueError("preprocess needs at least one image")
-        resample = _INTERPOLATIONS.get(self.interpolation, Image.Resampling.BICUBIC)
-        size = (self.image_size, self.image_size)
-        arrays = [torch.frombuffer(bytearray(to_rgb(im).resize(size, resample).tobytes()), dtype=torch.uint8)
-                  .view(*size, 3) for im in images]
-        return normalize(torch.stack(arrays).permute(0, 3, 1, 2), self.mean, self.std)
+    def reset_parameters(self) -> None:
+        """timm's own initialisation of this architecture (the model-randomisation check uses it)."""
+        self.vit.init_weights()
+
+
+# transformers classes explained: (the attribute holding the encoder, the token layout: DeiT puts a
+# distillation token after CLS; its plain classifier reads CLS, the one "with teacher" averages both heads)
+HF_CLASSES = {
+    "ViTForImageClassification": ("vit", TokenLayout(1, (0,))),
+    "DeiTForImageClassification": ("deit", TokenLayout(2, (0,))),
+    "DeiTForImageClassificationWithTeacher": ("deit", TokenLayout(2, (0, 1))),
+}
+PROCESSOR_NAME = "preprocessor_config.json"
+
+
+@contextmanager
+def eager_attention(model: nn.Module):
+    """Inside, the transformers `model` computes attention explicitly (softmax weights it can return
+    with `output_attentions=True`) instead of its fused kernel; the setting is put back after."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+def _hf_square(value, what: str) -> int:
+    sizes = {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
+    if len(sizes) != 1:
+        raise ValueError(f"unsupported model: {what} {value} is not square; supported: {SUPPORTED}")
+    return sizes.pop()
+
+
+class HFViT(nn.Module):
+    """A Hugging Face transformers ViT or DeiT image classifier (`HF_CLASSES`) with the attributes
+    and `forward` that `vit_core.explain` uses, like `TimmViT`. The attentions come from the
+    model's own `output_attentions`, computed by its eager attention (`eager_attention`) in the same
+    forward pass as the logits; plain passes keep the model's own attention kernel. Preprocessing
+    from the model's image processor settings (`PROCESSOR_NAME`: image_mean, image_std, resample),
+    else ViTImageProcessor's defaults; class names from the config's id2label."""
+
+    def __init__(self, model: nn.Module, processor: dict | None = None, class_names: Sequence[str] | None = None):
+        super().__init__()
+        kind = type(model).__name__
+        if kind not in HF_CLASSES:
+            raise ValueError(f"unsupported model: {kind}; supported: {SUPPORTED}")
+        base, self.layout = HF_CLASSES[kind]
+        cfg = model.config
+        if int(getattr(cfg, "num_channels", 3)) != 3:
+            raise ValueError(f"unsupported model: {kind} takes {cfg.num_channels} input channels")
+        self.hf = model
+        self.name = getattr(cfg, "_name_or_path", "") or kind
+        self.blocks_path = f"hf.{base}.layers"
+        self.image_size = _hf_square(cfg.image_size, "image size")
+        self.patch_size = _hf_square(cfg.patch_size, "patch size")
+        self.grid_size = self.image_size // self.patch_size
+        self.depth, self.n_heads = int(cfg.num_hidden_layers), int(cfg.num_attention_heads)
+        self.n_prefix_tokens = self.layout.n_prefix_tokens
+        labels = {int(k): str(v) for k, v in (cfg.id2label or {}).items()}
+        self.class_names = list(class_names or [labels.get(i, f"class {i}") for i in range(cfg.num_labels)])
+        processor = processor or {}
+        self.mean = tuple(float(m) for m in processor.get("image_mean", (0.5, 0.5, 0.5)))
+        self.std = tuple(float(s) for s in processor.get("image_std", (0.5, 0.5, 0.5)))
+        self.resample = Image.Resampling(int(processor.get("resample", Image.Resampling.BILINEAR)))
+        self.interpolation = self.resample.name.lower()
+
+    def forward(self, images: torch.Tensor, return_attention: bool = False):
+        if not return_attention:
+            return self.hf(pixel_values=images).logits
+        with eager_attention(self.hf):
+            output = self.hf(pixel_values=images, output_attentions=True)
+        if len(output.attentions) != self.depth:
+            raise RuntimeError(f"got {len(output.attentions)} attention maps from {self.depth} blocks")
+        return output.logits, tuple(output.attentions)
+
+    def reset_parameters(self) -> None:
+        """transformers' own initialisation of every module (the model-randomisation check uses it)."""
+        self.hf.apply(self.hf._init_weights)
 
 
 def adapt(model: nn.Module, class_names: Sequence[str] | None = None) -> nn.Module:
     """A model `vit_core.explain` can explain: a ViTClassifier as it is, a timm ViT wrapped in
-    TimmViT (in eval mode, like the loaded checkpoints). ValueError naming what is supported otherwise."""
-    if isinstance(model, (ViTClassifier, TimmViT)):
+    TimmViT, a transformers ViT / DeiT classifier in HFViT (in eval mode, like the loaded
+    checkpoints). ValueError naming what is supported otherwise."""
+    if isinstance(model, (ViTClassifier, TimmViT, HFViT)):
         return model
+    if type(model).__module__.startswith("transformers."):
+        return HFViT(model, class_names=class_names).eval()
     try:
         import timm  # noqa: F401  (only needed for timm models)
     except ImportError as error:
@@ -265,6 +364,30 @@ def _build_timm(config: dict, weights_file: str | os.PathLike, where: str) -> Ti
     return TimmViT(vit).eval()
 
 
+def _build_hf(config: dict, folder: Path, where: str) -> HFViT:
+    """transformers model from a folder written by `save_pretrained` (config.json, model.safetensors
+    and, when there, the image processor's settings), strict keys."""
+    import transformers
+
+    kind = (config.get("architectures") or [config.get("model_type")])[0]
+    if kind not in HF_CLASSES:
+        raise CheckpointError(f"{where}: unsupported model {kind}; supported: {SUPPORTED}")
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise CheckpointError(f"{where}: it holds no {WEIGHTS_NAME} (only safetensors weights are read; "
+                              f"save with save_pretrained(..., safe_serialization=True)).")
+    try:
+        model, info = getattr(transformers, kind).from_pretrained(folder, use_safetensors=True,
+                                                                   output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{where}: {' '.join(str(error).split())[:400]}") from error
+    wrong = {key: sorted(names)[:5] for key, names in info.items() if names}
+    if wrong:  # missing, unexpected or mismatched keys: the weights are not this model's
+        raise CheckpointError(f"{where}: the weights do not fit {kind} ({wrong}).")
+    processor = folder / PROCESSOR_NAME
+    settings = _read_config(processor, where) if processor.is_file() else None
+    return HFViT(model, settings).eval()
+
+
 def _read_config(path: str | os.PathLike, where: str) -> dict:
     try:
         return json.loads(Path(path).read_text())
@@ -294,11 +417,19 @@ def _hub_file(repo_id: str, filename: str) -> str:
 
 
 def _load_from_hub(repo_id: str) -> nn.Module:
+    where = f"Cannot load {repo_id!r}"
     try:
-        config = _read_config(_hub_file(repo_id, CONFIG_NAME), f"Cannot load {repo_id!r}")
-        if "architecture" not in config:  # one of our own checkpoints
-            return load_checkpoint(repo_id)
-        return _build_timm(config, _hub_file(repo_id, WEIGHTS_NAME), f"Cannot load {repo_id!r}")
+        config = _read_config(_hub_file(repo_id, CONFIG_NAME), where)
+        if "architecture" in config:  # timm
+            return _build_timm(config, _hub_file(repo_id, WEIGHTS_NAME), where)
+        if "model_type" in config:  # transformers: its files land side by side in one snapshot folder
+            folder = Path(_hub_file(repo_id, WEIGHTS_NAME)).parent
+            try:
+                _hub_file(repo_id, PROCESSOR_NAME)
+            except EntryNotFoundError:  # no image processor settings: HFViT's defaults
+                pass
+            return _build_hf(config, folder, where)
+        return load_checkpoint(repo_id)  # one of our own checkpoints
     except CheckpointError:
         raise
     except Exception as error:  # the Hub client raises many kinds (HTTP, validation, I/O); all end here
@@ -310,8 +441,9 @@ def load_model(source: str | os.PathLike, search_dirs: Sequence[str | os.PathLik
     """A model folder or Hub repo id -> an adapted model in eval mode on the CPU, ready for `explain`.
 
     A folder whose config.json names a timm `architecture` (timm's `save_for_hf` format) is built
-    with timm and its model.safetensors loaded with strict keys; any other folder, and `search_dirs`,
-    go to `load_checkpoint`. A Hub id (`timm/<name>`, `user/name`) is read from the local cache
+    with timm, one naming a transformers `model_type` (`save_pretrained`) with transformers, each
+    loading its model.safetensors with strict keys; any other folder, and `search_dirs`, go to
+    `load_checkpoint`. A Hub id (`timm/<name>`, `user/name`) is read from the local cache
     first and fails within seconds when offline. Raises CheckpointError."""
     text = str(source)
     candidates = candidate_folders(text, search_dirs)
@@ -320,6 +452,8 @@ def load_model(source: str | os.PathLike, search_dirs: Sequence[str | os.PathLik
             config = _read_config(folder / CONFIG_NAME, f"Cannot load the model in {folder}")
             if "architecture" in config:
                 return _load_timm_folder(folder, config)
+            if "model_type" in config:
+                return _build_hf(config, folder, f"Cannot load the transformers model in {folder}")
             break
     if not any(c.is_dir() for c in candidates) and looks_like_repo_id(text):
         return _load_from_hub(text)

@@ -5,7 +5,8 @@ Every method has the signature `fn(model, images, target) -> [B, g, g]`: `images
 or a LongTensor [B]), and the map holds raw values, one per patch, in row-major order (the order of
 `vit_core.patchify`), positive where the patch supports the target. `attribute(model, images,
 method)` looks a method up by name in `ATTRIBUTION_METHODS` and defaults the target to the
-predicted class.
+predicted class. `model` is our ViTClassifier or any model from `vit_core.adapters.adapt`,
+except for `OWN_MODEL_METHODS`, which read our ViTClassifier's modules.
 
 The gradient methods take gradients with respect to the input only (`torch.autograd.grad`), so
 parameters keep their `requires_grad` flags and get no `.grad`; the model runs in eval mode and is
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters import cls_patch_map, token_layout
 from .model import ViTClassifier, patchify
 
 OCCLUSION_MODES = ("mean", "drop")
@@ -56,6 +58,14 @@ def _check_images(model: ViTClassifier, images: torch.Tensor) -> torch.Tensor:
     if len(images) == 0:
         raise ValueError("images must hold at least one image")
     return images.detach()
+
+
+def _require_own(model: nn.Module, method: str) -> None:
+    """ValueError unless `model` is our ViTClassifier: `method` reads its modules (`OWN_MODEL_METHODS`)."""
+    if not isinstance(model, ViTClassifier):
+        raise ValueError(f"{method} reads the modules of vit_core's own ViTClassifier and cannot explain a "
+                         f"{type(model).__name__}; methods for any adapted model: "
+                         f"{', '.join(m for m in ATTRIBUTION_METHODS if m not in OWN_MODEL_METHODS)}")
 
 
 def target_tensor(target, batch: int, n_classes: int) -> torch.Tensor:
@@ -134,6 +144,8 @@ def occlusion(model: ViTClassifier, images: torch.Tensor, target, mode: str = "m
     """
     if mode not in OCCLUSION_MODES:
         raise ValueError(f"unknown occlusion mode {mode!r}; choose one of {OCCLUSION_MODES}")
+    if mode == "drop":
+        _require_own(model, "occlusion with mode 'drop'")
     images = _check_images(model, images)
     target = target_tensor(target, len(images), _n_classes(model))
     n_patches = model.grid_size ** 2
@@ -182,8 +194,8 @@ def input_x_gradient(model: ViTClassifier, images: torch.Tensor, target, objecti
 
 def attention_x_gradient(model: ViTClassifier, images: torch.Tensor, target, objective: str = "logit") -> torch.Tensor:
     """Attention x gradient (Grad-SAM, Barkan et al. 2021; the "GradCAM" baseline of Chefer et
-    al. 2021): per block, ReLU(dScore/dA * A) averaged over heads, CLS row, patch columns; summed
-    over blocks.
+    al. 2021): per block, ReLU(dScore/dA * A) averaged over heads; summed over blocks; the
+    explained row (CLS for our ViT; see `adapters.TokenLayout`), patch columns.
 
     Class-specific through the gradient; no completeness promise (the values are not in logit
     units). One forward + one backward pass, the attentions being the ones the model's own
@@ -195,8 +207,8 @@ def attention_x_gradient(model: ViTClassifier, images: torch.Tensor, target, obj
         inputs = images.clone().requires_grad_(True)  # so a graph exists even with frozen weights
         logits, attentions = model(inputs, return_attention=True)
         gradients = torch.autograd.grad(_score(logits, target, objective).sum(), attentions)
-    total = sum((g * a.detach()).clamp(min=0).mean(dim=1)[:, 0, 1:] for g, a in zip(gradients, attentions))
-    return total.view(len(images), model.grid_size, model.grid_size)
+    total = sum((g * a.detach()).clamp(min=0).mean(dim=1) for g, a in zip(gradients, attentions))
+    return cls_patch_map(total, token_layout(model))
 
 
 def integrated_gradients(model: ViTClassifier, images: torch.Tensor, target, steps: int = 32,
@@ -387,6 +399,7 @@ def lrp(model: ViTClassifier, images: torch.Tensor, target, rules: str | LRPRule
       Its registry entry explains the log-probability, the quantity occlusion measures.
     AttnLRP's softmax rule is not conservative either; its sum only approximates the logit.
     """
+    _require_own(model, "LRP")
     rules = _lrp_rules(rules)
     images = _check_images(model, images)
     target = target_tensor(target, len(images), _n_classes(model))
@@ -409,6 +422,10 @@ ATTRIBUTION_METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "cp_lrp": partial(lrp, rules="cp_lrp"),
     "lrp_composite": partial(lrp, rules="lrp_composite", objective="logprob"),
 }
+# The methods that read our ViTClassifier's own modules (token dropping, LRP's rules per layer);
+# the others need only the model's forward pass, its attentions and its token layout, so they
+# explain any model from `vit_core.adapters.adapt`.
+OWN_MODEL_METHODS = ("occlusion_drop", "attnlrp", "cp_lrp", "lrp_composite")
 
 
 @torch.no_grad()

@@ -260,11 +260,20 @@ def _reinitialise(model: nn.Module, fresh: dict[str, torch.Tensor], prefixes: li
             tensor.copy_(fresh[name])
 
 
-def _cascade(model: ViTClassifier) -> list[tuple[str, list[str]]]:
-    """(stage, parameter prefixes) from the head down to the embedding."""
-    stages = [("head", ["norm", "head"])]
-    stages += [(f"block {i + 1}", [f"blocks.{i}"]) for i in reversed(range(len(model.blocks)))]
-    return stages + [("embedding", ["patch_embed", "cls_token", "pos_embed"])]
+def _cascade(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """(stage, state-dict names) from the head down to the embedding. The `depth` blocks sit under
+    `blocks_path` in the state dict (an adapted model names its own; ours are "blocks"); what the
+    state dict holds before the first block is the embedding (patch projection, prefix tokens,
+    position embedding), what comes after the last block is the head (final norm, classifier)."""
+    path = getattr(model, "blocks_path", "blocks")
+    names = list(model.state_dict())
+    blocks = [f"{path}.{i}" for i in range(model.depth)]
+    in_block = [next((i for i, b in enumerate(blocks) if n.startswith(b + ".")), None) for n in names]
+    first = in_block.index(0)
+    last = len(names) - in_block[::-1].index(len(blocks) - 1)
+    stages = [("head", names[last:])]
+    stages += [(f"block {i + 1}", [blocks[i]]) for i in reversed(range(len(blocks)))]
+    return stages + [("embedding", names[:first])]
 
 
 def cascading_randomization(model: ViTClassifier, images: torch.Tensor, methods: Sequence[str], target=None,

@@ -338,16 +338,26 @@ def normalize(batch_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[fl
     return (batch_uint8.float() - mean_t) / std_t
 
 
-def to_model_pixels(image: Image.Image, image_size: int) -> Image.Image:
-    """The RGB image the model actually sees: upright, alpha on white, resized to image_size."""
+def to_model_pixels(image: Image.Image, image_size: int,
+                    resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
+    """The RGB image the model actually sees: upright, alpha on white, resized to image_size with
+    `resample` (a model's own is `resampling(model)`)."""
     image = to_rgb(image)
     if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        image = image.resize((image_size, image_size), resample, reducing_gap=3.0)
     return image
 
 
-def preprocess(images: Image.Image | Sequence[Image.Image], model: ViTClassifier) -> torch.Tensor:
-    """One PIL image or a list -> normalised float tensor [B, 3, S, S], as in evaluation."""
+def resampling(model: nn.Module) -> Image.Resampling:
+    """How images are resized for `model`: its own `resample` (an adapted model's pretrained
+    config names one), else bicubic, as in our evaluation."""
+    return getattr(model, "resample", Image.Resampling.BICUBIC)
+
+
+def preprocess(images: Image.Image | Sequence[Image.Image], model: nn.Module) -> torch.Tensor:
+    """One PIL image or a list -> normalised float tensor [B, 3, S, S], as in evaluation: resized
+    whole (no crop) to the model's input size with its resampling, normalised with its mean and
+    std. Any model with `image_size`, `mean` and `std` (ours, or one from `vit_core.adapters`)."""
     if isinstance(images, Image.Image):
         images = [images]
     if len(images) == 0:
@@ -356,7 +366,7 @@ def preprocess(images: Image.Image | Sequence[Image.Image], model: ViTClassifier
     for image in images:
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected PIL images, got {type(image).__name__}")
-        pixels = to_model_pixels(image, model.image_size)
+        pixels = to_model_pixels(image, model.image_size, resampling(model))
         arrays.append(torch.frombuffer(bytearray(pixels.tobytes()), dtype=torch.uint8)
                       .view(model.image_size, model.image_size, 3))
     batch = torch.stack(arrays).permute(0, 3, 1, 2)

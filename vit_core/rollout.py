@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .adapters import TokenLayout, token_layout
-from .attribution import ATTRIBUTION_METHODS
+from .adapters import TokenLayout, cls_patch_map, patch_grid, token_layout
+from .attribution import ATTRIBUTION_METHODS, OWN_MODEL_METHODS
 from .model import ViTClassifier
 
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -51,6 +51,14 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(MAP_METHODS)}")
     return list(methods)
+
+
+def supported_methods(model) -> tuple[str, ...]:
+    """The names in MAP_METHODS that can explain `model`: all of them for our ViTClassifier; for a
+    model from `vit_core.adapters.adapt`, all but `attribution.OWN_MODEL_METHODS`."""
+    if isinstance(model, ViTClassifier):
+        return MAP_METHODS
+    return tuple(m for m in MAP_METHODS if m not in OWN_MODEL_METHODS)
 
 
 def _check_rollout_args(head_fusion: str, discard_ratio: float) -> None:
@@ -120,27 +128,6 @@ def gradient_rollout(attentions: torch.Tensor, gradients: torch.Tensor) -> torch
     return relevance
 
 
-def cls_patch_map(matrix: torch.Tensor, layout: TokenLayout = TokenLayout()) -> torch.Tensor:
-    """The explained row, patch columns of [..., T, T] as a square grid [..., g, g] (row-major
-    patches). The default layout reads the CLS row (token 0) and the columns after it."""
-    prefix, explained = layout.n_prefix_tokens, layout.explained_tokens
-    if explained is None:  # a model that averages its patch tokens
-        row = matrix[..., prefix:, :].mean(dim=-2)
-    elif len(explained) == 1:
-        row = matrix[..., explained[0], :]
-    else:
-        row = matrix[..., list(explained), :].mean(dim=-2)
-    return _patch_grid(row[..., prefix:])
-
-
-def _patch_grid(row: torch.Tensor) -> torch.Tensor:
-    """Patch columns [..., N] -> [..., g, g]."""
-    grid = math.isqrt(row.shape[-1])
-    if grid * grid != row.shape[-1]:
-        raise ValueError(f"{row.shape[-1]} patches do not form a square grid")
-    return row.reshape(*row.shape[:-1], grid, grid)
-
-
 @dataclass
 class Explanation:
     """Everything the app and the command line draw, for a batch of B images."""
@@ -185,10 +172,10 @@ class Explanation:
         methods = check_methods(methods)
         self._check_images(images)
         own = self._own_maps()
-        attributions = [m for m in methods if m not in ATTENTION_METHODS and m not in own]
-        if attributions and not isinstance(model, ViTClassifier):
-            raise ValueError(f"{', '.join(attributions)} need vit_core's own ViTClassifier; for "
-                             f"{type(model).__name__} choose from {', '.join(ATTENTION_METHODS)}")
+        refused = [m for m in methods if m not in own and m not in supported_methods(model)]
+        if refused:
+            raise ValueError(f"{', '.join(refused)} need vit_core's own ViTClassifier; for "
+                             f"{type(model).__name__} choose from {', '.join(supported_methods(model))}")
         for name in methods:
             if name == "grad_rollout" and name not in own:
                 own[name] = explain(model, images, target=self.target).grad_rollout
@@ -275,8 +262,8 @@ def explain(model: ViTClassifier, images: torch.Tensor, target: int | torch.Tens
             gradients: bool = True) -> Explanation:
     """Probabilities, attentions, rollout and gradient rollout for a normalised batch [B, 3, S, S],
     from one forward and one backward pass in float32. `model` is a ViTClassifier or a model made
-    by `vit_core.adapters.adapt` / `load_model` (attention maps only). `target` (an int or [B]) defaults to the
-    predicted class. `methods` (names in MAP_METHODS) are attribution maps computed now as well, each
+    by `vit_core.adapters.adapt` / `load_model` (its maps: `supported_methods`). `target` (an int or
+    [B]) defaults to the predicted class. `methods` (names in MAP_METHODS) are attribution maps computed now as well, each
     with its own passes (`Explanation.with_maps` computes more later). With `gradients=False` only
     the forward pass runs: `grad_rollout` is None and `maps()` leaves it out until
     `with_maps(..., ["grad_rollout"])` asks for it (the app's uploads, shown with other methods)."""
@@ -350,4 +337,4 @@ def token_map(attentions: torch.Tensor, token: int, layer: int, head: int | None
         raise ValueError(f"head must be None (mean over heads) or in [0, {n_heads}), got {head}")
     per_layer = attentions[layer]
     matrix = per_layer.mean(dim=0) if head is None else per_layer[head]
-    return _patch_grid(matrix[token, n_prefix_tokens:])
+    return patch_grid(matrix[token, n_prefix_tokens:])
