@@ -283,9 +283,13 @@ def wire(ui: dict[str, gr.components.Component], explorer: Explorer, workers: in
     ui["gallery"].select(out(explorer.example), None, inputs_kwargs=settings, outputs=[image_in, *explained],
                          api_visibility="private", show_progress="minimal", **fast).success(
                              **cleared).then(**trusted, api_visibility="private")
-    gr.on([c.change for c in settings.values()] + [ui["patch"].input], out(explorer.redraw), session,
-          inputs_kwargs=with_patch, outputs=redrawn, api_name="redraw", trigger_mode="always_last",
-          show_progress="hidden", **fast)
+    redraw = dict(fn=out(explorer.redraw), inputs=session, inputs_kwargs=with_patch, outputs=redrawn,
+                  trigger_mode="always_last", **fast)
+    gr.on([c.change for name, c in settings.items() if name != "method"] + [ui["patch"].input], **redraw,
+          api_name="redraw", show_progress="hidden")
+    # A new method may be a slow one computed on request (occlusion over every patch of a large
+    # model): the panels show Gradio's progress indicator while it runs.
+    ui["method"].change(**redraw, api_visibility="private", show_progress="minimal")
     gr.on([demo.load, ui["method"].change], out(explorer.header), None, inputs_kwargs={"method": ui["method"]},
           outputs=ui["header"], api_visibility="private", show_progress="hidden")
     for panel in (p for p in PANELS if p.click is not None):

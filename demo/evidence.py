@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from demo.session import DEFAULT_METHOD, FAST_METHODS, METHODS, Session, Settings, current_explanation
+from demo.session import DEFAULT_METHOD, FAST_METHODS, METHODS, Session, Settings, current_explanation, methods_for
 from vit_core import ViTClassifier
 from vit_core.anatomy import Anatomy, AnatomyError, compute_anatomy, load_anatomy, load_example_images
 from vit_core.card import EVAL_INFO
@@ -57,9 +57,10 @@ def _trust_key(method: str, target: int, settings: Settings) -> tuple:
     return target, method
 
 
-def trust_methods(settings: Settings) -> list[str]:
-    """The maps scored for an image: every fast one, and the chosen one if it is a slow one."""
-    return list(FAST_METHODS) + ([settings.method] if settings.method in SLOW_METHODS else [])
+def trust_methods(model, settings: Settings) -> list[str]:
+    """The maps scored for an image: every fast one the model has, and the chosen one if it is slow."""
+    fast = [m for m in FAST_METHODS if m in methods_for(model)]
+    return fast + ([settings.method] if settings.method in SLOW_METHODS else [])
 
 
 def image_trust(model: ViTClassifier, session: Session, settings: Settings) -> dict[str, dict[str, float]]:
@@ -68,7 +69,7 @@ def image_trust(model: ViTClassifier, session: Session, settings: Settings) -> d
     "spearman_occlusion", and the two AUCs. Each map is scored once (per class and, for
     rollout and last-layer attention, per head fusion and discard ratio); the occlusion reference
     is computed once per class and also serves the method picker."""
-    methods = trust_methods(settings)
+    methods = trust_methods(model, settings)
     explanation = current_explanation(model, session, settings).with_maps(
         model, session.inputs, methods + ["occlusion"])
     target = int(explanation.target[0])

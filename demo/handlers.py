@@ -38,7 +38,7 @@ FAITHFULNESS_OUTPUTS = ("deletion", "insertion", "auc", "sanity")
 TRUST_OUTPUTS = ("trust", "trust_table", "compare", "compare_table")
 TRUST_PENDING = "Measuring how far to trust each map on this image…"
 # What the figures that need our own ViTClassifier say for other models (vit_core.adapters).
-NOT_AVAILABLE = "Not available for this model (it needs the explorer's own ViT; attention maps only)."
+NOT_AVAILABLE = "Not available for this model (it needs the explorer's own ViT, trained on CIFAR-10)."
 
 
 class Explorer:
@@ -101,14 +101,10 @@ class Explorer:
 
     def faithfulness(self, session: Session | None, **controls) -> Answer:
         """Deletion and insertion curves of the current map against a random map."""
-        if not is_own(self.model):
-            return {"deletion": None, "insertion": None, "auc": NOT_AVAILABLE}
         return faithfulness(self.model, require(session), self.settings(controls))
 
     def sanity_check(self, session: Session | None, **controls) -> Answer:
         """The model-randomisation check of the current method."""
-        if not is_own(self.model):
-            return {"sanity": NOT_AVAILABLE}
         return {"sanity": sanity_check(self.model, require(session), self.settings(controls))}
 
     def export(self, session: Session | None, **controls) -> Answer:
@@ -122,8 +118,6 @@ class Explorer:
         map's sentence, every map's figures, and the maps side by side for the Compare view."""
         if session is None:
             return {}
-        if not is_own(self.model):
-            return {"trust": NOT_AVAILABLE, "trust_table": "", "compare": None, "compare_table": NOT_AVAILABLE}
         settings = self.settings(controls)
         figures = image_trust(self.model, session, settings)
         # Pillow's built-in font draws ASCII only: "x" for "×", "rho" for "ρ".
@@ -153,7 +147,7 @@ class Explorer:
             parts.append(self.evidence.accuracy_text())
         method = method if method in methods_for(model) else self.defaults.method
         if not is_own(model):
-            parts.append(f"Showing **{METHODS[method]}** (attention maps only for this model)")
+            parts.append(f"Showing **{METHODS[method]}** (LRP and token dropping need the explorer's own ViT)")
         elif method == self.defaults.method:
             parts.append(self.evidence.default_text())
         else:
@@ -177,12 +171,8 @@ class Explorer:
 
 
 def model_name(model) -> str:
-    """"name · " for a model from another library (its timm architecture), "" for ours."""
-    if is_own(model):
-        return ""
-    inner = getattr(model, "vit", model)
-    name = (getattr(inner, "pretrained_cfg", None) or {}).get("architecture") or type(inner).__name__
-    return f"**{name}** · "
+    """"name · " for a model from another library (its timm architecture or Hub name), "" for ours."""
+    return "" if is_own(model) else f"**{model.name}** · "
 
 
 def _beats(figures: dict[str, float]) -> str:

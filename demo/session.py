@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 from vit_core import ViTClassifier, preprocess, to_model_pixels
+from vit_core.model import resampling
 from vit_core.images import FRAMES_KEY, FULL_SIZE_KEY, MAX_FILE_BYTES, ImageError, read_image
-from vit_core.rollout import ATTENTION_METHODS, HEAD_FUSIONS, SLOW_METHODS, Explanation, explain
+from vit_core.rollout import HEAD_FUSIONS, SLOW_METHODS, Explanation, explain, supported_methods
 
 METHODS = {  # value -> label, in the method picker's order
     "lrp_composite": "LRP (composite)",
@@ -38,28 +39,27 @@ METHODS = {  # value -> label, in the method picker's order
 FAST_METHODS = tuple(m for m in METHODS if m not in SLOW_METHODS)
 # The picker's default when no test-set measurement says otherwise (see demo.evidence).
 DEFAULT_METHOD = "lrp_composite"
-# Other models (vit_core.adapters) get the attention maps only, opening on this one.
+# Other models (vit_core.adapters) open on this one: one forward and one backward pass.
 ATTENTION_DEFAULT = "grad_rollout"
 PREDICTED = "predicted"
 HEAD_MEAN = "all (mean)"
 
 
 def is_own(model) -> bool:
-    """Our own ViTClassifier: the attribution maps, trust figures and anatomy need it."""
+    """Our own ViTClassifier: LRP, token dropping, the anatomy and the test-set evidence need it."""
     return isinstance(model, ViTClassifier)
 
 
 def methods_for(model) -> dict[str, str]:
-    """The picker's {value: label} for this model: every method for ours, attention maps otherwise."""
-    return dict(METHODS) if is_own(model) else {m: METHODS[m] for m in METHODS if m in ATTENTION_METHODS}
+    """The picker's {value: label} for this model (vit_core.rollout.supported_methods)."""
+    return {m: METHODS[m] for m in METHODS if m in supported_methods(model)}
 
 
 def model_inputs(model, image: Image.Image) -> tuple[Image.Image, torch.Tensor]:
-    """What the model sees (RGB, image_size a side) and its normalised input [1, 3, S, S]: the
-    model's own preprocessing when it has one (vit_core.adapters.TimmViT), else ours."""
-    pixels = to_model_pixels(image, model.image_size)
-    own = getattr(model, "preprocess", None)
-    return pixels, own(pixels) if callable(own) else preprocess(pixels, model)
+    """What the model sees (RGB, image_size a side, resized with the model's own resampling) and
+    its normalised input [1, 3, S, S]."""
+    pixels = to_model_pixels(image, model.image_size, resampling(model))
+    return pixels, preprocess(pixels, model)
 
 
 def head_choices(model: ViTClassifier) -> list[str]:

@@ -32,6 +32,7 @@ from demo.session import (DEFAULT_METHOD, FAST_METHODS, METHODS, Settings, analy
                           read_upload)
 from toys import (BAD_FILES, image_bytes, local_client, noise, tiny_vit, upload, write_animated_gif,
                   write_rotated_jpeg)
+import vit_core
 from vit_core import ViTClassifier, preprocess, to_model_pixels, viz
 from vit_core.checkpoints import host_reachable
 from vit_core.rollout import explain
@@ -689,7 +690,7 @@ def test_a_timm_model_draws_every_panel_on_its_own_grid(timm_explorer, tmp_path)
     session = answer["session"]
     tokens = 16 + model.n_prefix_tokens
     assert session.explanation.attentions.shape == (1, model.depth, model.n_heads, tokens, tokens)
-    torch.testing.assert_close(session.inputs, model.preprocess(session.pixels))  # the model's own preprocessing
+    torch.testing.assert_close(session.inputs, preprocess(session.pixels, model))  # the model's own mean and std
     paths = export_files(model, session, timm_explorer.defaults.checked(model), tmp_path)
     arrays = np.load(next(p for p in paths if p.endswith(".npz")))
     assert arrays["explained_map"].shape == (1, 4, 4) and str(arrays["method"]) == "grad_rollout"
@@ -719,26 +720,66 @@ def test_a_click_on_patch_i_follows_token_i_plus_the_prefix(timm_explorer):
     assert ("CLS" if prefix else "mean of the patch tokens") in unselected["summary"]
 
 
-def test_a_timm_model_offers_attention_maps_only_and_no_trust_figures(timm_explorer, timm_folder):
+GENERIC_METHODS = ["grad_rollout", "attention_x_gradient", "input_x_gradient", "rollout", "last_layer", "occlusion",
+                   "integrated_gradients"]
+
+
+def test_a_timm_model_offers_every_method_but_ours_with_its_trust_figures(timm_explorer, timm_folder):
     model = timm_explorer.model
-    assert list(session_module.methods_for(model)) == ["grad_rollout", "rollout", "last_layer"]
+    assert list(session_module.methods_for(model)) == GENERIC_METHODS
     with pytest.raises(gr.Error, match="Unknown method 'lrp_composite'"):
         Settings(method="lrp_composite").checked(model)
     session = timm_explorer.explain({"path": str(CAT), "orig_name": CAT.name})["session"]
+    trust = timm_explorer.trust(session, method="input_x_gradient")
+    fast = [m for m in FAST_METHODS if m in GENERIC_METHODS]
+    assert trust["trust"].startswith("**input × gradient** beats")
+    assert len(trust["trust_table"].splitlines()) == 2 + len(fast) and isinstance(trust["compare"], Image.Image)
+    curves = timm_explorer.faithfulness(session, method="attention_x_gradient")
+    assert isinstance(curves["deletion"], Image.Image) and "| attention × gradient |" in curves["auc"]
+    sanity = timm_explorer.sanity_check(session, method="grad_rollout")["sanity"]
+    assert all(f"| {stage} |" in sanity for stage in ("head", "block 2", "block 1", "embedding"))
     not_available = "Not available for this model"
-    assert not_available in timm_explorer.trust(session)["trust"]
     assert not_available in timm_explorer.anatomy()["anatomy_info"]
-    assert not_available in timm_explorer.faithfulness(session)["auc"]
-    assert not_available in timm_explorer.sanity_check(session)["sanity"]
     header = timm_explorer.header()["header"]
     assert "vit_tiny_patch16_224" in header and "accuracy" not in header
     assert f"2 layers × 2 heads on 4×4 patches of {model.patch_size} px" in header
     demo = app.build_demo(model, workers=1, evidence=Evidence.load(model, timm_folder, None))
     components = {getattr(c, "elem_id", None): c for c in demo.blocks.values()}
-    assert [value for _, value in components["method"].choices] == ["grad_rollout", "rollout", "last_layer"]
+    assert [value for _, value in components["method"].choices] == GENERIC_METHODS
     assert not_available in components["test-set"].value
     gallery = components["examples"].value  # the shipped examples, without CIFAR-10 labels
     assert len(gallery) == len(list(EXAMPLES.glob("*.jpg"))) and all(item["caption"] is None for item in gallery)
+
+
+def test_a_timm_model_resizes_uploads_with_its_own_interpolation(tmp_path):
+    from test_adapters import make_timm
+
+    vit = make_timm("vit_p16")
+    vit.pretrained_cfg = {**vit.pretrained_cfg, "interpolation": "nearest"}
+    model = vit_core.adapt(vit)
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (150, 200, 3), dtype=np.uint8))
+    pixels, inputs = session_module.model_inputs(model, picture)
+    nearest = picture.resize((64, 64), Image.Resampling.NEAREST)
+    assert np.array_equal(np.asarray(pixels), np.asarray(nearest))
+    assert not np.array_equal(np.asarray(pixels), np.asarray(picture.resize((64, 64), Image.Resampling.BICUBIC)))
+    torch.testing.assert_close(inputs, preprocess(nearest, model))
+
+
+def test_a_transformers_model_opens_in_the_explorer(tmp_path, monkeypatch):
+    from test_adapters_hf import make_hf
+
+    folder = tmp_path / "deit"
+    make_hf("deit_teacher").save_pretrained(folder)
+    explorer = Explorer(app.load_model(folder), sorted(EXAMPLES.glob("*.jpg")))
+    answer = explorer.explain({"path": str(CAT), "orig_name": CAT.name})
+    session = answer["session"]
+    assert session.explanation.attentions.shape == (1, 2, 2, 18, 18)  # CLS + distillation + 16 patches
+    assert answer["overlay"].size == (DISPLAY_SIDE, DISPLAY_SIDE) and set(answer["top5"]) <= {f"n{i}" for i in range(5)}
+    assert explorer.trust(session, method="grad_rollout")["trust"].startswith("**gradient rollout** beats")
+    assert f"**{folder}** · 2 layers × 2 heads on 4×4 patches of 4 px" in explorer.header()["header"]
+    launched = []
+    monkeypatch.setattr(app, "launch", lambda demo, **kwargs: launched.append(demo))
+    assert app.main(["--checkpoint", str(folder)]) == 0 and len(launched) == 1
 
 
 def test_main_opens_a_timm_folder(timm_folder, monkeypatch):
