@@ -318,14 +318,14 @@ def test_hub_id_offline_fails_fast(monkeypatch):
 
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    import vit_core.adapters as adapters
+    import vit_core.checkpoints as checkpoints
 
     def download(repo_id, filename, **kwargs):
         if kwargs.get("local_files_only"):
             raise LocalEntryNotFoundError("not in the cache")
         pytest.fail("the network must not be used")
 
-    monkeypatch.setattr(adapters, "hf_hub_download", download)
+    monkeypatch.setattr(checkpoints, "hf_hub_download", download)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.monotonic()
     with pytest.raises(CheckpointError, match=r"'timm/vit_tiny_patch16_224'.*HF_HUB_OFFLINE is set.*local model folder"):

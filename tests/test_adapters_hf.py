@@ -175,7 +175,7 @@ def test_a_hub_snapshot_in_the_cache_loads_like_a_folder(tmp_path, monkeypatch):
         asked.append(filename)
         return str(folder / filename)
 
-    monkeypatch.setattr(adapters, "_hub_file", cached)
+    monkeypatch.setattr(adapters, "hub_file", cached)
     model = load_model("someone/deit-tiny")
     assert isinstance(model, HFViT) and model.layout == TokenLayout(2, (0, 1)) and model.interpolation == "bicubic"
     assert asked == ["config.json", "model.safetensors", "preprocessor_config.json"]

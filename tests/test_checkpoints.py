@@ -102,6 +102,7 @@ def fake_hub(monkeypatch, folder: Path | None) -> list[dict]:
 
     monkeypatch.setattr(mixin, "hf_hub_download", download)
     monkeypatch.setattr(vit_model, "hf_hub_download", download)
+    monkeypatch.setattr(checkpoints, "hf_hub_download", download)
     return calls
 
 

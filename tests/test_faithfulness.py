@@ -14,6 +14,8 @@ from vit_core import faithfulness as fa
 class OnePatchModel(nn.Module):
     """Looks only at patch `index` of a 4x4 grid of 4-pixel patches: logit 0 = 4 * its mean."""
 
+    class_names = ["seen", "other", "third"]
+
     def __init__(self, index: int, grid: int = 4, patch: int = 4):
         super().__init__()
         self.row, self.col, self.patch = index // grid, index % grid, patch

@@ -37,15 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
-from .checkpoints import (CONFIG_NAME, OFFLINE_ADVICE, CheckpointError, candidate_folders, hub_offline_reason,
-                          load_checkpoint, looks_like_repo_id)
+from .checkpoints import (CONFIG_NAME, CheckpointError, candidate_folders, hub_file, load_checkpoint,
+                          looks_like_repo_id)
 from .model import WEIGHTS_NAME, ViTClassifier
 
 SUPPORTED = ("vit_core ViTClassifier; a timm VisionTransformer (ViT, DeiT incl. distilled, register "
@@ -403,29 +402,16 @@ def _load_timm_folder(folder: Path, config: dict) -> TimmViT:
     return _build_timm(config, folder / WEIGHTS_NAME, where)
 
 
-def _hub_file(repo_id: str, filename: str) -> str:
-    """A Hub file from the local cache, else downloaded; CheckpointError at once when offline."""
-    try:
-        return hf_hub_download(repo_id, filename, local_files_only=True)
-    except LocalEntryNotFoundError:
-        pass
-    reason = hub_offline_reason()
-    if reason is not None:
-        raise CheckpointError(f"Cannot load {repo_id!r} from the Hugging Face Hub: {filename} is not in the "
-                              f"local cache and {reason}. {OFFLINE_ADVICE}")
-    return hf_hub_download(repo_id, filename)
-
-
 def _load_from_hub(repo_id: str) -> nn.Module:
     where = f"Cannot load {repo_id!r}"
     try:
-        config = _read_config(_hub_file(repo_id, CONFIG_NAME), where)
+        config = _read_config(hub_file(repo_id, CONFIG_NAME), where)
         if "architecture" in config:  # timm
-            return _build_timm(config, _hub_file(repo_id, WEIGHTS_NAME), where)
+            return _build_timm(config, hub_file(repo_id, WEIGHTS_NAME), where)
         if "model_type" in config:  # transformers: its files land side by side in one snapshot folder
-            folder = Path(_hub_file(repo_id, WEIGHTS_NAME)).parent
+            folder = Path(hub_file(repo_id, WEIGHTS_NAME)).parent
             try:
-                _hub_file(repo_id, PROCESSOR_NAME)
+                hub_file(repo_id, PROCESSOR_NAME)
             except EntryNotFoundError:  # no image processor settings: HFViT's defaults
                 pass
             return _build_hf(config, folder, where)

@@ -16,8 +16,7 @@ left in the mode it came in.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import cls_patch_map, token_layout
-from .model import ViTClassifier, patchify
+from .model import ViTClassifier, eval_mode, patchify
 
 OCCLUSION_MODES = ("mean", "drop")
 OBJECTIVES = ("logit", "logprob")
@@ -37,16 +36,6 @@ ROWS_PER_PASS = 512
 
 # ----------------------------------------------------------------------------------------------
 # Shared helpers
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
 
 def _check_images(model: ViTClassifier, images: torch.Tensor) -> torch.Tensor:
     size = model.image_size
@@ -151,7 +140,7 @@ def occlusion(model: ViTClassifier, images: torch.Tensor, target, mode: str = "m
     n_patches = model.grid_size ** 2
     chunk = max(1, ROWS_PER_PASS // (n_patches + 1))
     maps = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for start in range(0, len(images), chunk):
             x, t = images[start:start + chunk], target[start:start + chunk]
             full = _score(model(x), t, "logprob")
@@ -187,7 +176,7 @@ def input_x_gradient(model: ViTClassifier, images: torch.Tensor, target, objecti
     """
     images = _check_images(model, images)
     target = target_tensor(target, len(images), _n_classes(model))
-    with _eval_mode(model):
+    with eval_mode(model):
         gradient = _input_gradient(model, images, target, objective)
     return patch_sums(images * gradient, model.patch_size)
 
@@ -203,7 +192,7 @@ def attention_x_gradient(model: ViTClassifier, images: torch.Tensor, target, obj
     """
     images = _check_images(model, images)
     target = target_tensor(target, len(images), _n_classes(model))
-    with _eval_mode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad():
         inputs = images.clone().requires_grad_(True)  # so a graph exists even with frozen weights
         logits, attentions = model(inputs, return_attention=True)
         gradients = torch.autograd.grad(_score(logits, target, objective).sum(), attentions)
@@ -233,7 +222,7 @@ def integrated_gradients(model: ViTClassifier, images: torch.Tensor, target, ste
         return logits.log_softmax(dim=-1) if objective == "logprob" else logits
 
     rows = max(len(images), ROWS_PER_PASS // len(images) * len(images))
-    with _eval_mode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad():
         pixels = IntegratedGradients(forward).attribute(
             images, baselines=torch.zeros_like(images), target=target.to(images.device), n_steps=steps,
             internal_batch_size=rows)
@@ -403,7 +392,7 @@ def lrp(model: ViTClassifier, images: torch.Tensor, target, rules: str | LRPRule
     rules = _lrp_rules(rules)
     images = _check_images(model, images)
     target = target_tensor(target, len(images), _n_classes(model))
-    with _eval_mode(model):
+    with eval_mode(model):
         gradient = _input_gradient(model, images, target, objective,
                                    forward=lambda x: lrp_forward(model, x, rules))
     return patch_sums(images * gradient, model.patch_size)
@@ -431,7 +420,7 @@ OWN_MODEL_METHODS = ("occlusion_drop", "attnlrp", "cp_lrp", "lrp_composite")
 @torch.no_grad()
 def predicted_class(model: ViTClassifier, images: torch.Tensor) -> torch.Tensor:
     """The model's predicted class [B] (eval mode)."""
-    with _eval_mode(model):
+    with eval_mode(model):
         return model(_check_images(model, images)).argmax(dim=-1)
 
 

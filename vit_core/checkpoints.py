@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from huggingface_hub import constants as hub_constants
+from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors import SafetensorError
 
@@ -30,7 +31,8 @@ CONFIG_NAME = "config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 HUB_PROBE_TIMEOUT_S = 3.0
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-OFFLINE_ADVICE = "Offline? Pass a local checkpoint directory instead (a local model folder: ours, or one saved by timm)."
+OFFLINE_ADVICE = ("Offline? Pass a local checkpoint directory instead (a local model folder: ours, or one saved by "
+                  "timm or transformers).")
 
 
 class CheckpointError(ValueError):
@@ -99,17 +101,26 @@ def _load_folder(folder: Path) -> ViTClassifier:
         raise CheckpointError(f"{where}: {error}") from error
 
 
+def hub_file(repo_id: str, filename: str) -> str:
+    """The local path of a Hub repo's file: from the local cache, else downloaded; CheckpointError at
+    once when it is not cached and the Hub cannot be reached. A repo's files land side by side in
+    one snapshot folder. Other Hub client errors (no such repo or file) pass through."""
+    try:
+        return hf_hub_download(repo_id, filename, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    reason = hub_offline_reason()
+    if reason is not None:
+        raise CheckpointError(f"Cannot load {repo_id!r} from the Hugging Face Hub: {filename} is not in the "
+                              f"local cache and {reason}. {OFFLINE_ADVICE}")
+    return hf_hub_download(repo_id, filename)
+
+
 def _load_from_hub(repo_id: str) -> ViTClassifier:
     failed = f"Cannot load {repo_id!r} from the Hugging Face Hub (no local folder of that name either)"
     try:
-        try:  # the local Hub cache: no network at all
-            return ViTClassifier.from_pretrained(repo_id, local_files_only=True)
-        except LocalEntryNotFoundError:
-            pass
-        reason = hub_offline_reason()
-        if reason is not None:
-            raise CheckpointError(f"{failed}: it is not in the local cache and {reason}. {OFFLINE_ADVICE}")
-        return ViTClassifier.from_pretrained(repo_id)
+        hub_file(repo_id, CONFIG_NAME)
+        return _load_folder(Path(hub_file(repo_id, WEIGHTS_NAME)).parent)
     except CheckpointError:
         raise
     except Exception as error:  # the Hub client raises many kinds (HTTP, validation, I/O); all end here

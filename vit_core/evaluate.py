@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .devices import autocast
-from .model import ViTClassifier, normalize
+from .model import ViTClassifier, eval_mode, normalize
 
 
 @torch.no_grad()
@@ -22,10 +22,8 @@ def predict_probs(model: ViTClassifier, images_uint8: torch.Tensor, device: torc
     the mode it came in."""
     if len(images_uint8) == 0:
         raise ValueError("predict_probs needs at least one image")
-    was_training = model.training
-    model.eval()
     out = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(images_uint8), batch_size):
             x = normalize(images_uint8[start:start + batch_size].to(device), model.mean, model.std)
             with autocast(device, amp):
@@ -33,8 +31,6 @@ def predict_probs(model: ViTClassifier, images_uint8: torch.Tensor, device: torc
                 if mirror:
                     probs = (probs + model(x.flip(-1)).float().softmax(-1)) / 2
             out.append(probs.cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(out)
 
 

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attribution import ATTRIBUTION_METHODS, OCCLUSION_MODES, _eval_mode, _forward_tokens, predicted_class
-from .model import ViTClassifier
+from .attribution import ATTRIBUTION_METHODS, OCCLUSION_MODES, _forward_tokens, predicted_class, target_tensor
+from .model import ViTClassifier, eval_mode
 from .rollout import ATTENTION_METHODS, MAP_METHODS, check_methods, explain
 
 PERTURBATION_MODES = ("deletion", "insertion")
@@ -41,8 +41,8 @@ EXPLAIN_METHODS = ATTENTION_METHODS
 RESULTS_FILE = "faithfulness.json"
 
 
-def _check_batch(images: torch.Tensor, patch_maps: torch.Tensor, target) -> tuple[int, torch.Tensor]:
-    """Validate shapes; returns the patch size and target as a long tensor [B]."""
+def _check_batch(images: torch.Tensor, patch_maps: torch.Tensor, target, n_classes: int) -> torch.Tensor:
+    """Validate shapes; returns the target as a long tensor [B] (`attribution.target_tensor`)."""
     if images.ndim != 4:
         raise ValueError(f"images must be [B, C, S, S], got shape {tuple(images.shape)}")
     if patch_maps.ndim != 3 or patch_maps.shape[-1] != patch_maps.shape[-2]:
@@ -52,12 +52,7 @@ def _check_batch(images: torch.Tensor, patch_maps: torch.Tensor, target) -> tupl
     size, grid = images.shape[-1], patch_maps.shape[-1]
     if images.shape[-2] != size or size % grid:
         raise ValueError(f"a {grid}x{grid} map does not tile a {images.shape[-2]}x{size} image")
-    target_t = torch.as_tensor(target, dtype=torch.long).flatten()
-    if target_t.numel() == 1:
-        target_t = target_t.expand(images.shape[0])
-    if target_t.shape != (images.shape[0],):
-        raise ValueError(f"target must be an int or [B] = [{images.shape[0]}], got {tuple(target_t.shape)}")
-    return size // grid, target_t.clone()
+    return target_tensor(target, images.shape[0], n_classes)
 
 
 def check_removal(model: nn.Module, removal: str) -> None:
@@ -110,7 +105,7 @@ def kept_probabilities(model: nn.Module, images: torch.Tensor, keep: torch.Tenso
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     keep, image_index = keep.cpu(), image_index.cpu()
     probs = torch.empty(len(keep))
-    with _eval_mode(model):
+    with eval_mode(model):
         if removal == "mean":
             groups = [(torch.arange(len(keep)), batch_size)]
             patch_size = images.shape[-1] // math.isqrt(keep.shape[-1])
@@ -144,7 +139,7 @@ def perturbation_curve(model: nn.Module, images: torch.Tensor, patch_maps: torch
         raise ValueError(f"unknown mode {mode!r}; choose one of {PERTURBATION_MODES}")
     check_removal(model, removal)
     patch_maps = torch.as_tensor(patch_maps)
-    _, target_t = _check_batch(images, patch_maps, target)
+    target_t = _check_batch(images, patch_maps, target, len(model.class_names))
     batch, n_patches = images.shape[0], patch_maps.shape[-1] ** 2
     counts = moved_counts(n_patches, n_patches if steps is None else int(steps))
     chosen = ranks(patch_maps)[:, None, :] < counts[None, :, None]  # [B, K, n]: moved yet?

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from .adapters import TokenLayout, cls_patch_map, patch_grid, token_layout
-from .attribution import ATTRIBUTION_METHODS, OWN_MODEL_METHODS
-from .model import ViTClassifier
+from .attribution import ATTRIBUTION_METHODS, OWN_MODEL_METHODS, target_tensor
+from .model import ViTClassifier, eval_mode
 
 HEAD_FUSIONS = ("mean", "max", "min")
 # The maps every explanation holds, from one forward and one backward pass.
@@ -294,25 +294,16 @@ def explain(model: ViTClassifier, images: torch.Tensor, target: int | torch.Tens
 def _passes(model: ViTClassifier, images: torch.Tensor, target: int | torch.Tensor | None, gradients: bool):
     """The model's forward pass (and, with `gradients`, the backward pass of the target's logit to
     every attention map): probs [B, C], target [B], attentions [B, L, H, T, T], their gradients or None."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         # The input asks for gradients so the graph exists even if the weights are frozen.
         images = images.detach().float().requires_grad_(gradients)
         with torch.set_grad_enabled(gradients):
             logits, attention_list = model(images, return_attention=True)
             probs = logits.detach().softmax(dim=-1)
-            if target is None:
-                target_t = probs.argmax(dim=-1)
-            else:
-                target_t = torch.as_tensor(target, dtype=torch.long).expand(len(images)).clone()
-                if ((target_t < 0) | (target_t >= logits.shape[-1])).any():
-                    raise ValueError(f"target must be a class index in [0, {logits.shape[-1]})")
+            target_t = probs.argmax(dim=-1) if target is None else target_tensor(target, len(images), probs.shape[-1])
             if gradients:
                 score = logits.gather(1, target_t[:, None]).sum()  # samples are independent: one backward
                 gradient_list = torch.autograd.grad(score, attention_list)
-    finally:
-        model.train(was_training)
     attentions = torch.stack([a.detach() for a in attention_list], dim=1)
     return probs, target_t, attentions, torch.stack(gradient_list, dim=1) if gradients else None
 
