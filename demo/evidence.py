@@ -12,8 +12,8 @@
   describes other weights).
 
 faithfulness.json is what `python -m vit_core.cli.faithfulness` writes: per method, per removal
-mode ("mean": the dataset-mean fill the app's own trust figures use), each figure's mean, standard
-error and count over the test images.
+mode ("drop", the token left out, is what the app's own trust figures use for our ViT), each
+figure's mean, standard error and count over the test images.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ from pathlib import Path
 
 import torch
 
-from demo.session import DEFAULT_METHOD, FAST_METHODS, METHODS, Session, Settings, current_explanation, methods_for
+from demo.session import (DEFAULT_METHOD, FAST_METHODS, METHODS, Session, Settings, current_explanation, is_own,
+                          methods_for)
 from vit_core import ViTClassifier
 from vit_core.anatomy import Anatomy, AnatomyError, compute_anatomy, load_anatomy, load_example_images
 from vit_core.card import EVAL_INFO
+from vit_core.devices import uses_bf16
 from vit_core.faithfulness import RESULTS_FILE, read_results, result_mean
 from vit_core.rollout import SLOW_METHODS
 from vit_core.trust import trust_figures
@@ -43,7 +45,13 @@ TEST_SET_COLUMNS = (
     ("deletion_auc", "deletion AUC ↓", False),
     ("insertion_auc", "insertion AUC ↑", False),
 )
-TEST_SET_REMOVAL = "mean"  # the removal the app's per-image figures use
+# How the per-image figures remove a patch: our ViT's patch token is left out (the input it saw in
+# training with patch dropout, and fewer tokens to run); another model's patch is filled with the
+# dataset mean (it may not take a shortened sequence). The test-set table (our ViT's) shows "drop" too.
+TEST_SET_REMOVAL = "drop"
+# The perturbed inputs run in bf16 where the CPU has bf16 units (vit_core.devices.uses_bf16), about
+# twice as fast (benchmarks/explain_latency.py); the AUCs move slightly, the occlusion reference not at all.
+TRUST_BF16 = uses_bf16(torch.device("cpu"), "auto")
 # Maps whose values depend on head fusion or discard ratio: their trust figures do too.
 _SETTING_DEPENDENT = ("rollout", "last_layer")
 
@@ -63,22 +71,29 @@ def trust_methods(model, settings: Settings) -> list[str]:
     return fast + ([settings.method] if settings.method in SLOW_METHODS else [])
 
 
+def trust_removal(model) -> str:
+    """"drop" for our ViT, "mean" for another model (see TEST_SET_REMOVAL)."""
+    return TEST_SET_REMOVAL if is_own(model) else "mean"
+
+
 def image_trust(model: ViTClassifier, session: Session, settings: Settings) -> dict[str, dict[str, float]]:
     """{method: trust figures} for the session's image and the settings' class (`trust_methods`):
     "deletion_percentile" and "insertion_percentile" (% of 20 random maps the map beats),
-    "spearman_occlusion", and the two AUCs. Each map is scored once (per class and, for
-    rollout and last-layer attention, per head fusion and discard ratio); the occlusion reference
-    is computed once per class and also serves the method picker."""
-    methods = trust_methods(model, settings)
+    "spearman_occlusion", and the two AUCs, removing patches as `trust_removal` says. Each map is
+    scored once (per class and, for rollout and last-layer attention, per head fusion and discard
+    ratio); the occlusion reference (removing the same way) is computed once per class and also
+    serves the method picker."""
+    methods, removal = trust_methods(model, settings), trust_removal(model)
+    reference = "occlusion" if removal == "mean" else "occlusion_drop"
     explanation = current_explanation(model, session, settings).with_maps(
-        model, session.inputs, methods + ["occlusion"])
+        model, session.inputs, methods + [reference])
     target = int(explanation.target[0])
     keys = {method: _trust_key(method, target, settings) for method in methods}
     missing = [method for method in methods if keys[method] not in session.trust]
     if missing:
         maps = explanation.maps()
         figures = trust_figures(model, session.inputs, {m: maps[m] for m in missing}, explanation.target,
-                                occlusion_map=maps["occlusion"])
+                                occlusion_map=maps[reference], removal=removal, bf16=TRUST_BF16)
         session.trust.update({keys[m]: figures[m].for_image(0) for m in missing})
     return {method: session.trust[keys[method]] for method in methods}
 
@@ -138,7 +153,7 @@ class TestSetTable:
         """The table, with one sentence on how to read it."""
         over = f"{self.n_images} test images" if self.n_images else "the test set"
         lines = [f"**Over the test set** ({FAITHFULNESS_FILE}: means over {over}, each map explaining the "
-                 "predicted class, removed patches filled with the dataset mean). How to read it: ρ says how "
+                 "predicted class, a removed patch's token left out). How to read it: ρ says how "
                  "closely a map ranks patches the way removing each one alone changes the prediction (1: "
                  "exactly); \"beats random\" is the chance it orders patches better than a random map "
                  "(50 %: no better than chance).", "",

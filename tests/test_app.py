@@ -25,7 +25,7 @@ from PIL import Image
 import demo.app as app
 import demo.session as session_module
 import vit_core.rollout as rollout
-from demo.evidence import FAITHFULNESS_FILE, Evidence, image_trust
+from demo.evidence import FAITHFULNESS_FILE, TRUST_BF16, Evidence, image_trust
 from demo.handlers import Explorer, export_files, faithfulness, sanity_check
 from demo.panels import DISPLAY_SIDE, GAP, MODEL_FIGURES, PANELS, REDRAWN, SCALE, clicked_patch, draw, view
 from demo.session import (DEFAULT_METHOD, FAST_METHODS, METHODS, Settings, analyze, current_explanation, label_probs,
@@ -275,16 +275,16 @@ def test_readme_documents_the_answer_order():
 
 def faithfulness_json(spearman: dict[str, float], n: int = 12) -> dict:
     """A faithfulness.json as `python -m vit_core.cli.faithfulness` writes it (two removals, each
-    figure's mean / sem / n), with the given mean-fill Spearman correlations."""
+    figure's mean / sem / n), with the given token-drop Spearman correlations (the removal the app shows)."""
     def figures(rho, shift):
         return {"spearman_occlusion": {"mean": rho, "sem": 0.01, "n": n},
                 "deletion_auc": {"mean": 0.3 - shift, "sem": 0.01, "n": n},
                 "insertion_auc": {"mean": 0.5 + shift, "sem": 0.01, "n": n},
                 "deletion_win_rate": {"mean": 0.7 + shift, "sem": 0.01, "n": n},
                 "insertion_win_rate": {"mean": 0.6 + shift, "sem": 0.01, "n": n}}
-    methods = {name: {"mean": figures(rho, rho / 10), "drop": figures(0.99, 0.0),  # drop must not count
+    methods = {name: {"drop": figures(rho, rho / 10), "mean": figures(0.99, 0.0),  # mean fill must not count
                       "class_sensitivity": {"mean": 0.2, "sem": 0.1, "n": n}} for name, rho in spearman.items()}
-    random = {"mean": {"deletion_auc": {"mean": 0.42, "sem": 0.01, "n": n},
+    random = {"drop": {"deletion_auc": {"mean": 0.42, "sem": 0.01, "n": n},
                        "insertion_auc": {"mean": 0.41, "sem": 0.01, "n": n}}}
     return {"n": n, "seed": 1, "removals": ["mean", "drop"], "methods": methods, "random": random}
 
@@ -324,19 +324,22 @@ def test_trust_figures_per_image_are_computed_once_and_agree_with_vit_core(model
     assert list(figures) == list(FAST_METHODS)
     expl = current_explanation(model, session, settings)
     direct = trust_figures(model, session.inputs, {"grad_rollout": expl.grad_rollout}, expl.target,
-                           occlusion_map=expl.maps()["occlusion"])["grad_rollout"].for_image(0)
+                           removal="drop", bf16=TRUST_BF16)["grad_rollout"].for_image(0)  # our ViT: tokens left out
     assert figures["grad_rollout"] == pytest.approx(direct, nan_ok=True)
     for values in figures.values():
         assert 0 <= values["deletion_percentile"] <= 100 and 0 <= values["insertion_percentile"] <= 100
-    forward = model.forward
-    calls = []
-    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    import demo.evidence as evidence
+
+    scored, score = [], evidence.trust_figures
+    monkeypatch.setattr(evidence, "trust_figures",
+                        lambda model, images, maps, *a, **k: scored.append(sorted(maps)) or score(model, images, maps,
+                                                                                                  *a, **k))
     assert image_trust(model, session, Settings(method="rollout", opacity=0.9).checked(model)) == figures
-    assert calls == []  # cached: no model run for the same image and class
+    assert scored == []  # cached: nothing scored again for the same image and class
     fused = image_trust(model, session, Settings(head_fusion="max").checked(model))
-    assert calls and fused["grad_rollout"] == figures["grad_rollout"]  # only rollout / last layer rescored
-    chosen = image_trust(model, session, Settings(method="occlusion").checked(model))
-    assert chosen["occlusion"]["spearman_occlusion"] == pytest.approx(1.0)  # the reference itself
+    assert scored == [["last_layer", "rollout"]] and fused["grad_rollout"] == figures["grad_rollout"]
+    chosen = image_trust(model, session, Settings(method="occlusion_drop").checked(model))
+    assert chosen["occlusion_drop"]["spearman_occlusion"] == pytest.approx(1.0)  # the reference itself
 
 
 def test_trust_handler_answers_badge_table_and_compare_view(model):
@@ -430,9 +433,7 @@ def test_readme_lists_every_method_value():
 # Loading and launching
 
 def test_load_model_from_a_hub_repo_id(checkpoint, monkeypatch):
-    import huggingface_hub.hub_mixin as mixin
-
-    import vit_core.model as vit_model
+    import vit_core.checkpoints as checkpoints
 
     fetched = []
 
@@ -440,8 +441,7 @@ def test_load_model_from_a_hub_repo_id(checkpoint, monkeypatch):
         fetched.append((repo_id, filename))
         return str(checkpoint / filename)
 
-    monkeypatch.setattr(mixin, "hf_hub_download", fake_download)
-    monkeypatch.setattr(vit_model, "hf_hub_download", fake_download)
+    monkeypatch.setattr(checkpoints, "hf_hub_download", fake_download)
     loaded = app.load_checkpoint("someone/tiny-vit")
     assert ("someone/tiny-vit", "model.safetensors") in fetched and loaded.depth == 2
 

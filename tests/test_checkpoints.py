@@ -86,10 +86,7 @@ def test_repo_ids_are_told_from_paths():
 
 def fake_hub(monkeypatch, folder: Path | None) -> list[dict]:
     """Route the Hub client's downloads to `folder` (None: nothing cached); returns the calls."""
-    import huggingface_hub.hub_mixin as mixin
     from huggingface_hub.errors import LocalEntryNotFoundError
-
-    import vit_core.model as vit_model
 
     calls = []
 
@@ -100,8 +97,6 @@ def fake_hub(monkeypatch, folder: Path | None) -> list[dict]:
                 AssertionError("the network must not be used")
         return str(folder / filename)
 
-    monkeypatch.setattr(mixin, "hf_hub_download", download)
-    monkeypatch.setattr(vit_model, "hf_hub_download", download)
     monkeypatch.setattr(checkpoints, "hf_hub_download", download)
     return calls
 
