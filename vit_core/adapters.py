@@ -26,6 +26,7 @@ as timm's `save_for_hf` / `push_to_hf_hub` write), a transformers folder (`confi
 `model_type`, as `save_pretrained` writes), the Hub repo id of either, or one of our own
 checkpoints, and returns it adapted. timm and transformers are imported only when such a model is met.
 """
+
 from __future__ import annotations
 
 import json
