@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from toys import tiny_vit
 from vit_core import CheckpointMismatchError, ViTClassifier, normalize, patchify, preprocess
-from vit_core.model import PRESETS, drop_patch_tokens, mimetic_attention_init_, sincos_position_init_
+from vit_core.model import PRESETS, drop_patch_tokens, eval_mode, mimetic_attention_init_, sincos_position_init_
 
 
 def test_patchify_matches_a_naive_loop():
@@ -262,3 +262,17 @@ def test_shipped_checkpoint_classifies_the_shipped_examples():
     truth = [model.class_names.index(Path(f).stem.rsplit("_", 1)[0]) for f in files]
     correct = sum(p == t for p, t in zip(predicted, truth))
     assert correct >= 20, f"only {correct}/30 shipped examples classified correctly"
+
+
+def test_eval_mode_switches_every_module_and_restores_the_mode():
+    model = tiny_vit().train()
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert all(m.training for m in model.modules())
+    model.eval()
+    model.blocks[0].train()  # one block left in training mode under an eval-mode model
+    with pytest.raises(RuntimeError):
+        with eval_mode(model):
+            assert not any(m.training for m in model.modules())
+            raise RuntimeError("inside")
+    assert not any(m.training for m in model.modules())

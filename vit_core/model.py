@@ -335,6 +335,9 @@ load_image = to_rgb
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Inside, `model` is in eval mode; after, in the mode it came in (even on an error)."""
+    if not any(module.training for module in model.modules()):
+        yield  # already in eval mode throughout: switching back and forth costs a pass over every module
+        return
     was_training = model.training
     model.eval()
     try:
