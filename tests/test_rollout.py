@@ -564,3 +564,20 @@ def test_slow_methods_are_registered_methods():
     from vit_core.rollout import ATTENTION_METHODS, MAP_METHODS, SLOW_METHODS
 
     assert set(SLOW_METHODS) <= set(MAP_METHODS) and not set(SLOW_METHODS) & set(ATTENTION_METHODS)
+
+
+def test_the_three_gradient_maps_come_from_one_pass_and_equal_their_own_methods(tiny_model, tiny_images, monkeypatch):
+    from vit_core.attribution import attention_x_gradient, input_x_gradient
+
+    explanation = explain(tiny_model, tiny_images, target=torch.tensor([1, 0, 2]), gradients=False)
+    forward, calls = tiny_model.forward, []
+    monkeypatch.setattr(tiny_model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    explanation.with_maps(tiny_model, tiny_images, ["input_x_gradient", "attention_x_gradient", "grad_rollout"])
+    assert len(calls) == 1
+    monkeypatch.undo()
+    maps = explanation.maps()
+    target = explanation.target
+    torch.testing.assert_close(maps["grad_rollout"], explain(tiny_model, tiny_images, target=target).grad_rollout)
+    torch.testing.assert_close(maps["attention_x_gradient"], attention_x_gradient(tiny_model, tiny_images, target))
+    torch.testing.assert_close(maps["input_x_gradient"], input_x_gradient(tiny_model, tiny_images, target))
+    assert maps["input_x_gradient"].abs().sum() > 0 and maps["attention_x_gradient"].abs().sum() > 0

@@ -196,8 +196,13 @@ def attention_x_gradient(model: ViTClassifier, images: torch.Tensor, target, obj
         inputs = images.clone().requires_grad_(True)  # so a graph exists even with frozen weights
         logits, attentions = model(inputs, return_attention=True)
         gradients = torch.autograd.grad(_score(logits, target, objective).sum(), attentions)
-    total = sum((g * a.detach()).clamp(min=0).mean(dim=1) for g, a in zip(gradients, attentions))
-    return cls_patch_map(total, token_layout(model))
+    return attention_x_gradient_map(torch.stack([a.detach() for a in attentions], 1), torch.stack(gradients, 1),
+                                    model)
+
+
+def attention_x_gradient_map(attentions: torch.Tensor, gradients: torch.Tensor, model) -> torch.Tensor:
+    """`attention_x_gradient` from every block's attentions and their gradients, both [B, L, H, T, T]."""
+    return cls_patch_map((gradients * attentions).clamp(min=0).mean(dim=2).sum(dim=1), token_layout(model))
 
 
 def integrated_gradients(model: ViTClassifier, images: torch.Tensor, target, steps: int = 32,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .adapters import TokenLayout, cls_patch_map, patch_grid, token_layout
-from .attribution import ATTRIBUTION_METHODS, OWN_MODEL_METHODS, target_tensor
+from .attribution import ATTRIBUTION_METHODS, OWN_MODEL_METHODS, attention_x_gradient_map, patch_sums, target_tensor
 from .model import ViTClassifier, eval_mode
 
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -41,6 +41,8 @@ MAP_METHODS = ATTENTION_METHODS + tuple(ATTRIBUTION_METHODS)
 # Those costing more than one forward and one backward pass per image (occlusion: one forward row
 # per patch; Integrated Gradients: one forward and backward row per step): computed on request only.
 SLOW_METHODS = ("occlusion", "occlusion_drop", "integrated_gradients")
+# One backward pass of the target's logit to the attentions and the input gives all three.
+GRADIENT_MAPS = ("grad_rollout", "attention_x_gradient", "input_x_gradient")
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
@@ -147,6 +149,9 @@ class Explanation:
     # target a tuple (one class per image): gradient rollouts and attribution maps. Shared by every
     # Explanation derived from this one, since no setting changes them.
     _class_maps: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    # Maps computed as a by-product of another ({target: {method: map}}, see GRADIENT_MAPS), moved
+    # into _class_maps when asked for; shared the same way.
+    _spare: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def maps(self) -> dict[str, torch.Tensor]:
         """The explanation maps by method name, each [B, g, g]: the three attention maps, then every
@@ -176,11 +181,13 @@ class Explanation:
         if refused:
             raise ValueError(f"{', '.join(refused)} need vit_core's own ViTClassifier; for "
                              f"{type(model).__name__} choose from {', '.join(supported_methods(model))}")
-        for name in methods:
-            if name == "grad_rollout" and name not in own:
-                own[name] = explain(model, images, target=self.target).grad_rollout
-            elif name not in ATTENTION_METHODS and name not in own:
-                own[name] = ATTRIBUTION_METHODS[name](model, images, self.target.to(images.device)).detach().cpu()
+        missing = [m for m in methods if m not in own and m not in ("rollout", "last_layer")]
+        spare = self._spare.setdefault(tuple(self.target.tolist()), {})
+        if any(m in GRADIENT_MAPS and m not in spare for m in missing):  # one pass gives all three
+            spare.update({k: v for k, v in gradient_maps(model, images, self.target).items() if k not in own})
+        for name in missing:
+            own[name] = spare.pop(name) if name in spare else \
+                ATTRIBUTION_METHODS[name](model, images, self.target.to(images.device)).detach().cpu()
         return self
 
     def with_settings(self, head_fusion: str, discard_ratio: float) -> "Explanation":
@@ -244,7 +251,7 @@ class Explanation:
     def _derived(self, **changes) -> "Explanation":
         """dataclasses.replace that keeps the shared cache of gradient rollouts."""
         derived = dataclasses.replace(self, **changes)
-        derived._class_maps = self._class_maps
+        derived._class_maps, derived._spare = self._class_maps, self._spare
         return derived
 
     def as_numpy(self) -> dict[str, np.ndarray]:
@@ -273,7 +280,7 @@ def explain(model: ViTClassifier, images: torch.Tensor, target: int | torch.Tens
         raise ValueError(f"images must be [B, 3, {model.image_size}, {model.image_size}] from "
                          f"vit_core.preprocess, got shape {tuple(images.shape)}")
     layout = token_layout(model)
-    probs, target_t, attentions, grads = _passes(model, images, target, gradients)
+    probs, target_t, attentions, grads, _ = _passes(model, images, target, gradients)
     layer_maps = cls_patch_map(fuse_heads(attentions, head_fusion), layout)
     explanation = Explanation(
         probs=probs,
@@ -291,9 +298,22 @@ def explain(model: ViTClassifier, images: torch.Tensor, target: int | torch.Tens
     return explanation.with_maps(model, images.detach(), methods)
 
 
-def _passes(model: ViTClassifier, images: torch.Tensor, target: int | torch.Tensor | None, gradients: bool):
+def gradient_maps(model: ViTClassifier, images: torch.Tensor, target) -> dict[str, torch.Tensor]:
+    """GRADIENT_MAPS for `target` (an int or [B]) from one forward and one backward pass: the
+    values of `explain(...).grad_rollout` and of `attribution.attention_x_gradient` and
+    `input_x_gradient` (objective "logit"), each [B, g, g]."""
+    _, _, attentions, grads, input_grad = _passes(model, images, target, True, input_gradient=True)
+    layout = token_layout(model)
+    return {"grad_rollout": cls_patch_map(gradient_rollout(attentions, grads), layout),
+            "attention_x_gradient": attention_x_gradient_map(attentions, grads, model),
+            "input_x_gradient": patch_sums(images.detach().float() * input_grad, model.patch_size)}
+
+
+def _passes(model: ViTClassifier, images: torch.Tensor, target: int | torch.Tensor | None, gradients: bool,
+            input_gradient: bool = False):
     """The model's forward pass (and, with `gradients`, the backward pass of the target's logit to
-    every attention map): probs [B, C], target [B], attentions [B, L, H, T, T], their gradients or None."""
+    every attention map, and with `input_gradient` to the input too): probs [B, C], target [B],
+    attentions [B, L, H, T, T], their gradients or None, the input's gradient or None."""
     with eval_mode(model):
         # The input asks for gradients so the graph exists even if the weights are frozen.
         images = images.detach().float().requires_grad_(gradients)
@@ -303,9 +323,10 @@ def _passes(model: ViTClassifier, images: torch.Tensor, target: int | torch.Tens
             target_t = probs.argmax(dim=-1) if target is None else target_tensor(target, len(images), probs.shape[-1])
             if gradients:
                 score = logits.gather(1, target_t[:, None]).sum()  # samples are independent: one backward
-                gradient_list = torch.autograd.grad(score, attention_list)
+                found = torch.autograd.grad(score, [*attention_list, images] if input_gradient else attention_list)
     attentions = torch.stack([a.detach() for a in attention_list], dim=1)
-    return probs, target_t, attentions, torch.stack(gradient_list, dim=1) if gradients else None
+    grads = torch.stack(found[:len(attention_list)], dim=1) if gradients else None
+    return probs, target_t, attentions, grads, found[-1] if gradients and input_gradient else None
 
 
 def token_map(attentions: torch.Tensor, token: int, layer: int, head: int | None = None,
