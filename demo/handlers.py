@@ -68,8 +68,10 @@ class Explorer:
         """Runs the model once on the uploaded image; answers every panel for the settings."""
         settings = self.settings(controls)
         picture, notes = read_upload(upload_path(image), size=self.model.image_size)
-        # No backward pass yet: the gradient rollout is computed when first shown (current_explanation).
-        session = analyze(self.model, picture, name=upload_name(image), notes=notes, gradients=False)
+        # The backward pass only when the map shown is the gradient rollout, then in the same pass as
+        # the forward; otherwise it waits until a gradient map is first shown (current_explanation).
+        session = analyze(self.model, picture, name=upload_name(image), notes=notes,
+                          gradients=settings.method == "grad_rollout")
         return {**draw(view(self.model, session, settings)), "session": session, "patch": -1}
 
     def example(self, evt: gr.SelectData, **controls) -> Answer:

@@ -254,6 +254,18 @@ def test_an_upload_runs_no_backward_pass_until_a_gradient_map_is_shown(model, mo
     assert backward == [1]
 
 
+def test_an_upload_shown_with_gradient_rollout_runs_one_forward_and_one_backward_pass(model, monkeypatch):
+    explorer = Explorer(model)
+    backward = count_backward_passes(monkeypatch)
+    forward, calls = model.forward, []
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    answer = explorer.explain({"path": str(DOG), "orig_name": DOG.name}, method="grad_rollout")
+    assert (len(calls), backward) == (1, [1]) and "explaining:**" in answer["summary"]
+    monkeypatch.undo()
+    inputs = answer["session"].inputs
+    torch.testing.assert_close(answer["session"].explanation.grad_rollout, explain(model, inputs).grad_rollout)
+
+
 # ------------------------------------------------------------------------------------------------
 # A Hub checkpoint without a network
 
