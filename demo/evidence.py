@@ -31,7 +31,7 @@ from vit_core import ViTClassifier
 from vit_core.anatomy import Anatomy, AnatomyError, compute_anatomy, load_anatomy, load_example_images
 from vit_core.card import EVAL_INFO
 from vit_core.devices import uses_bf16
-from vit_core.faithfulness import RESULTS_FILE, read_results, result_mean
+from vit_core.faithfulness import REFERENCES, RESULTS_FILE, read_results, result_mean
 from vit_core.rollout import SLOW_METHODS
 from vit_core.trust import trust_figures
 
@@ -84,7 +84,7 @@ def image_trust(model: ViTClassifier, session: Session, settings: Settings) -> d
     ratio); the occlusion reference (removing the same way) is computed once per class and also
     serves the method picker."""
     methods, removal = trust_methods(model, settings), trust_removal(model)
-    reference = "occlusion" if removal == "mean" else "occlusion_drop"
+    reference = REFERENCES[removal]
     explanation = current_explanation(model, session, settings).with_maps(
         model, session.inputs, methods + [reference])
     target = int(explanation.target[0])

@@ -35,6 +35,8 @@ from .rollout import ATTENTION_METHODS, MAP_METHODS, check_methods, explain
 PERTURBATION_MODES = ("deletion", "insertion")
 # A patch is removed the way occlusion removes it: filled with the dataset mean, or its token dropped.
 REMOVALS = OCCLUSION_MODES
+# The leave-one-patch-out map that removes patches each way: the reference a map is compared with.
+REFERENCES = {"mean": "occlusion", "drop": "occlusion_drop"}
 # Maps that one `explain` call gives; `method_maps` knows every name in rollout's MAP_METHODS.
 EXPLAIN_METHODS = ATTENTION_METHODS
 # What `python -m vit_core.cli.faithfulness` writes beside a checkpoint (`read_results`).

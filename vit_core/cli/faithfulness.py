@@ -35,8 +35,8 @@ from ..attribution import predicted_class
 from ..card import TRAIN_INFO, write_model_card
 from ..checkpoints import CheckpointError, load_checkpoint
 from ..data import DataError, load_split
-from ..faithfulness import (MAP_METHODS, REMOVALS, RESULTS_FILE, cascading_randomization, method_maps,
-                            spearman_rows)
+from ..faithfulness import (MAP_METHODS, REFERENCES, REMOVALS, RESULTS_FILE, cascading_randomization,
+                            method_maps, spearman_rows)
 from ..model import normalize
 from ..rollout import HEAD_FUSIONS
 from ..trust import TrustContext
@@ -44,8 +44,7 @@ from . import fail
 
 PROG = "python -m vit_core.cli.faithfulness"
 RESULTS = RESULTS_FILE  # read back by faithfulness.read_results
-# The leave-one-patch-out reference of each removal; "occlusion" is only ever the reference.
-REFERENCES = {"mean": "occlusion", "drop": "occlusion_drop"}
+# "occlusion" is only ever a reference (faithfulness.REFERENCES), never scored itself.
 METHODS = tuple(m for m in MAP_METHODS if m != "occlusion")
 FIGURES = ("deletion_auc", "insertion_auc", "deletion_win_rate", "insertion_win_rate", "spearman_occlusion")
 
