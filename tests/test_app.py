@@ -178,8 +178,9 @@ def test_draw_draws_every_panel(model, session):
 def test_settings_redraw_from_the_cache_without_running_the_model(model, monkeypatch):
     session = analyzed(model)  # its own, so no other test has asked for a class yet
     calls = []
-    original = rollout.explain
-    monkeypatch.setattr(rollout, "explain", lambda *a, **k: calls.append(k) or original(*a, **k))
+    original = rollout.gradient_maps  # how a new class's gradient maps are computed
+    monkeypatch.setattr(rollout, "gradient_maps",
+                        lambda m, images, target: calls.append({"target": int(target[0])}) or original(m, images, target))
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append("forward") or forward(*a, **k))
     baseline = np.asarray(draw(view(model, session, Settings().checked(model)))["overlay"])

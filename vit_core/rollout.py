@@ -207,8 +207,9 @@ class Explanation:
     def retarget(self, model: ViTClassifier, images: torch.Tensor, target: int | torch.Tensor) -> "Explanation":
         """The same explanation with the gradient rollout of class `target` (an int or [B]) instead
         of `self.target`; `images` are the ones it was computed from. Everything else is kept. The
-        model runs (one forward and one backward pass, through `explain`) only the first time a
-        target is asked for; later calls, from this explanation or any derived from it, reuse it."""
+        model runs (one forward and one backward pass, `gradient_maps`, whose other maps wait for
+        `with_maps`) only the first time a target is asked for; later calls, from this explanation or
+        any derived from it, reuse it."""
         self._check_images(images)
         try:
             wanted = torch.as_tensor(target, dtype=torch.long).expand(len(self.target))
@@ -223,7 +224,10 @@ class Explanation:
             return self
         cached = self._class_maps.setdefault(key, {})
         if "grad_rollout" not in cached:
-            cached["grad_rollout"] = explain(model, images, target=target).grad_rollout
+            spare = self._spare.setdefault(key, {})
+            if "grad_rollout" not in spare:  # the same pass leaves the other GRADIENT_MAPS as spares
+                spare.update({n: v for n, v in gradient_maps(model, images, wanted).items() if n not in cached})
+            cached["grad_rollout"] = spare.pop("grad_rollout")
         return self._derived(target=wanted.clone(), grad_rollout=cached["grad_rollout"])
 
     def _check_images(self, images: torch.Tensor) -> None:
@@ -270,8 +274,8 @@ def explain(model: ViTClassifier, images: torch.Tensor, target: int | torch.Tens
     """Probabilities, attentions, rollout and gradient rollout for a normalised batch [B, 3, S, S],
     from one forward and one backward pass in float32. `model` is a ViTClassifier or a model made
     by `vit_core.adapters.adapt` / `load_model` (its maps: `supported_methods`). `target` (an int or
-    [B]) defaults to the predicted class. `methods` (names in MAP_METHODS) are attribution maps computed now as well, each
-    with its own passes (`Explanation.with_maps` computes more later). With `gradients=False` only
+    [B]) defaults to the predicted class. `methods` (names in MAP_METHODS) are attribution maps
+    computed now as well (`Explanation.with_maps` computes more later). With `gradients=False` only
     the forward pass runs: `grad_rollout` is None and `maps()` leaves it out until
     `with_maps(..., ["grad_rollout"])` asks for it (the app's uploads, shown with other methods)."""
     _check_rollout_args(head_fusion, discard_ratio)
