@@ -27,7 +27,7 @@ from PIL import Image
 from .. import viz
 from ..checkpoints import CheckpointError, load_checkpoint
 from ..images import ImageError, read_image
-from ..model import ViTClassifier, preprocess, to_model_pixels
+from ..model import ViTClassifier, preprocess, resampling, to_model_pixels
 from ..rollout import HEAD_FUSIONS, Explanation, explain, fuse_heads
 from . import fail
 
@@ -87,7 +87,7 @@ def output_stems(paths: list[str]) -> list[str]:
 def _write_one(out: Path, stem: str, i: int, image: Image.Image, model: ViTClassifier,
                result: Explanation, arrays: dict[str, np.ndarray], extra: dict[str, np.ndarray]) -> None:
     """Image i's drawings and .npz."""
-    view = to_model_pixels(image, model.image_size)
+    view = to_model_pixels(image, model.image_size, resampling(model))
     fused = fuse_heads(result.attentions[i], result.head_fusion).numpy()  # [L, T, T]
     drawings = {
         "patches": viz.patch_grid(view, model.patch_size),
