@@ -276,3 +276,26 @@ def test_eval_mode_switches_every_module_and_restores_the_mode():
             assert not any(m.training for m in model.modules())
             raise RuntimeError("inside")
     assert not any(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_subset_logits_equal_the_blocks_run_on_the_gathered_sequences(depth):
+    # The shortcut (first block's projections once per image, last block for CLS only) is exact.
+    model = tiny_vit(seed=depth, sharpen=True, depth=depth)
+    images = torch.randn(3, 3, 32, 32)
+    rows = torch.tensor([2, 0, 0, 1, 2])
+    torch.manual_seed(0)
+    index = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(64)[:20].sort().values + 1])
+                         for _ in rows])
+    with torch.no_grad():
+        tokens = model.embed(images)
+        fast = model.subset_logits(tokens, rows, index)
+        x = tokens[rows[:, None], index]
+        for block in model.blocks:
+            x = block(x)
+        slow = model.forward_head(model.norm(x))
+        whole = model.subset_logits(tokens, torch.arange(3), torch.arange(65).expand(3, -1))
+        plain = model(images)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(whole, plain, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fast[1], fast[2], atol=1e-3)  # two subsets of one image score differently

@@ -102,15 +102,6 @@ def _input_gradient(model: ViTClassifier, images: torch.Tensor, target: torch.Te
     return gradient
 
 
-def _forward_tokens(model: ViTClassifier, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits from a token sequence [B, T, E] whose first token is CLS: the blocks, final norm and
-    head of `model`. Any subset of the patch tokens is a valid sequence, as in training with
-    patch dropout (each token already carries its position embedding)."""
-    for block in model.blocks:
-        tokens = block(tokens)
-    return model.forward_head(model.norm(tokens))
-
-
 # ----------------------------------------------------------------------------------------------
 # Occlusion
 
@@ -153,7 +144,8 @@ def occlusion(model: ViTClassifier, images: torch.Tensor, target, mode: str = "m
                 keep = torch.arange(1, n_patches + 1, device=x.device).expand(n_patches, -1)
                 keep = keep[~torch.eye(n_patches, dtype=torch.bool, device=x.device)].view(n_patches, -1)
                 keep = torch.cat([torch.zeros(n_patches, 1, dtype=torch.long, device=x.device), keep], 1)
-                logits = _forward_tokens(model, tokens[:, keep].flatten(0, 1))
+                rows = torch.arange(len(x), device=x.device).repeat_interleave(n_patches)
+                logits = model.subset_logits(tokens, rows, keep.repeat(len(x), 1))
             removed = _score(logits, t.repeat_interleave(n_patches), "logprob").view(len(x), n_patches)
             maps.append(full[:, None] - removed)
     return torch.cat(maps).view(len(images), model.grid_size, model.grid_size)

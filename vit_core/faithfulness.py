@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attribution import ATTRIBUTION_METHODS, OCCLUSION_MODES, _forward_tokens, predicted_class, target_tensor
+from .attribution import ATTRIBUTION_METHODS, OCCLUSION_MODES, predicted_class, target_tensor
 from .model import ViTClassifier, eval_mode
 from .rollout import ATTENTION_METHODS, MAP_METHODS, check_methods, explain
 
@@ -91,7 +91,7 @@ def _drop_pass(model, tokens, keep, image_index):
     count = int(keep[0].sum())
     kept = keep.nonzero()[:, 1].view(len(keep), count) + 1  # row-major patch order, token = patch + 1
     index = torch.cat([torch.zeros(len(keep), 1, dtype=torch.long), kept], dim=1).to(tokens.device)
-    return _forward_tokens(model, tokens[image_index.to(tokens.device)[:, None], index])
+    return model.subset_logits(tokens, image_index.to(tokens.device), index)
 
 
 @torch.no_grad()

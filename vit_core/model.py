@@ -122,16 +122,34 @@ class Block(nn.Module):
         probabilities, so gradient methods could not reach them; here they are the tensor that
         multiplies the values.
         """
+        return self.attend(self.project(h))
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """The packed query, key and value projections [B, T, 3 E] of normalised tokens h [B, T, E]."""
+        return F.linear(h, self.attn.in_proj_weight, self.attn.in_proj_bias)
+
+    def attend(self, qkv: torch.Tensor, cls_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention output [B, T, E] and probabilities [B, heads, T, T] from packed projections;
+        with `cls_only`, for the CLS query alone ([B, 1, E] and [B, heads, 1, T])."""
         mha = self.attn
-        batch, tokens, emb = h.shape
-        heads, head_dim = mha.num_heads, emb // mha.num_heads
-        qkv = F.linear(h, mha.in_proj_weight, mha.in_proj_bias)
+        batch, tokens, _ = qkv.shape
+        heads, head_dim = mha.num_heads, mha.embed_dim // mha.num_heads
         q, k, v = qkv.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        if cls_only:
+            q = q[:, :, :1]
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)
         attention = scores.softmax(dim=-1)
         probs = F.dropout(attention, mha.dropout, self.training)
-        out = (probs @ v).transpose(1, 2).reshape(batch, tokens, emb)
+        out = (probs @ v).transpose(1, 2).reshape(batch, q.shape[2], mha.embed_dim)
         return mha.out_proj(out), attention
+
+    def forward_projected(self, x: torch.Tensor, qkv: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        """The block's output for input x [B, T, E] whose attention projections `qkv` are given
+        (`project(norm1(x))`, per token, so they may be computed once and gathered); with
+        `cls_only`, the output at the CLS token alone [B, 1, E]."""
+        attn_out, _ = self.attend(qkv, cls_only)
+        x = (x[:, :1] if cls_only else x) + attn_out
+        return x + self.mlp(self.norm2(x))
 
 
 def mimetic_attention_init_(model: nn.Module, qk: tuple[float, float] = (0.7, 0.7),
@@ -291,6 +309,22 @@ class ViTClassifier(
                                                          drop_patches=drop_patches)
             return self.forward_head(features), attentions
         return self.forward_head(self.forward_features(images, drop_patches=drop_patches))
+
+    def subset_logits(self, tokens: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Logits [R, classes] of sequences cut from `embed`'s tokens [B, T, E]: sequence r holds
+        tokens `index[r]` ([R, K], CLS = 0 first) of image `rows[r]`, as in training with patch
+        dropout (each token carries its position embedding).
+
+        The same numbers as running the blocks on the gathered sequences, for less work when many
+        sequences share an image (removal curves, leave-one-patch-out): the first block's LayerNorm
+        and projections act per token, so they run once per image and are gathered, and the last
+        block runs for the CLS query alone, the only token the head reads."""
+        first, last = self.blocks[0], len(self.blocks) - 1
+        at = (rows[:, None], index)
+        x = first.forward_projected(tokens[at], first.project(first.norm1(tokens))[at], cls_only=last == 0)
+        for i, block in enumerate(self.blocks[1:], start=1):
+            x = block.forward_projected(x, block.project(block.norm1(x)), cls_only=i == last)
+        return self.forward_head(self.norm(x))
 
     @property
     def n_params(self) -> int:
