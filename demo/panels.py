@@ -30,6 +30,11 @@ CLASS_FREE_METHODS = ("rollout", "last_layer")
 SCALE = 8  # screen pixels per image pixel in the large panels (32 px -> 256 px)
 GAP = 2    # white gap between patches in the patch grid
 DISPLAY_SIDE = SCALE * 32  # the large panels' side in screen pixels, whatever the model's input size
+# The per-layer strips' thumbnails: at most about this many pixels a side, however long the
+# sequence or large the input (a 12-layer strip of a 224-px model at full size is a few megapixels
+# that the page shows a few hundred pixels wide, but that must still be encoded and sent).
+STRIP_SIDE = DISPLAY_SIDE // 2
+MATRIX_THUMB = 160
 
 
 def scale_for(model) -> int:
@@ -40,6 +45,20 @@ def scale_for(model) -> int:
 def matrix_cell(tokens: int, widest: int) -> int:
     """Pixels per matrix entry: `widest` for up to 80 tokens, fewer for long sequences."""
     return max(1, min(widest, widest * 80 // tokens))
+
+
+def matrix_shrink(tokens: int) -> int:
+    """Entries per thumbnail pixel (a side) in the matrices strip: 1 up to MATRIX_THUMB tokens."""
+    return -(-tokens // MATRIX_THUMB)
+
+
+def strip_picture(image: Image.Image) -> tuple[Image.Image, int]:
+    """The picture and integer scale the strips' thumbnails are drawn from: a small input enlarged
+    to STRIP_SIDE, a larger one reduced (box filter) by the integer factor that brings it to at
+    most STRIP_SIDE."""
+    if image.width <= STRIP_SIDE:
+        return image, STRIP_SIDE // image.width
+    return image.reduce(-(-image.width // STRIP_SIDE)), 1
 
 
 @dataclasses.dataclass
@@ -118,8 +137,14 @@ def _matrix(v: View) -> Image.Image:
 
 
 def _matrices(v: View) -> Image.Image:
-    return viz.attention_matrix_grid(v.matrices, cell=matrix_cell(v.matrices.shape[-1], 2),
-                                     highlight_token=v.highlight_token)
+    tokens = v.matrices.shape[-1]
+    return viz.attention_matrix_grid(v.matrices, cell=matrix_cell(tokens, 2), highlight_token=v.highlight_token,
+                                     shrink=matrix_shrink(tokens))
+
+
+def _strip(v: View, maps: torch.Tensor, titles: list[str] | None = None) -> Image.Image:
+    picture, scale = strip_picture(v.pixels)
+    return viz.map_strip(maps, image=picture, alpha=v.settings.opacity, titles=titles, scale=scale)
 
 
 def _summary(v: View) -> str:
@@ -205,8 +230,7 @@ PANELS: tuple[Panel, ...] = (
     Panel("matrix", partial(image_panel, "Attention matrix", "matrix", 320, scale=2, min_width=300), _matrix,
           "left", export=lambda s: f"attention_layer{s.layer}"),
     Panel("layer_strip", partial(image_panel, "CLS attention per layer (heads fused)", "layer-strip", 150),
-          lambda v: viz.map_strip(v.explanation.layer_maps[0], image=v.pixels, alpha=v.settings.opacity,
-                                  scale=max(1, v.scale // 2)),
+          lambda v: _strip(v, v.explanation.layer_maps[0]),
           "right", export="cls_per_layer"),
     Panel("summary", partial(gr.Markdown, "Upload an image or pick an example.", label="summary", elem_id="info"),
           _summary, "summary"),
@@ -232,8 +256,7 @@ def compare_strip(v: View, methods: list[str], titles: dict[str, str] | None = N
     titled with its label (or `titles`' text), for the Compare view."""
     maps = v.explanation.maps()
     titles = titles or {}
-    return viz.map_strip(torch.stack([maps[m][0] for m in methods]), image=v.pixels, alpha=v.settings.opacity,
-                         titles=[titles.get(m, METHODS[m]) for m in methods], scale=max(1, v.scale // 2))
+    return _strip(v, torch.stack([maps[m][0] for m in methods]), [titles.get(m, METHODS[m]) for m in methods])
 
 
 # ------------------------------------------------------------------------------------------------

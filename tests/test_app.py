@@ -27,7 +27,8 @@ import demo.session as session_module
 import vit_core.rollout as rollout
 from demo.evidence import FAITHFULNESS_FILE, TRUST_BF16, Evidence, image_trust
 from demo.handlers import Explorer, export_files, faithfulness, sanity_check
-from demo.panels import DISPLAY_SIDE, GAP, MODEL_FIGURES, PANELS, REDRAWN, SCALE, clicked_patch, draw, view
+from demo.panels import (DISPLAY_SIDE, GAP, MATRIX_THUMB, MODEL_FIGURES, PANELS, REDRAWN, SCALE, STRIP_SIDE,
+                         clicked_patch, draw, view)
 from demo.session import (DEFAULT_METHOD, FAST_METHODS, METHODS, Settings, analyze, current_explanation, label_probs,
                           read_upload)
 from toys import (BAD_FILES, image_bytes, local_client, noise, tiny_vit, upload, write_animated_gif,
@@ -695,6 +696,23 @@ def test_a_timm_model_draws_every_panel_on_its_own_grid(timm_explorer, tmp_path)
     paths = export_files(model, session, timm_explorer.defaults.checked(model), tmp_path)
     arrays = np.load(next(p for p in paths if p.endswith(".npz")))
     assert arrays["explained_map"].shape == (1, 4, 4) and str(arrays["method"]) == "grad_rollout"
+
+
+def test_a_large_input_keeps_the_per_layer_strips_small(tmp_path):
+    # 224 px, 14 x 14 patches, 197 tokens: full-size strips would be megapixels the page shows small.
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    save_for_hf(timm.create_model("vit_tiny_patch16_224", pretrained=False, embed_dim=32, depth=2, num_heads=2,
+                                  num_classes=5).eval(), tmp_path, safe_serialization=True)
+    explorer = Explorer(app.load_model(tmp_path))
+    answer = explorer.explain({"path": str(CAT), "orig_name": CAT.name})
+    assert answer["overlay"].size == (224, 224)             # the main panels keep every pixel
+    assert STRIP_SIDE < 224 and MATRIX_THUMB < 197
+    assert answer["layer_strip"].width == 2 * 112 + 4       # two thumbnails of the picture reduced by 2
+    assert answer["matrices"].width == 2 * 99 + 6           # two 197-token matrices as 2 x 2 block means
+    assert answer["matrix"].width > 197                     # the chosen layer's matrix: every entry
 
 
 class Click:  # what a click hands the handler: the pixel clicked

@@ -189,6 +189,29 @@ def test_attention_matrix_image_labels_add_margins():
     assert found
 
 
+def test_pool_blocks_is_the_mean_of_each_block_ragged_edges_included():
+    values = np.arange(49, dtype=np.float64).reshape(7, 7)
+    pooled = viz.pool_blocks(values, 3)
+    assert pooled.shape == (3, 3)
+    for i in range(3):
+        for j in range(3):
+            assert pooled[i, j] == values[3 * i:3 * i + 3, 3 * j:3 * j + 3].mean()
+    assert viz.pool_blocks(values, 1) is values
+
+
+def test_a_shrunk_matrix_draws_block_means_and_keeps_the_highlight():
+    matrix = torch.rand(9, 9, generator=torch.Generator().manual_seed(0))
+    shrunk = viz.attention_matrix_image(matrix, cell=1, labels=False, shrink=3)
+    means = viz.attention_matrix_image(viz.pool_blocks(matrix.double().numpy(), 3), cell=1, labels=False)
+    assert shrunk.size == (3, 3) and np.array_equal(np.asarray(shrunk), np.asarray(means))
+    lit = np.asarray(viz.attention_matrix_image(matrix, cell=4, labels=False, shrink=3, highlight_token=7))
+    assert tuple(lit[8, 1]) == viz.HIGHLIGHT_COLOR and tuple(lit[4, 1]) != viz.HIGHLIGHT_COLOR  # token 7: block 2
+    with pytest.raises(ValueError, match="shrink"):
+        viz.attention_matrix_image(matrix, shrink=2)  # axis labels would name the wrong tokens
+    with pytest.raises(ValueError, match="highlight_token"):
+        viz.attention_matrix_image(matrix, labels=False, shrink=3, highlight_token=9)
+
+
 def test_attention_matrix_grid_side_by_side():
     mats = torch.rand(6, 17, 17)
     grid = viz.attention_matrix_grid(mats, cell=2)

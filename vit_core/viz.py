@@ -304,24 +304,41 @@ def _ticks(tokens: int, step: int) -> list[tuple[int, str]]:
     return [(0, "CLS")] + [(1 + i, str(i)) for i in range(0, tokens - 1, step)]
 
 
+def pool_blocks(values: np.ndarray, k: int) -> np.ndarray:
+    """The mean of each k x k block of a square matrix (the last row and column of blocks may be
+    narrower): ceil(T / k) a side."""
+    if k == 1:
+        return values
+    tokens, n = values.shape[0], -(-values.shape[0] // k)
+    padded = np.full((n * k, n * k), np.nan, dtype=np.float64)
+    padded[:tokens, :tokens] = values
+    return np.nanmean(padded.reshape(n, k, n, k), axis=(1, 3))
+
+
 def attention_matrix_image(matrix, title: str = "", highlight_token: int | None = None,
-                           cmap: str = "viridis", cell: int = 4, labels: bool = True) -> Image.Image:
+                           cmap: str = "viridis", cell: int = 4, labels: bool = True, shrink: int = 1) -> Image.Image:
     """A [T, T] attention matrix as a heatmap, `cell` pixels per entry, colours min-max normalised
     per matrix. Row = query token, column = key token; token 0 is CLS, token i + 1 is patch i.
     With `labels`, both axes carry "CLS" and patch indices (every 8th when cells are small) and
-    a footnote says which axis is which. `highlight_token` outlines that token's row and column."""
+    a footnote says which axis is which. `highlight_token` outlines that token's row and column.
+    `shrink` k > 1 draws the mean of each k x k block of entries instead (thumbnails of long
+    sequences; no labels then)."""
     values = _to_numpy(matrix)
     if values.ndim != 2 or values.shape[0] != values.shape[1]:
         raise ValueError(f"expected a square matrix [T, T], got shape {values.shape}")
     if int(cell) != cell or cell < 1:
         raise ValueError(f"cell must be a positive integer, got {cell}")
+    if int(shrink) != shrink or shrink < 1 or (shrink > 1 and labels):
+        raise ValueError(f"shrink must be a positive integer, and 1 with labels; got {shrink}")
+    if highlight_token is not None and not 0 <= highlight_token < values.shape[0]:
+        raise ValueError(f"highlight_token must be in [0, {values.shape[0]}), got {highlight_token}")
+    values = pool_blocks(values, shrink)
+    highlight_token = None if highlight_token is None else highlight_token // shrink
     tokens = values.shape[0]
     heat = Image.fromarray(_colorize(normalize_map(values), cmap))
     if cell > 1:
         heat = heat.resize((tokens * cell, tokens * cell), Image.Resampling.NEAREST)
     if highlight_token is not None:
-        if not 0 <= highlight_token < tokens:
-            raise ValueError(f"highlight_token must be in [0, {tokens}), got {highlight_token}")
         draw = ImageDraw.Draw(heat)
         k, side = highlight_token * cell, tokens * cell - 1
         width = 1 if cell < 4 else 2
@@ -366,11 +383,12 @@ def _matrix_frame(tokens: int, cell: int) -> tuple[Image.Image, tuple[int, int]]
 
 
 def attention_matrix_grid(matrices, titles: list[str] | None = None, cell: int = 2,
-                          highlight_token: int | None = None) -> Image.Image:
-    """[L, T, T] matrices as thumbnails side by side, titled "layer 1" ... by default."""
+                          highlight_token: int | None = None, shrink: int = 1) -> Image.Image:
+    """[L, T, T] matrices as thumbnails side by side, titled "layer 1" ... by default; `shrink` as
+    in `attention_matrix_image`."""
     matrices, titles = _per_layer(matrices, titles, "matrices must be [L, T, T]")
-    tiles = [attention_matrix_image(m, title=t, highlight_token=highlight_token, cell=cell, labels=False)
-             for m, t in zip(matrices, titles)]
+    tiles = [attention_matrix_image(m, title=t, highlight_token=highlight_token, cell=cell, labels=False,
+                                    shrink=shrink) for m, t in zip(matrices, titles)]
     return _hstack(tiles)
 
 
