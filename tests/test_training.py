@@ -88,6 +88,16 @@ def test_existing_run_is_not_overwritten_without_resume(toy_data, tmp_path):
     assert (out / STATE_NAME).read_bytes() == before
 
 
+def test_resume_takes_the_validation_share_that_holds_out_the_same_images_and_a_moved_folder(toy_data, tmp_path):
+    train(tiny_config(toy_data, tmp_path / "run", epochs=1, val_size=16))  # a count: 16 of 96 images
+    with pytest.raises(TrainError, match=r"--val-size 16 \(16 images\), now 0.25 \(24\)"):
+        train(tiny_config(toy_data, tmp_path / "run", epochs=2, val_size=0.25, resume=True))
+    (tmp_path / "run").rename(tmp_path / "moved")
+    train(tiny_config(toy_data, tmp_path / "moved", epochs=2, val_size=1 / 6, resume=True))  # the same 16
+    history = json.loads((tmp_path / "moved" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(toy_data, tmp_path):
     with pytest.raises(TrainError, match="no train_state.pt"):
         train(tiny_config(toy_data, tmp_path / "empty", resume=True))

@@ -22,7 +22,9 @@ AMP_MODES = ("auto", "bf16", "off")
 
 # Settings that may change when a run is resumed; every other one must match the checkpoint.
 RESUMABLE_CHANGES = {"resume", "device", "num_threads", "push_to_hub", "patience", "data", "download",
-                     "command", "epochs", "time_budget_min", "adaptive_threads", "recipe"}
+                     "command", "epochs", "time_budget_min", "adaptive_threads", "recipe", "out"}
+# Compared once the data is read: a share and a count that hold out the same images are the same.
+SAME_SPLIT = "val_size"
 
 
 # Named recipes: the settings in which each differs from the defaults (the shipped recipe).

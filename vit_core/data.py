@@ -125,6 +125,15 @@ def load_split(data: str | Path, split: str, download: bool = False, limit: int 
     return tensors
 
 
+def validation_count(train: ImageTensors, val_size: float) -> int:
+    """How many of `train`'s images `split_validation` holds out for `val_size`: a share below 1
+    (at least one image per class that has two), else a count."""
+    if val_size >= 1:
+        return int(val_size)
+    counts = torch.bincount(train.labels, minlength=len(train.classes))
+    return max(round(val_size * len(train)), int((counts >= 2).sum()))
+
+
 def split_validation(train: ImageTensors, val_size: float, seed: int = 0) -> tuple[ImageTensors, ImageTensors]:
     """Hold images out of train for validation, with a fixed seed so every run validates on the same.
 
@@ -134,9 +143,7 @@ def split_validation(train: ImageTensors, val_size: float, seed: int = 0) -> tup
     """
     n = len(train)
     counts = torch.bincount(train.labels, minlength=len(train.classes))
-    n_val = round(val_size * n) if val_size < 1 else int(val_size)
-    if val_size < 1:
-        n_val = max(n_val, int((counts >= 2).sum()))
+    n_val = validation_count(train, val_size)
     if not 0 < n_val < n:
         raise ValueError(f"validation size {val_size:g} gives {n_val} of {n} images; it must leave 1 to "
                          f"{n - 1} images (pass --val-size as a share below 1, e.g. 0.1, or a smaller count)")

@@ -26,8 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import RESUMABLE_CHANGES, TrainConfig, TrainError
-from .data import ImageTensors, augment, cutmix, load_split, random_erase, split_validation
+from .config import RESUMABLE_CHANGES, SAME_SPLIT, TrainConfig, TrainError
+from .data import ImageTensors, augment, cutmix, load_split, random_erase, split_validation, validation_count
 from .devices import DeviceError, autocast, pick_device, uses_bf16
 from .evaluate import predict_probs
 from .model import WEIGHTS_NAME, ViTClassifier, mimetic_attention_init_, normalize, sincos_position_init_
@@ -295,10 +295,21 @@ def _check_resume_compatible(saved: dict, cfg: TrainConfig) -> None:
     # A setting added after the checkpoint was written counts as its default.
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     diffs = [f"{k}: checkpoint {saved.get(k, defaults[k])!r} vs now {v!r}" for k, v in current.items()
-             if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v]
+             if k not in RESUMABLE_CHANGES | {SAME_SPLIT} and saved.get(k, defaults[k]) != v]
     if diffs:
         raise TrainError("cannot resume: the checkpoint was made with other settings (" + "; ".join(diffs)
                          + "). Resume with the same settings, or train into a new --out.")
+
+
+def _check_same_split(saved: dict, cfg: TrainConfig, full_train: ImageTensors) -> None:
+    """--val-size may be given as a share or a count; resumed, it must hold out as many images as
+    the run did (with the same seed and data, the same images)."""
+    default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == SAME_SPLIT)
+    before, now = saved.get(SAME_SPLIT, default), cfg.val_size
+    if validation_count(full_train, before) != validation_count(full_train, now):
+        raise TrainError(f"cannot resume: the checkpoint held out --val-size {before:g} "
+                         f"({validation_count(full_train, before)} images), now {now:g} "
+                         f"({validation_count(full_train, now)}). Resume with --val-size {before:g}.")
 
 
 def _start_processes(cfg: TrainConfig) -> tuple[torch.device, int, int, AdaptiveThreads | None]:
@@ -355,6 +366,8 @@ def setup(cfg: TrainConfig) -> Run:
         train_set, val_set = split_validation(full_train, cfg.val_size, seed=cfg.seed)
     except ValueError as error:
         raise TrainError(f"--val-size: {error}") from error
+    if saved is not None:
+        _check_same_split(saved["config"], cfg, full_train)
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
         raise TrainError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
