@@ -276,7 +276,7 @@ def wire(ui: dict[str, gr.components.Component], explorer: Explorer, workers: in
           api_name="trust", trigger_mode="always_last")
     # preprocess=False: the handler gets the raw upload and decodes it itself, so corrupt or
     # hostile files end in a clear gr.Error instead of a failure inside Gradio's image decoding.
-    image_in.upload(out(explorer.explain), [image_in], inputs_kwargs=settings, outputs=explained,
+    image_in.upload(out(explorer.explain_steps), [image_in], inputs_kwargs=settings, outputs=explained,
                     api_name="explain", preprocess=False, show_progress="minimal", **fast).success(
                         **cleared).then(**trusted, api_visibility="private")
     image_in.clear(out(Explorer.clear), None, explained, api_visibility="private")

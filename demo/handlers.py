@@ -18,7 +18,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ import numpy as np
 from PIL import Image
 
 from demo.evidence import Evidence, image_trust, trust_sentence, trust_table
-from demo.panels import MODEL_FIGURES, PANELS, REDRAWN, anatomy_text, clicked_patch, compare_strip, draw, view
+from demo.panels import (FIRST, MODEL_FIGURES, PANELS, REDRAWN, anatomy_text, clicked_patch, compare_strip, draw,
+                          view)
 from demo.session import (ATTENTION_DEFAULT, METHODS, Session, Settings, analyze, current_explanation, is_own,
                           label_probs, methods_for, read_upload, upload_name, upload_path)
 from vit_core import ViTClassifier, viz
@@ -64,20 +65,33 @@ class Explorer:
     def settings(self, controls: dict[str, Any]) -> Settings:
         return Settings.read(self.model, controls, self.defaults)
 
-    def explain(self, image, **controls) -> Answer:
-        """Runs the model once on the uploaded image; answers every panel for the settings."""
+    def explain_steps(self, image, **controls) -> Iterator[Answer]:
+        """Runs the model once on the uploaded image and answers twice: the panels one looks at
+        first (panels.FIRST) as soon as they are drawn, then every panel for the settings, so the
+        other panels (a large model's per-layer strips) never hold the main map back."""
         settings = self.settings(controls)
         picture, notes = read_upload(upload_path(image), size=self.model.image_size)
         # The backward pass only when the map shown is the gradient rollout, then in the same pass as
         # the forward; otherwise it waits until a gradient map is first shown (current_explanation).
         session = analyze(self.model, picture, name=upload_name(image), notes=notes,
                           gradients=settings.method == "grad_rollout")
-        return {**draw(view(self.model, session, settings)), "session": session, "patch": -1}
+        shown = view(self.model, session, settings)
+        first = draw(shown, FIRST)
+        yield {**first, "session": session, "patch": -1}
+        rest = draw(shown, tuple(panel for panel in PANELS if not panel.first))
+        yield {**{panel.name: first.get(panel.name, rest.get(panel.name)) for panel in PANELS}, "session": session,
+               "patch": -1}
 
-    def example(self, evt: gr.SelectData, **controls) -> Answer:
-        """A gallery pick: explained as if uploaded, and shown as the input."""
+    def explain(self, image, **controls) -> Answer:
+        """`explain_steps`' last answer: every panel for the settings."""
+        *_, answer = self.explain_steps(image, **controls)
+        return answer
+
+    def example(self, evt: gr.SelectData, **controls) -> Iterator[Answer]:
+        """A gallery pick: explained as if uploaded (in the same steps), and shown as the input."""
         path = self.examples[evt.index]
-        return {"image_in": str(path), **self.explain({"path": str(path), "orig_name": path.name}, **controls)}
+        for answer in self.explain_steps({"path": str(path), "orig_name": path.name}, **controls):
+            yield {"image_in": str(path), **answer}
 
     def redraw(self, session: Session | None, **controls) -> Answer:
         """Redraws the panels the settings change, from the session's cached explanation."""

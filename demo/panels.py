@@ -201,6 +201,7 @@ class Panel:
     redraw: bool = True                    # False: depends on the image only, not on the settings
     export: str | Callable[[Settings], str] | None = None  # PNG name in an export (after the image's)
     click: Callable[[ViTClassifier, float, float], int | None] | None = None  # clicked pixel -> patch
+    first: bool = False                    # sent ahead of the others after an upload (what one looks at first)
 
     def export_name(self, settings: Settings) -> str:
         return self.export if isinstance(self.export, str) else self.export(settings)
@@ -213,18 +214,18 @@ def _clickable(label: str, elem_id: str) -> Callable[[], gr.Image]:
 PANELS: tuple[Panel, ...] = (
     Panel("model_view", _clickable("As the model sees it", "model-view"),
           lambda v: viz.upscale_nearest(v.pixels, v.scale), "top", redraw=False, export="model_view",
-          click=image_patch),
+          click=image_patch, first=True),
     Panel("patch_grid", _clickable("Patches (click one)", "patch-grid"),
           lambda v: viz.patch_grid(v.pixels, v.model.patch_size, scale=v.scale, gap=GAP, highlight=v.patch),
           "top", export="patch_grid", click=grid_patch),
     Panel("overlay", _clickable("Explanation map", "overlay"),
           lambda v: _overlay(v, v.explanation.maps()[v.settings.method][0]), "top",
-          export=lambda s: f"overlay_{s.method}", click=image_patch),
+          export=lambda s: f"overlay_{s.method}", click=image_patch, first=True),
     Panel("token_attention", _clickable("Token attention", "token-attention"), _token_attention, "top",
           export="token_attention", click=image_patch),
     Panel("top5", partial(gr.Label, num_top_classes=5, label="Top-5 classes", elem_id="top5", min_width=170),
           lambda v: {name: float(p) for name, p in zip(v.model.class_names, v.explanation.probs[0])},
-          "side", redraw=False),
+          "side", redraw=False, first=True),
     Panel("matrices", partial(image_panel, "Every layer's attention matrix", "matrices", 150), _matrices,
           "right", export="attention_matrices"),
     Panel("matrix", partial(image_panel, "Attention matrix", "matrix", 320, scale=2, min_width=300), _matrix,
@@ -233,10 +234,11 @@ PANELS: tuple[Panel, ...] = (
           lambda v: _strip(v, v.explanation.layer_maps[0]),
           "right", export="cls_per_layer"),
     Panel("summary", partial(gr.Markdown, "Upload an image or pick an example.", label="summary", elem_id="info"),
-          _summary, "summary"),
+          _summary, "summary", first=True),
 )
 PANEL = {panel.name: panel for panel in PANELS}
 REDRAWN = tuple(panel for panel in PANELS if panel.redraw)
+FIRST = tuple(panel for panel in PANELS if panel.first)
 
 
 def draw(v: View, panels: tuple[Panel, ...] = PANELS) -> dict[str, Any]:

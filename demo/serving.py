@@ -18,6 +18,7 @@ import atexit
 import ctypes
 import functools
 import hashlib
+import inspect
 import os
 import shutil
 import sys
@@ -192,14 +193,23 @@ def answering(handler: Callable[..., dict], ui: dict[str, gr.components.Componen
               files: PanelFiles) -> Callable[..., dict]:
     """`handler` as Gradio wants it: the same signature (so the same API parameters), with its
     {output name: value} answer keyed by this page's components and its pictures as served
-    files. An empty answer changes nothing."""
-    @functools.wraps(handler)
-    def to_gradio(*args, **kwargs):
-        answer = handler(*args, **kwargs)
+    files. An empty answer changes nothing. A generator handler stays one, answer by answer."""
+    def convert(answer: dict):
         if not answer:
             return gr.skip()
         return {ui[name]: files(value) if isinstance(value, Image.Image) else value
                 for name, value in answer.items()}
+
+    if inspect.isgeneratorfunction(handler):  # an answer in steps: Gradio shows each as it comes
+        @functools.wraps(handler)
+        def to_gradio_steps(*args, **kwargs):
+            for answer in handler(*args, **kwargs):
+                yield convert(answer)
+        return to_gradio_steps
+
+    @functools.wraps(handler)
+    def to_gradio(*args, **kwargs):
+        return convert(handler(*args, **kwargs))
     return to_gradio
 
 

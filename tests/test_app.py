@@ -256,6 +256,19 @@ def test_handlers_answer_by_name(model):
         explorer.sanity_check(None)
 
 
+def test_an_upload_answers_the_first_panels_then_every_panel(model):
+    steps = list(Explorer(model).explain_steps({"path": str(DOG), "orig_name": DOG.name}, head="head 2"))
+    assert len(steps) == 2
+    first, every = steps
+    assert list(first) == [panel.name for panel in PANELS if panel.first] + ["session", "patch"]
+    assert {"model_view", "overlay"} <= set(first) and "layer_strip" not in first
+    assert list(every) == [panel.name for panel in PANELS] + ["session", "patch"]
+    assert every["session"] is first["session"] and every["overlay"] is first["overlay"]  # drawn once
+    again = Explorer(model).explain({"path": str(DOG), "orig_name": DOG.name}, head="head 2")
+    assert again["summary"] == every["summary"]
+    assert np.array_equal(np.asarray(again["layer_strip"]), np.asarray(every["layer_strip"]))
+
+
 def test_the_panel_list_is_the_documented_answer_order():
     assert [panel.name for panel in PANELS] + ["patch"] == EXPLAIN_RETURNS
     assert [panel.name for panel in REDRAWN] == REDRAW_RETURNS

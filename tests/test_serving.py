@@ -4,6 +4,7 @@ numeric /explain_arrays answer, large photos, and a fast error for a Hub checkpo
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 import time
@@ -17,7 +18,7 @@ from PIL import Image
 
 import demo.app as app
 from demo.handlers import Explorer
-from demo.serving import CacheKeeper, PanelFiles, panel_files
+from demo.serving import CacheKeeper, PanelFiles, answering, panel_files
 from toys import tiny_vit, upload
 from vit_core import preprocess
 from vit_core.checkpoints import hub_constants
@@ -121,6 +122,22 @@ def cached_file(cache: Path, name: str, size: int) -> str:
     path = folder / name
     path.write_bytes(os.urandom(size))
     return str(path)
+
+
+def test_a_handler_answering_in_steps_stays_a_generator_of_gradio_answers(tmp_path):
+    files = PanelFiles(tmp_path / "panels")
+    ui = {"picture": "picture component", "text": "text component"}
+
+    def steps(name: str):
+        yield {"picture": Image.new("RGB", (4, 4), (9, 9, 9))}
+        yield {"picture": Image.new("RGB", (4, 4), (9, 9, 9)), "text": name}
+
+    wrapped = answering(steps, ui, files)
+    assert inspect.isgeneratorfunction(wrapped) and inspect.signature(wrapped) == inspect.signature(steps)
+    first, last = list(wrapped("cat"))
+    assert list(first) == ["picture component"] and Path(first["picture component"]).is_file()
+    assert last == {"picture component": first["picture component"], "text component": "cat"}  # written once
+    assert files.written == 1
 
 
 def test_the_keeper_removes_old_files_then_the_oldest_over_budget(tmp_path):
