@@ -182,13 +182,20 @@ class Explanation:
             raise ValueError(f"{', '.join(refused)} need vit_core's own ViTClassifier; for "
                              f"{type(model).__name__} choose from {', '.join(supported_methods(model))}")
         missing = [m for m in methods if m not in own and m not in ("rollout", "last_layer")]
-        spare = self._spare.setdefault(tuple(self.target.tolist()), {})
-        if any(m in GRADIENT_MAPS and m not in spare for m in missing):  # one pass gives all three
-            spare.update({k: v for k, v in gradient_maps(model, images, self.target).items() if k not in own})
         for name in missing:
-            own[name] = spare.pop(name) if name in spare else \
-                ATTRIBUTION_METHODS[name](model, images, self.target.to(images.device)).detach().cpu()
+            own[name] = (self._gradient_map(model, images, self.target, name, own) if name in GRADIENT_MAPS else
+                         ATTRIBUTION_METHODS[name](model, images, self.target.to(images.device)).detach().cpu())
         return self
+
+    def _gradient_map(self, model: ViTClassifier, images: torch.Tensor, target: torch.Tensor, name: str,
+                      have: dict) -> torch.Tensor:
+        """Map `name` (one of GRADIENT_MAPS) for `target`: a spare of an earlier `gradient_maps` pass
+        for that target, else a new pass (one gives all three), whose other maps not in `have` stay
+        as spares."""
+        spare = self._spare.setdefault(tuple(target.tolist()), {})
+        if name not in spare:
+            spare.update({n: v for n, v in gradient_maps(model, images, target).items() if n not in have})
+        return spare.pop(name)
 
     def with_settings(self, head_fusion: str, discard_ratio: float) -> "Explanation":
         """The same explanation for another head fusion / discard ratio, recomputed from the cached
@@ -224,10 +231,7 @@ class Explanation:
             return self
         cached = self._class_maps.setdefault(key, {})
         if "grad_rollout" not in cached:
-            spare = self._spare.setdefault(key, {})
-            if "grad_rollout" not in spare:  # the same pass leaves the other GRADIENT_MAPS as spares
-                spare.update({n: v for n, v in gradient_maps(model, images, wanted).items() if n not in cached})
-            cached["grad_rollout"] = spare.pop("grad_rollout")
+            cached["grad_rollout"] = self._gradient_map(model, images, wanted, "grad_rollout", cached)
         return self._derived(target=wanted.clone(), grad_rollout=cached["grad_rollout"])
 
     def _check_images(self, images: torch.Tensor) -> None:

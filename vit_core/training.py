@@ -306,10 +306,10 @@ def _check_same_split(saved: dict, cfg: TrainConfig, full_train: ImageTensors) -
     the run did (with the same seed and data, the same images)."""
     default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == SAME_SPLIT)
     before, now = saved.get(SAME_SPLIT, default), cfg.val_size
-    if validation_count(full_train, before) != validation_count(full_train, now):
-        raise TrainError(f"cannot resume: the checkpoint held out --val-size {before:g} "
-                         f"({validation_count(full_train, before)} images), now {now:g} "
-                         f"({validation_count(full_train, now)}). Resume with --val-size {before:g}.")
+    held_before, held_now = validation_count(full_train, before), validation_count(full_train, now)
+    if held_before != held_now:
+        raise TrainError(f"cannot resume: the checkpoint held out --val-size {before:g} ({held_before} images), "
+                         f"now {now:g} ({held_now}). Resume with --val-size {before:g}.")
 
 
 def _start_processes(cfg: TrainConfig) -> tuple[torch.device, int, int, AdaptiveThreads | None]:
