@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -163,6 +164,18 @@ def test_lrp_forward_reproduces_the_logits(tiny_model, tiny_images, rules):
     with torch.no_grad():
         torch.testing.assert_close(at.lrp_forward(tiny_model, tiny_images, rules), tiny_model(tiny_images),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_gamma_rule_weights_follow_in_place_changes(tiny_model, tiny_images, target):
+    # The sign-split weights are cached per weight tensor; an in-place update must not reuse them.
+    before = at.lrp(tiny_model, tiny_images, target, rules="lrp_composite")
+    with torch.no_grad():
+        for block in tiny_model.blocks:
+            block.mlp[0].weight.neg_()
+    after = at.lrp(tiny_model, tiny_images, target, rules="lrp_composite")
+    fresh = at.lrp(copy.deepcopy(tiny_model), tiny_images, target, rules="lrp_composite")
+    torch.testing.assert_close(after, fresh)
+    assert not torch.allclose(before, after)
 
 
 # ----------------------------------------------------------------------------------------------

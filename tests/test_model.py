@@ -63,6 +63,28 @@ def test_attention_path_equals_fused_kernel_values_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_scoring_path_without_weights_equals_the_spelled_out_attention():
+    # Eval passes without gradients skip the probabilities (scaled_dot_product_attention); the
+    # logits must be those of the path that keeps them, for whole and CLS-only queries alike.
+    model = tiny_vit().eval()
+    images = torch.randn(3, 3, 32, 32)
+    block = model.blocks[0]
+    qkv = block.project(block.norm1(model.embed(images)))
+    for cls_only in (False, True):
+        fast, none = block.attend(qkv, cls_only, weights=False)
+        spelled, _ = block.attend(qkv, cls_only)
+        assert none is None
+        torch.testing.assert_close(fast, spelled, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        scored = model(images)
+    with torch.enable_grad():
+        kept = model(images)
+    torch.testing.assert_close(scored, kept.detach(), rtol=1e-5, atol=1e-6)
+    block.attn.dropout = 0.1
+    with pytest.raises(RuntimeError, match="eval mode"):
+        block.train().attend(qkv, weights=False)
+
+
 def test_patch_dropout_keeps_cls_and_a_random_subset_of_patch_tokens():
     tokens = torch.arange(2 * 65, dtype=torch.float32).view(2, 65, 1).expand(2, 65, 4).contiguous()
     torch.manual_seed(0)

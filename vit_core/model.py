@@ -6,7 +6,8 @@ embedded, a learnable CLS token and position embedding are added, and `depth` pr
 
 On CUDA, plain forward passes use the fused attention kernel (`need_weights=False`); on a CPU the
 attention is spelled out with matrix products, which for 65 tokens trains faster than the CPU's
-fused kernel (benchmarks/attention_path.py measures both). For explanations the blocks also
+fused kernel (benchmarks/attention_path.py measures both), except in eval passes without gradients
+(scoring many perturbed inputs), where `F.scaled_dot_product_attention` is the faster one. For explanations the blocks also
 return each head's softmax attention, computed from the very same parameters inside one forward
 pass, with the probabilities kept in the autograd graph so gradients can reach them.
 
@@ -102,10 +103,12 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         h = self.norm1(x)
-        if return_attention or not h.is_cuda:
-            attn_out, attention = self.attention_with_weights(h)
-        else:
+        if h.is_cuda and not return_attention:
             attn_out, attention = self.fused_attention(h), None
+        elif return_attention or self.training or torch.is_grad_enabled():
+            attn_out, attention = self.attention_with_weights(h)
+        else:  # a CPU eval pass without gradients (scoring, removal curves, evaluation)
+            attn_out, attention = self.attend(self.project(h), weights=False)
         x = x + attn_out
         x = x + self.mlp(self.norm2(x))
         return (x, attention) if return_attention else x
@@ -128,15 +131,25 @@ class Block(nn.Module):
         """The packed query, key and value projections [B, T, 3 E] of normalised tokens h [B, T, E]."""
         return F.linear(h, self.attn.in_proj_weight, self.attn.in_proj_bias)
 
-    def attend(self, qkv: torch.Tensor, cls_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, qkv: torch.Tensor, cls_only: bool = False,
+               weights: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention output [B, T, E] and probabilities [B, heads, T, T] from packed projections;
-        with `cls_only`, for the CLS query alone ([B, 1, E] and [B, heads, 1, T])."""
+        with `cls_only`, for the CLS query alone ([B, 1, E] and [B, heads, 1, T]). `weights` False
+        (eval mode only) returns None for the probabilities and computes the output with
+        `F.scaled_dot_product_attention`, whose CPU kernel reads the strided heads without
+        copying them: the faster path for the many-row passes that only score
+        (benchmarks/explain_latency.py)."""
         mha = self.attn
         batch, tokens, _ = qkv.shape
         heads, head_dim = mha.num_heads, mha.embed_dim // mha.num_heads
         q, k, v = qkv.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
         if cls_only:
             q = q[:, :, :1]
+        if not weights:
+            if self.training and mha.dropout:
+                raise RuntimeError("attention without weights is for eval mode (no attention dropout)")
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, q.shape[2], mha.embed_dim)
+            return mha.out_proj(out), None
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)
         attention = scores.softmax(dim=-1)
         probs = F.dropout(attention, mha.dropout, self.training)
@@ -147,7 +160,7 @@ class Block(nn.Module):
         """The block's output for input x [B, T, E] whose attention projections `qkv` are given
         (`project(norm1(x))`, per token, so they may be computed once and gathered); with
         `cls_only`, the output at the CLS token alone [B, 1, E]."""
-        attn_out, _ = self.attend(qkv, cls_only)
+        attn_out, _ = self.attend(qkv, cls_only, weights=self.training)  # no probabilities needed
         x = (x[:, :1] if cls_only else x) + attn_out
         return x + self.mlp(self.norm2(x))
 
