@@ -243,8 +243,10 @@ def layout(model: ViTClassifier, examples: list[Path], explorer: Explorer) -> di
         ui.update(_faithfulness_tab())
         ui.update(_model_tab())
         ui.update(_export_tab())
-    # Hidden: /predict writes all class probabilities here (the visible label keeps the top 5).
+    # Hidden: /predict writes all class probabilities here (the visible label keeps the top 5);
+    # /explain, the upload's answer for scripts, is this button's.
     ui["predict_button"], ui["all_probs"] = gr.Button(visible=False), gr.Label(visible=False)
+    ui["explain_button"] = gr.Button(visible=False)
     return ui
 
 
@@ -277,8 +279,11 @@ def wire(ui: dict[str, gr.components.Component], explorer: Explorer, workers: in
     # preprocess=False: the handler gets the raw upload and decodes it itself, so corrupt or
     # hostile files end in a clear gr.Error instead of a failure inside Gradio's image decoding.
     image_in.upload(out(explorer.explain_steps), [image_in], inputs_kwargs=settings, outputs=explained,
-                    api_name="explain", preprocess=False, show_progress="minimal", **fast).success(
+                    api_visibility="private", preprocess=False, show_progress="minimal", **fast).success(
                         **cleared).then(**trusted, api_visibility="private")
+    # Scripts get the same panels in one answer: gradio_client would download every step's pictures.
+    ui["explain_button"].click(out(explorer.explain), [image_in], inputs_kwargs=settings, outputs=explained,
+                               api_name="explain", preprocess=False, **fast)
     image_in.clear(out(Explorer.clear), None, explained, api_visibility="private")
     ui["gallery"].select(out(explorer.example), None, inputs_kwargs=settings, outputs=[image_in, *explained],
                          api_visibility="private", show_progress="minimal", **fast).success(
