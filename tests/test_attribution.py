@@ -82,6 +82,26 @@ def test_occlusion_drop_agrees_with_the_models_own_patch_dropout(tiny_model, tin
     assert matches.tolist() == [1, 1, 1]
 
 
+@pytest.mark.parametrize("mode", at.OCCLUSION_MODES)
+def test_occlusion_in_small_passes_reports_progress_and_keeps_its_values(tiny_model, tiny_images, target,
+                                                                          monkeypatch, mode):
+    # 17 tokens, 16 patches, 3 images: the 48 rows fit one pass, too little work to split for
+    # progress; with a budget of 10 rows, progress gets PROGRESS_STEPS passes of 2 rows per image.
+    whole = at.occlusion(tiny_model, tiny_images, target, mode=mode)
+    for budget, done in [(at.TOKENS_PER_PASS, [48]), (10 * 17, list(range(2, 49, 2)))]:
+        monkeypatch.setattr(at, "TOKENS_PER_PASS", budget)
+        calls = []
+        small = at.occlusion(tiny_model, tiny_images, target, mode=mode, progress=lambda d, t: calls.append((d, t)))
+        torch.testing.assert_close(small, whole, rtol=1e-5, atol=1e-6)
+        assert [d for d, _ in calls] == done and {t for _, t in calls} == {48}
+
+
+def test_integrated_gradients_reports_progress_to_the_end(tiny_model, tiny_images, target):
+    calls = []
+    at.integrated_gradients(tiny_model, tiny_images, target, steps=8, progress=lambda d, t: calls.append((d, t)))
+    assert calls and calls[-1] == (24, 24) and [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
 def test_occlusion_rejects_unknown_mode(tiny_model, tiny_images):
     with pytest.raises(ValueError, match="mean.*drop"):
         at.occlusion(tiny_model, tiny_images, 0, mode="blur")

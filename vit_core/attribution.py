@@ -31,8 +31,14 @@ from .model import ViTClassifier, eval_mode, patchify
 OCCLUSION_MODES = ("mean", "drop")
 OBJECTIVES = ("logit", "logprob")
 # Rows per forward pass in the batched methods: enough to keep the matrix products efficient,
-# few enough to bound the activation memory of one pass.
+# few enough to bound the activation memory of one pass. Occlusion counts tokens instead (512
+# rows of our 65-token ViT), so a larger model's passes stay as light and report progress.
 ROWS_PER_PASS = 512
+TOKENS_PER_PASS = 512 * 65
+# progress(done, total): called by the slow methods as their work advances, in about
+# PROGRESS_STEPS steps per image where the work is large enough to be worth showing.
+Progress = Callable[[int, int], None]
+PROGRESS_STEPS = 8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,14 +120,16 @@ def _patch_keep_masks(model: ViTClassifier, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def occlusion(model: ViTClassifier, images: torch.Tensor, target, mode: str = "mean") -> torch.Tensor:
+def occlusion(model: ViTClassifier, images: torch.Tensor, target, mode: str = "mean",
+              progress: Progress | None = None) -> torch.Tensor:
     """Leave-one-patch-out: the drop in the target's log-probability when one patch is removed.
 
     `mode` "mean" fills the patch with the dataset mean (0 in normalised pixels), the fill the
     deletion/insertion curves use; "drop" leaves the patch token out of the sequence (CLS and the
     other patch tokens keep their position embeddings), so no out-of-distribution grey patch is
     shown to the model. Exact by construction (no approximation); class-specific; costs one
-    forward row per patch plus one per image, batched over images and patches.
+    forward row per patch plus one per image, in passes of at most TOKENS_PER_PASS tokens.
+    `progress(done, total)` is called after each pass with the perturbed rows done so far.
     """
     if mode not in OCCLUSION_MODES:
         raise ValueError(f"unknown occlusion mode {mode!r}; choose one of {OCCLUSION_MODES}")
@@ -130,31 +138,51 @@ def occlusion(model: ViTClassifier, images: torch.Tensor, target, mode: str = "m
     images = _check_images(model, images)
     target = target_tensor(target, len(images), _n_classes(model))
     n_patches = model.grid_size ** 2
-    chunk = max(1, ROWS_PER_PASS // (n_patches + 1))
-    maps = []
+    per_pass = _rows_per_pass(model, progress)
+    chunk = max(1, per_pass // n_patches)
+    total, maps = len(images) * n_patches, []
     with eval_mode(model):
         for start in range(0, len(images), chunk):
             x, t = images[start:start + chunk], target[start:start + chunk]
             full = _score(model(x), t, "logprob")
-            if mode == "mean":
-                perturbed = (x[:, None] * _patch_keep_masks(model, x.device)[None]).flatten(0, 1)
-                logits = model(perturbed)
-            else:
-                tokens = model.embed(x)
-                # Sequence i keeps CLS and every patch token but patch i (token i + 1).
-                keep = torch.arange(1, n_patches + 1, device=x.device).expand(n_patches, -1)
-                keep = keep[~torch.eye(n_patches, dtype=torch.bool, device=x.device)].view(n_patches, -1)
-                keep = torch.cat([torch.zeros(n_patches, 1, dtype=torch.long, device=x.device), keep], 1)
-                rows = torch.arange(len(x), device=x.device).repeat_interleave(n_patches)
-                logits = model.subset_logits(tokens, rows, keep.repeat(len(x), 1))
-            removed = _score(logits, t.repeat_interleave(n_patches), "logprob").view(len(x), n_patches)
-            maps.append(full[:, None] - removed)
+            scores = []
+            for rows in torch.arange(len(x) * n_patches).split(per_pass):
+                logits = _occluded_logits(model, x, rows, mode)
+                scores.append(_score(logits, t[rows // n_patches], "logprob"))
+                if progress is not None:
+                    progress(start * n_patches + int(rows[-1]) + 1, total)
+            maps.append(full[:, None] - torch.cat(scores).view(len(x), n_patches))
     return torch.cat(maps).view(len(images), model.grid_size, model.grid_size)
 
 
-def occlusion_drop(model: ViTClassifier, images: torch.Tensor, target) -> torch.Tensor:
+def _rows_per_pass(model: ViTClassifier, progress: Progress | None) -> int:
+    """Perturbed inputs per forward pass: TOKENS_PER_PASS tokens' worth; when progress is shown,
+    about PROGRESS_STEPS passes per image, unless that makes passes of under an eighth of it."""
+    n_patches = model.grid_size ** 2
+    tokens = n_patches + 1  # a CLS token or so: a budget needs no more precision
+    rows = TOKENS_PER_PASS // tokens
+    if progress is not None:
+        rows = min(rows, max(-(-n_patches // PROGRESS_STEPS), TOKENS_PER_PASS // 8 // tokens))
+    return max(1, rows)
+
+
+def _occluded_logits(model: ViTClassifier, x: torch.Tensor, rows: torch.Tensor, mode: str) -> torch.Tensor:
+    """Logits of perturbed rows `rows` of images x [b, C, S, S]: row r is image r // n with patch
+    r % n removed (filled with the mean, or its token dropped)."""
+    n_patches = model.grid_size ** 2
+    image, patch = rows // n_patches, rows % n_patches
+    if mode == "mean":
+        return model(x[image] * _patch_keep_masks(model, x.device)[patch.to(x.device)])
+    # Sequence r keeps CLS and every patch token but its patch's (token patch + 1).
+    others = torch.arange(1, n_patches, device=x.device).expand(len(rows), -1)
+    kept = others + (others > patch[:, None].to(x.device))
+    keep = torch.cat([torch.zeros(len(rows), 1, dtype=torch.long, device=x.device), kept], dim=1)
+    return model.subset_logits(model.embed(x), image.to(x.device), keep)
+
+
+def occlusion_drop(model: ViTClassifier, images: torch.Tensor, target, progress: Progress | None = None) -> torch.Tensor:
     """`occlusion` with mode "drop": the patch token is left out of the sequence."""
-    return occlusion(model, images, target, mode="drop")
+    return occlusion(model, images, target, mode="drop", progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,12 +227,13 @@ def attention_x_gradient_map(attentions: torch.Tensor, gradients: torch.Tensor, 
 
 
 def integrated_gradients(model: ViTClassifier, images: torch.Tensor, target, steps: int = 32,
-                         objective: str = "logit") -> torch.Tensor:
+                         objective: str = "logit", progress: Progress | None = None) -> torch.Tensor:
     """Integrated Gradients (Sundararajan et al. 2017) from the dataset-mean image (0 after
     normalisation), Gauss-Legendre quadrature with `steps` points, via Captum; summed per patch.
 
     Completeness: the map sums to score(image) - score(mean image) up to the quadrature error.
-    Class-specific. Costs `steps` forward and backward rows per image, batched.
+    Class-specific. Costs `steps` forward and backward rows per image, batched;
+    `progress(done, total)` is called after each forward pass with the rows done so far.
     """
     from captum.attr import IntegratedGradients  # imported here: captum takes seconds to import
 
@@ -215,8 +244,13 @@ def integrated_gradients(model: ViTClassifier, images: torch.Tensor, target, ste
     images = _check_images(model, images)
     target = target_tensor(target, len(images), _n_classes(model))
 
+    total, done = steps * len(images), [0]
+
     def forward(x):
         logits = model(x)
+        if progress is not None:  # Captum runs the path points in passes of `rows`
+            done[0] = min(total, done[0] + len(x))
+            progress(done[0], total)
         return logits.log_softmax(dim=-1) if objective == "logprob" else logits
 
     rows = max(len(images), ROWS_PER_PASS // len(images) * len(images))

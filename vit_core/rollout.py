@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from .adapters import TokenLayout, cls_patch_map, patch_grid, token_layout
-from .attribution import ATTRIBUTION_METHODS, OWN_MODEL_METHODS, attention_x_gradient_map, patch_sums, target_tensor
+from .attribution import (ATTRIBUTION_METHODS, OWN_MODEL_METHODS, Progress, attention_x_gradient_map, patch_sums,
+                          target_tensor)
 from .model import ViTClassifier, eval_mode
 
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -168,12 +169,14 @@ class Explanation:
             own.setdefault("grad_rollout", self.grad_rollout)
         return own
 
-    def with_maps(self, model: ViTClassifier, images: torch.Tensor, methods: Sequence[str]) -> "Explanation":
+    def with_maps(self, model: ViTClassifier, images: torch.Tensor, methods: Sequence[str],
+                  progress: Progress | None = None) -> "Explanation":
         """This explanation with the maps of `methods` (names in MAP_METHODS) for `target` in `maps()`;
         `images` are the ones it was computed from. Each attribution map is computed once per target
         (`attribution.ATTRIBUTION_METHODS`; see SLOW_METHODS for the costly ones) and then kept for
         this explanation and every one derived from it; so is the gradient rollout of an explanation
-        made with `explain(gradients=False)`. Returns self."""
+        made with `explain(gradients=False)`. The SLOW_METHODS report to `progress(done, total)` as
+        they go. Returns self."""
         methods = check_methods(methods)
         self._check_images(images)
         own = self._own_maps()
@@ -183,8 +186,9 @@ class Explanation:
                              f"{type(model).__name__} choose from {', '.join(supported_methods(model))}")
         missing = [m for m in methods if m not in own and m not in ("rollout", "last_layer")]
         for name in missing:
+            slow = {"progress": progress} if name in SLOW_METHODS and progress is not None else {}
             own[name] = (self._gradient_map(model, images, self.target, name, own) if name in GRADIENT_MAPS else
-                         ATTRIBUTION_METHODS[name](model, images, self.target.to(images.device)).detach().cpu())
+                         ATTRIBUTION_METHODS[name](model, images, self.target.to(images.device), **slow).detach().cpu())
         return self
 
     def _gradient_map(self, model: ViTClassifier, images: torch.Tensor, target: torch.Tensor, name: str,
