@@ -273,7 +273,18 @@ def wire(ui: dict[str, gr.components.Component], explorer: Explorer, workers: in
     trusted = dict(fn=out(explorer.trust), inputs=session, inputs_kwargs=settings,
                    outputs=[ui[name] for name in TRUST_OUTPUTS], show_progress="hidden", concurrency_id="trust",
                    concurrency_limit=workers)
-    # First, so the public endpoint gets the plain name /trust (the chained ones below are private).
+    # The page runs the events of one trigger one after the other, in the order they are wired:
+    # the panels and the header first, the trust figures (slow for a large model) after them.
+    redraw = dict(fn=out(explorer.redraw), inputs=session, inputs_kwargs=with_patch, outputs=redrawn,
+                  trigger_mode="always_last", **fast)
+    gr.on([c.change for name, c in settings.items() if name != "method"] + [ui["patch"].input], **redraw,
+          api_name="redraw", show_progress="hidden")
+    # A new method may be a slow one computed on request (occlusion over every patch of a large
+    # model): the panels show Gradio's progress bar, moved by the handler, while it runs.
+    ui["method"].change(**redraw, api_visibility="private", show_progress="full")
+    gr.on([demo.load, ui["method"].change], out(explorer.header), None, inputs_kwargs={"method": ui["method"]},
+          outputs=ui["header"], api_visibility="private", show_progress="hidden")
+    # Before the chained ones below (private), so the public endpoint gets the plain name /trust.
     gr.on([ui[name].change for name in ("method", "target", "head_fusion", "discard_ratio")], **trusted,
           api_name="trust", trigger_mode="always_last")
     # preprocess=False: the handler gets the raw upload and decodes it itself, so corrupt or
@@ -288,15 +299,6 @@ def wire(ui: dict[str, gr.components.Component], explorer: Explorer, workers: in
     ui["gallery"].select(out(explorer.example), None, inputs_kwargs=settings, outputs=[image_in, *explained],
                          api_visibility="private", show_progress="minimal", **fast).success(
                              **cleared).then(**trusted, api_visibility="private")
-    redraw = dict(fn=out(explorer.redraw), inputs=session, inputs_kwargs=with_patch, outputs=redrawn,
-                  trigger_mode="always_last", **fast)
-    gr.on([c.change for name, c in settings.items() if name != "method"] + [ui["patch"].input], **redraw,
-          api_name="redraw", show_progress="hidden")
-    # A new method may be a slow one computed on request (occlusion over every patch of a large
-    # model): the panels show Gradio's progress indicator while it runs.
-    ui["method"].change(**redraw, api_visibility="private", show_progress="minimal")
-    gr.on([demo.load, ui["method"].change], out(explorer.header), None, inputs_kwargs={"method": ui["method"]},
-          outputs=ui["header"], api_visibility="private", show_progress="hidden")
     for panel in (p for p in PANELS if p.click is not None):
         ui[panel.name].select(out(explorer.click_on(panel.name)), session, inputs_kwargs=settings,
                               outputs=[*redrawn, ui["patch"]], api_visibility="private", show_progress="hidden",

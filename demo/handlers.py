@@ -94,11 +94,13 @@ class Explorer:
         for answer in self.explain_steps({"path": str(path), "orig_name": path.name}, **controls):
             yield {"image_in": str(path), **answer}
 
-    def redraw(self, session: Session | None, **controls) -> Answer:
-        """Redraws the panels the settings change, from the session's cached explanation."""
+    def redraw(self, session: Session | None, progress: gr.Progress = gr.Progress(), **controls) -> Answer:
+        """Redraws the panels the settings change, from the session's cached explanation; a slow
+        map computed for them (occlusion, Integrated Gradients) moves Gradio's progress bar."""
         if session is None:  # nothing uploaded yet: leave the empty panels as they are
             return {}
-        return {**draw(view(self.model, session, self.settings(controls)), REDRAWN), "session": session}
+        shown = view(self.model, session, self.settings(controls), progress=map_progress(progress))
+        return {**draw(shown, REDRAWN), "session": session}
 
     def click_on(self, panel: str) -> Callable[..., Answer]:
         """The handler for clicks on `panel`: follows the clicked patch (a gap: back to CLS)."""
@@ -185,6 +187,11 @@ class Explorer:
     def new_image() -> Answer:  # curves, checks and trust of the previous image no longer apply
         return {"deletion": None, "insertion": None, "auc": "", "sanity": "", "trust": TRUST_PENDING,
                 "trust_table": "", "compare": None, "compare_table": ""}
+
+
+def map_progress(tracker: gr.Progress) -> Callable[[int, int], None]:
+    """vit_core's progress(done, total) as Gradio's progress bar ("inputs": perturbed images run)."""
+    return lambda done, total: tracker((done, total), desc="computing the map", unit="inputs")
 
 
 def model_name(model) -> str:

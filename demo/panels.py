@@ -22,6 +22,7 @@ from PIL import Image
 from demo.session import METHODS, Session, Settings, current_explanation, example_label
 from vit_core import ViTClassifier, viz
 from vit_core.anatomy import Anatomy
+from vit_core.attribution import Progress
 from vit_core.rollout import Explanation
 
 # Maps that do not depend on the class explained (the others explain `Explanation.target`).
@@ -118,8 +119,8 @@ class View:
         return self.explanation.head_attention(self.settings.head_index)[0]
 
 
-def view(model: ViTClassifier, session: Session, settings: Settings) -> View:
-    return View(model, session, settings, current_explanation(model, session, settings))
+def view(model: ViTClassifier, session: Session, settings: Settings, progress: Progress | None = None) -> View:
+    return View(model, session, settings, current_explanation(model, session, settings, progress))
 
 
 # ------------------------------------------------------------------------------------------------

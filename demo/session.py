@@ -21,6 +21,7 @@ from PIL import Image
 from vit_core import ViTClassifier, preprocess, to_model_pixels
 from vit_core.model import resampling
 from vit_core.images import FRAMES_KEY, FULL_SIZE_KEY, MAX_FILE_BYTES, ImageError, read_image
+from vit_core.attribution import Progress
 from vit_core.rollout import HEAD_FUSIONS, SLOW_METHODS, Explanation, explain, supported_methods
 
 METHODS = {  # value -> label, in the method picker's order
@@ -208,14 +209,15 @@ def target_index(model: ViTClassifier, session: Session, settings: Settings) -> 
     return session.predicted if settings.target == PREDICTED else model.class_names.index(settings.target)
 
 
-def current_explanation(model: ViTClassifier, session: Session, settings: Settings) -> Explanation:
+def current_explanation(model: ViTClassifier, session: Session, settings: Settings,
+                        progress: Progress | None = None) -> Explanation:
     """The session's explanation as the settings ask for it: the chosen class's gradient rollout
     (the model runs once per new class), rollout and per-layer maps for this head fusion and
     discard ratio from the cached attentions, and the chosen method's map (computed on first use
-    for this class, then cached)."""
+    for this class, then cached; a slow one reports to `progress(done, total)`)."""
     retargeted = session.explanation.retarget(model, session.inputs, target_index(model, session, settings))
     return retargeted.with_settings(settings.head_fusion, settings.discard_ratio).with_maps(
-        model, session.inputs, [settings.method])
+        model, session.inputs, [settings.method], progress=progress)
 
 
 def example_label(name: str, class_names: list[str]) -> str | None:

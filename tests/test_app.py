@@ -533,6 +533,28 @@ def test_predict_endpoint(client, model):
     assert top1(label) == expected
 
 
+def test_a_slow_map_moves_the_progress_bar(model):
+    explorer = Explorer(model)
+    *_, answer = explorer.explain_steps({"path": str(DOG), "orig_name": DOG.name})
+    calls = []
+    explorer.redraw(answer["session"], lambda value, desc=None, unit=None: calls.append((value, desc)),
+                    method="occlusion")
+    n = model.grid_size ** 2
+    assert calls and calls[-1] == ((n, n), "computing the map")
+
+
+def test_a_method_change_redraws_the_panels_before_the_trust_figures(model):
+    # The page runs the events of one trigger in the order they are wired, each to its end: the
+    # trust figures (seconds for a large model) must not hold the new map back.
+    demo = app.build_demo(model)
+    method = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "method")._id
+    order = [dep["api_name"] for dep in demo.config["dependencies"]
+             if [method, "change"] in [list(t) for t in dep["targets"]]]
+    assert order.index("trust") == len(order) - 1 and any(name.startswith("redraw") for name in order[:-1])
+    assert next(dep["show_progress"] for dep in demo.config["dependencies"]
+                if dep["api_name"] == order[0]) == "full"  # where a slow map shows its progress bar
+
+
 def test_explain_endpoint_returns_every_panel(client, model):
     job = client.submit(upload(CAT), api_name="/explain")
     out = job.result()
