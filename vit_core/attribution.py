@@ -145,9 +145,10 @@ def occlusion(model: ViTClassifier, images: torch.Tensor, target, mode: str = "m
         for start in range(0, len(images), chunk):
             x, t = images[start:start + chunk], target[start:start + chunk]
             full = _score(model(x), t, "logprob")
+            tokens = model.embed(x) if mode == "drop" else None
             scores = []
             for rows in torch.arange(len(x) * n_patches).split(per_pass):
-                logits = _occluded_logits(model, x, rows, mode)
+                logits = _occluded_logits(model, x, tokens, rows)
                 scores.append(_score(logits, t[rows // n_patches], "logprob"))
                 if progress is not None:
                     progress(start * n_patches + int(rows[-1]) + 1, total)
@@ -166,18 +167,19 @@ def _rows_per_pass(model: ViTClassifier, progress: Progress | None) -> int:
     return max(1, rows)
 
 
-def _occluded_logits(model: ViTClassifier, x: torch.Tensor, rows: torch.Tensor, mode: str) -> torch.Tensor:
+def _occluded_logits(model: ViTClassifier, x: torch.Tensor, tokens: torch.Tensor | None,
+                     rows: torch.Tensor) -> torch.Tensor:
     """Logits of perturbed rows `rows` of images x [b, C, S, S]: row r is image r // n with patch
-    r % n removed (filled with the mean, or its token dropped)."""
+    r % n filled with the mean, or, given the images' `tokens` (`model.embed(x)`), its token dropped."""
     n_patches = model.grid_size ** 2
     image, patch = rows // n_patches, rows % n_patches
-    if mode == "mean":
+    if tokens is None:
         return model(x[image] * _patch_keep_masks(model, x.device)[patch.to(x.device)])
     # Sequence r keeps CLS and every patch token but its patch's (token patch + 1).
     others = torch.arange(1, n_patches, device=x.device).expand(len(rows), -1)
     kept = others + (others > patch[:, None].to(x.device))
     keep = torch.cat([torch.zeros(len(rows), 1, dtype=torch.long, device=x.device), kept], dim=1)
-    return model.subset_logits(model.embed(x), image.to(x.device), keep)
+    return model.subset_logits(tokens, image.to(x.device), keep)
 
 
 def occlusion_drop(model: ViTClassifier, images: torch.Tensor, target, progress: Progress | None = None) -> torch.Tensor:
