@@ -122,6 +122,19 @@ def test_bf16_figures_stay_close():
     torch.testing.assert_close(fast.spearman_occlusion, exact.spearman_occlusion)
 
 
+def test_the_bf16_copy_is_reused_until_the_weights_change():
+    model = tiny_vit(image_size=16, sharpen=True)
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    first = TrustContext(model, images, 0, bf16=True)._scorer
+    assert TrustContext(model, images, 0, bf16=True)._scorer is first
+    assert first.head.weight.dtype == torch.bfloat16 and model.head.weight.dtype == torch.float32
+    with torch.no_grad():
+        model.head.weight.mul_(2)
+    changed = TrustContext(model, images, 0, bf16=True)._scorer
+    assert changed is not first
+    torch.testing.assert_close(changed.head.weight, model.head.weight.to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("maps, kwargs, message", [
     ({}, {}, "at least one map"),
     ({"a": torch.zeros(2, 4, 4), "b": torch.zeros(2, 2, 2)}, {}, r"\[B, g, g\]"),
