@@ -6,10 +6,11 @@ embedded, a learnable CLS token and position embedding are added, and `depth` pr
 
 On CUDA, plain forward passes use the fused attention kernel (`need_weights=False`); on a CPU the
 attention is spelled out with matrix products, which for 65 tokens trains faster than the CPU's
-fused kernel (benchmarks/attention_path.py measures both), except in eval passes without gradients
-(scoring many perturbed inputs), where `F.scaled_dot_product_attention` is the faster one. For explanations the blocks also
-return each head's softmax attention, computed from the very same parameters inside one forward
-pass, with the probabilities kept in the autograd graph so gradients can reach them.
+fused kernel (benchmarks/attention_path.py measures both), except in eval passes without
+gradients (scoring many perturbed inputs), where `F.scaled_dot_product_attention` is the faster
+one. For explanations the blocks also return each head's softmax attention, computed from the
+very same parameters inside one forward pass, with the probabilities kept in the autograd graph
+so gradients can reach them.
 
 Two optional starting points help a ViT learn from a dataset as small as CIFAR-10:
 `mimetic_attention_init_` and `sincos_position_init_` (train.py's `--attn-init`, `--pos-init`).
@@ -160,7 +161,8 @@ class Block(nn.Module):
         """The block's output for input x [B, T, E] whose attention projections `qkv` are given
         (`project(norm1(x))`, per token, so they may be computed once and gathered); with
         `cls_only`, the output at the CLS token alone [B, 1, E]."""
-        attn_out, _ = self.attend(qkv, cls_only, weights=self.training)  # no probabilities needed
+        # Eval passes need no probabilities (the faster path); training keeps attention dropout.
+        attn_out, _ = self.attend(qkv, cls_only, weights=self.training)
         x = (x[:, :1] if cls_only else x) + attn_out
         return x + self.mlp(self.norm2(x))
 
