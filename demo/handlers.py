@@ -3,10 +3,9 @@
 Every `Explorer` method takes what Gradio passes it (the raw upload, the session, the controls as
 keywords named like the `Settings` fields, event data) and answers {output name: value} for the
 outputs it changes (an upload's handlers yield such answers in steps); an empty answer changes
-nothing. Output names are panel names (demo.panels)
-plus "session", "patch", "image_in", "deletion", "insertion", "auc", "sanity", "export_files",
-"all_probs", "trust", "trust_table", "compare", "header", "anatomy_info" and the Model tab's figure
-names (demo.panels.MODEL_FIGURES). Panel pictures are PIL images (or paths of files written once).
+nothing. Output names are panel names (demo.panels) plus "session", "patch", "image_in",
+"deletion", "insertion", "auc", "sanity", "export_files", "all_probs", "trust", "trust_table",
+"compare", "header", "anatomy_info" and the Model tab's figure names (demo.panels.MODEL_FIGURES). Panel pictures are PIL images (or paths of files written once).
 The app maps names to its components and pictures to served files, so no handler depends on the
 order of anything.
 """
