@@ -187,7 +187,7 @@ def test_lrp_forward_reproduces_the_logits(tiny_model, tiny_images, rules):
 
 
 def test_gamma_rule_weights_follow_in_place_changes(tiny_model, tiny_images, target):
-    # The sign-split weights are cached per weight tensor; an in-place update must not reuse them.
+    # The absolute weights are cached per weight tensor; an in-place update must not reuse them.
     before = at.lrp(tiny_model, tiny_images, target, rules="lrp_composite")
     with torch.no_grad():
         for block in tiny_model.blocks:

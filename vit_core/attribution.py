@@ -316,15 +316,27 @@ def _scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
     return x.detach() if factor == 0.0 else _ScaleGradient.apply(x, factor)
 
 
+class _LayerNormIdentity(torch.autograd.Function):
+    """LayerNorm whose backward pass holds the standard deviation constant: the identity rule for
+    the normalisation (the centring is linear and keeps its gradient). Written out because the
+    spelled-out form costs about a dozen small ops forward and back, and one image's LRP is mostly
+    such per-op overhead."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        std = (x.var(dim=-1, unbiased=False, keepdim=True) + eps).sqrt()
+        ctx.save_for_backward(weight, std)
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, std = ctx.saved_tensors
+        scaled = (grad if weight is None else grad * weight) / std
+        return scaled - scaled.mean(dim=-1, keepdim=True), None, None, None
+
+
 def _layer_norm_identity(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm with its standard deviation held constant in the backward pass: the identity
-    rule for the normalisation (the centring is linear and keeps its gradient)."""
-    centred = x - x.mean(dim=-1, keepdim=True)
-    std = (centred.pow(2).mean(dim=-1, keepdim=True) + norm.eps).sqrt()
-    y = centred / std.detach()
-    if norm.weight is not None:
-        y = y * norm.weight
-    return y + norm.bias if norm.bias is not None else y
+    return _LayerNormIdentity.apply(x, norm.weight, norm.bias, norm.eps)
 
 
 def _gelu_identity(gelu: nn.GELU, x: torch.Tensor) -> torch.Tensor:
@@ -338,41 +350,63 @@ def _gelu_identity(gelu: nn.GELU, x: torch.Tensor) -> torch.Tensor:
     return x * gate.detach()
 
 
-# Each weight's sign split (`_signed_weights`), kept while the weight is the same tensor and
-# unchanged in place (its version counter), so repeated explanations do not rebuild it.
-_SIGNED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# Each weight's absolute values (`_absolute_weights`), kept while the weight is the same tensor and
+# unchanged in place (its version counter), so repeated explanations do not rebuild them.
+_ABSOLUTE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _signed_weights(weight: torch.Tensor) -> torch.Tensor:
-    """[W+, W-] side by side ([out, 2 in], detached): against [x+, x-] it sums, per output, the
-    positive input contributions x_j w_kj."""
-    cached = _SIGNED.get(weight)
+def _absolute_weights(weight: torch.Tensor) -> torch.Tensor:
+    cached = _ABSOLUTE.get(weight)
     if cached is not None and cached[0] == weight._version:
         return cached[1]
-    with torch.no_grad():
-        signed = torch.cat([weight.clamp(min=0), weight.clamp(max=0)], dim=1)
-    _SIGNED[weight] = (weight._version, signed)
-    return signed
+    absolute = weight.detach().abs()
+    _ABSOLUTE[weight] = (weight._version, absolute)
+    return absolute
+
+
+class _GammaLinear(torch.autograd.Function):
+    """F.linear(x, weight, bias) whose input gradient is the gamma rule (`_linear_gamma`).
+
+    With z = x W^T, the contributions x_j w_kj sum to P_k where positive and N_k where negative, and
+    since max(c, 0) = (|c| + c) / 2, P = (A + z) / 2 and N = (z - A) / 2 with A = |x| |W|^T. The
+    rule boosts each output's contributions of its own sign s (+1 where the output, bias included,
+    is positive, else -1) by (1 + gamma): its denominator is out + gamma P or out + gamma N, that is
+    out + gamma/2 (z + s A), which has the output's sign and is at least as large. The relevance per
+    unit of output, r = out / denominator, flows back through the denominator's input derivative,
+    (1 + gamma/2) W + gamma/2 s sign(x) |W|: two matrix products forward and two back, where
+    autograd would walk back through a dozen small ops (an input of exactly 0 passes back only the
+    first term)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, gamma):
+        out = F.linear(x, weight, bias)
+        absolute = _absolute_weights(weight).to(x.dtype)
+        linear = out if bias is None else out - bias
+        # sign() rather than comparisons and torch.where, whose CPU kernels are many times slower
+        # on tensors this small (benchmarks/explain_latency.py).
+        own_sign = out.sign().sub_(0.5).sign_()
+        denominator = out.add(linear.addcmul(own_sign, F.linear(x.abs(), absolute)), alpha=gamma / 2)
+        denominator.add_(own_sign, alpha=1e-9)  # 0 only where the output and its boosted share are: keep r = 0 there
+        ctx.gamma = gamma
+        ctx.save_for_backward(weight, absolute, x.sign(), out / denominator, own_sign)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, absolute, x_sign, per_unit, own_sign = ctx.saved_tensors
+        share = grad * per_unit
+        through_abs = x_sign * ((share * own_sign) @ absolute)
+        grad_x = (share @ weight.to(grad.dtype)).mul_(1 + ctx.gamma / 2).add_(through_abs, alpha=ctx.gamma / 2)
+        return grad_x, None, None, None
 
 
 def _linear_gamma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gamma: float) -> torch.Tensor:
     """F.linear(x, weight, bias) whose input x gradient is the gamma rule for mixed-sign inputs:
     each output shares its relevance among the input contributions x_j w_kj, those of the
-    output's own sign boosted by (1 + gamma); the bias keeps its share. gamma = 0: plain gradient.
-    One extra product gives the sum of the positive contributions; the negative ones are the
-    rest of x W^T. An input or output of exactly 0 counts as negative."""
-    out = F.linear(x, weight, bias)
+    output's own sign boosted by (1 + gamma); the bias keeps its share. gamma = 0: plain gradient."""
     if gamma == 0:
-        return out
-    # relu and sign() instead of clamp, comparisons and torch.where, whose CPU kernels (and
-    # clamp's backward) are many times slower on tensors this small (benchmarks/explain_latency.py).
-    positive_x = F.relu(x)
-    positive = F.linear(torch.cat([positive_x, x - positive_x], dim=-1), _signed_weights(weight).to(x.dtype))
-    negative = (out if bias is None else out - bias) - positive
-    own = out.detach().sign().clamp(min=0)  # 1 where the output is positive, else 0
-    modified = out + gamma * (negative + own * (positive - negative))
-    modified = modified + 1e-9 * (modified.detach().sign() + 0.5).sign()  # never divide by zero
-    return modified * (out / modified).detach()
+        return F.linear(x, weight, bias)
+    return _GammaLinear.apply(x, weight, bias, gamma)
 
 
 def _attention_lrp(block: nn.Module, h: torch.Tensor, rules: LRPRules) -> torch.Tensor:
