@@ -5,9 +5,9 @@ keywords named like the `Settings` fields, event data) and answers {output name:
 outputs it changes (an upload's handlers yield such answers in steps); an empty answer changes
 nothing. Output names are panel names (demo.panels) plus "session", "patch", "image_in",
 "deletion", "insertion", "auc", "sanity", "export_files", "all_probs", "trust", "trust_table",
-"compare", "header", "anatomy_info" and the Model tab's figure names (demo.panels.MODEL_FIGURES). Panel pictures are PIL images (or paths of files written once).
-The app maps names to its components and pictures to served files, so no handler depends on the
-order of anything.
+"compare", "header", "anatomy_info" and the Model tab's figure names (demo.panels.MODEL_FIGURES).
+Panel pictures are PIL images (or paths of files written once). The app maps names to its
+components and pictures to served files, so no handler depends on the order of anything.
 """
 
 from __future__ import annotations
