@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .adapters import cls_patch_map, token_layout
-from .model import ViTClassifier, eval_mode, patchify
+from .model import ViTClassifier, eval_mode, kept_while_unchanged, patchify
 
 OCCLUSION_MODES = ("mean", "drop")
 OBJECTIVES = ("logit", "logprob")
@@ -356,12 +356,7 @@ _ABSOLUTE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _absolute_weights(weight: torch.Tensor) -> torch.Tensor:
-    cached = _ABSOLUTE.get(weight)
-    if cached is not None and cached[0] == weight._version:
-        return cached[1]
-    absolute = weight.detach().abs()
-    _ABSOLUTE[weight] = (weight._version, absolute)
-    return absolute
+    return kept_while_unchanged(_ABSOLUTE, weight, (weight,), lambda: weight.detach().abs())
 
 
 class _GammaLinear(torch.autograd.Function):

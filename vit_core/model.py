@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from PIL import Image
 from safetensors.torch import load_file as load_safetensors
+from torch.utils.weak import WeakIdKeyDictionary
 from torch import nn
 
 from .images import to_rgb
@@ -393,6 +394,17 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def kept_while_unchanged(cache: WeakIdKeyDictionary, owner, tensors, build: Callable):
+    """`build()` for `owner`, kept in `cache` while `tensors` are the same tensors, unchanged in
+    place (their version counters): for values derived from weights, rebuilt when they change."""
+    state = tuple((id(t), t._version) for t in tensors)
+    cached = cache.get(owner)
+    if cached is None or cached[0] != state:
+        cached = (state, build())
+        cache[owner] = cached
+    return cached[1]
 
 
 def normalize(batch_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

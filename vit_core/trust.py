@@ -29,6 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .attribution import occlusion, target_tensor
 from .faithfulness import (PERTURBATION_MODES, auc, check_removal, kept_probabilities, moved_counts, random_maps,
                            ranks, spearman_rows)
+from .model import kept_while_unchanged
 
 
 @dataclass
@@ -70,12 +71,8 @@ _BFLOAT16_COPIES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _bfloat16_copy(model: torch.nn.Module) -> torch.nn.Module:
-    state = tuple((id(p), p._version) for p in model.parameters())
-    cached = _BFLOAT16_COPIES.get(model)
-    if cached is None or cached[0] != state:
-        cached = (state, copy.deepcopy(model).to(torch.bfloat16))
-        _BFLOAT16_COPIES[model] = cached
-    return cached[1]
+    return kept_while_unchanged(_BFLOAT16_COPIES, model, tuple(model.parameters()),
+                                lambda: copy.deepcopy(model).to(torch.bfloat16))
 
 
 class TrustContext:
