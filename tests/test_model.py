@@ -5,10 +5,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from torch.utils.weak import WeakIdKeyDictionary
 
 from toys import tiny_vit
 from vit_core import CheckpointMismatchError, ViTClassifier, normalize, patchify, preprocess
-from vit_core.model import PRESETS, drop_patch_tokens, eval_mode, mimetic_attention_init_, sincos_position_init_
+from vit_core.model import (PRESETS, drop_patch_tokens, eval_mode, kept_while_unchanged, mimetic_attention_init_,
+                            sincos_position_init_)
 
 
 def test_patchify_matches_a_naive_loop():
@@ -284,6 +286,22 @@ def test_shipped_checkpoint_classifies_the_shipped_examples():
     truth = [model.class_names.index(Path(f).stem.rsplit("_", 1)[0]) for f in files]
     correct = sum(p == t for p, t in zip(predicted, truth))
     assert correct >= 20, f"only {correct}/30 shipped examples classified correctly"
+
+
+def test_kept_while_unchanged_rebuilds_after_any_change_to_the_tensors():
+    cache, weight, builds = WeakIdKeyDictionary(), torch.nn.Parameter(torch.randn(3, 2)), []
+
+    def value():
+        return kept_while_unchanged(cache, weight, (weight,), lambda: builds.append(1) or weight.detach().abs())
+
+    first = value()
+    assert value() is first and len(builds) == 1
+    with torch.no_grad():
+        weight.mul_(-1)  # in place: a new version
+    torch.testing.assert_close(value(), weight.detach().abs())
+    weight.data = torch.randn(3, 2, dtype=torch.float64)  # a .data swap keeps the version counter
+    torch.testing.assert_close(value(), weight.detach().abs())
+    assert len(builds) == 3
 
 
 def test_eval_mode_switches_every_module_and_restores_the_mode():
