@@ -173,6 +173,12 @@ def test_presets_build_and_seed_is_the_report():
         ViTClassifier.from_preset("huge")
 
 
+def test_wide_preset_keeps_head_width_and_fits_a_space_without_lfs():
+    model = ViTClassifier.from_preset("wide")
+    assert PRESETS["wide"]["emb_size"] // model.n_heads == 32 == PRESETS["cpu"]["emb_size"] // PRESETS["cpu"]["n_heads"]
+    assert sum(p.numel() for p in model.parameters()) * 4 < 10 * 2**20  # fp32 bytes under 10 MiB
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(image_size=30), "not divisible by patch_size"),
     (dict(emb_size=30, n_heads=4), "not divisible by n_heads"),
