@@ -63,7 +63,8 @@ class TrainConfig:
     data: str = setting("", "ImageFolder root with train/ and test/, or a torchvision CIFAR-10 root", required=True)
     out: str = setting("", "folder for the exported model, its card, history and train_state.pt", required=True)
     recipe: str = setting("shipped", "named recipe whose settings the other flags override", choices=tuple(RECIPES))
-    preset: str = setting("cpu", "model size ('seed' is the 2022 report's network)", choices=sorted(PRESETS))
+    preset: str = setting("cpu", "model size ('seed': the 2022 report's network; 'cpu': the shipped one; 'wide': "
+                                  "192 wide, 6 heads)", choices=sorted(PRESETS))
     epochs: int = setting(160, "epochs (an upper bound under --time-budget)")
     batch_size: int = setting(128, "global batch size")
     lr: float = setting(1e-3, "peak AdamW learning rate")
