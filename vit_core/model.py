@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from PIL import Image
 from safetensors.torch import load_file as load_safetensors
-from torch.utils.weak import WeakIdKeyDictionary
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .images import to_rgb
 
