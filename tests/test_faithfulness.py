@@ -199,12 +199,19 @@ def test_drop_removal_leaves_tokens_out(tiny_model, tiny_images):
                                       steps=4, removal="drop", batch_size=1)
     torch.testing.assert_close(insertion[:, 0], deletion[:, -1])
     torch.testing.assert_close(insertion[:, -1], deletion[:, 0])
-    # One pass or one row at a time: the same numbers (rows are grouped by sequence length).
+    # One row at a time or every length packed into one pass: the same numbers.
     together = fa.perturbation_curve(tiny_model, tiny_images, one_hot_map(3, first), target, mode="insertion",
                                      steps=4, removal="drop", batch_size=1000)
     torch.testing.assert_close(insertion, together)
     # Mean fill and token drop are different inputs, so different curves.
     assert not torch.allclose(deletion, fa.perturbation_curve(tiny_model, tiny_images, one_hot_map(3, first), target))
+
+
+def test_token_passes_hold_a_budget_of_tokens_shortest_first():
+    passes = fa._token_passes(torch.tensor([5, 3, 9, 3, 1]), budget=8)
+    # Sorted: rows 4, 1, 3 (1 + 3 + 3 tokens), then 0 (5), then 2 alone (9 > 8: a pass of its own).
+    assert [p.tolist() for p in passes] == [[4, 1, 3], [0], [2]]
+    assert [p.tolist() for p in fa._token_passes(torch.tensor([2, 2]), budget=100)] == [[0, 1]]
 
 
 def test_removal_is_checked(tiny_model, tiny_images, positive_images):

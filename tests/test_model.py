@@ -345,3 +345,37 @@ def test_subset_logits_equal_the_blocks_run_on_the_gathered_sequences(depth):
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(whole, plain, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(fast[1], fast[2], atol=1e-3)  # two subsets of one image score differently
+
+
+def _gathered_logits(model, tokens, rows, index):
+    x = tokens[rows[:, None], index]
+    for block in model.blocks:
+        x = block(x)
+    return model.forward_head(model.norm(x))
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_subset_logits_pack_sequences_of_several_lengths_exactly(depth):
+    # Sequences of three lengths in one packed pass score as each length's sequences run alone.
+    model = tiny_vit(seed=depth, sharpen=True, depth=depth)
+    images = torch.randn(3, 3, 32, 32)
+    torch.manual_seed(1)
+    cls = torch.zeros(1, dtype=torch.long)
+    blocks, rows = [], []
+    for count, image_rows in ((5, [0, 2]), (0, [1]), (40, [2, 1, 0])):
+        blocks.append(torch.stack([torch.cat([cls, torch.randperm(64)[:count].sort().values + 1])
+                                   for _ in image_rows]))
+        rows += image_rows
+    rows = torch.tensor(rows)
+    with torch.no_grad():
+        tokens = model.embed(images)
+        packed = model.subset_logits(tokens, rows, blocks)
+        alone = torch.cat([model.subset_logits(tokens, part, block)
+                           for part, block in zip(rows.split([len(b) for b in blocks]), blocks)])
+        slow = torch.cat([_gathered_logits(model, tokens, part, block)
+                          for part, block in zip(rows.split([len(b) for b in blocks]), blocks)])
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed, slow, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(packed[0], packed[3], atol=1e-3)  # image 0 keeping 5 vs 40 patches
+    with pytest.raises(ValueError, match="rows for index blocks"):
+        model.subset_logits(tokens, rows[:-1], blocks)

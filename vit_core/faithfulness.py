@@ -88,10 +88,26 @@ def _mean_fill_pass(model, images, keep, image_index, patch_size):
 
 
 def _drop_pass(model, tokens, keep, image_index):
-    count = int(keep[0].sum())
-    kept = keep.nonzero()[:, 1].view(len(keep), count) + 1  # row-major patch order, token = patch + 1
-    index = torch.cat([torch.zeros(len(keep), 1, dtype=torch.long), kept], dim=1).to(tokens.device)
+    """Logits of rows `keep` [R, n] sorted by how many patches they keep: one packed pass."""
+    counts, sizes = keep.sum(dim=1).unique_consecutive(return_counts=True)
+    index = []
+    for block, count in zip(keep.split(sizes.tolist()), counts.tolist()):
+        kept = block.nonzero()[:, 1].view(len(block), count) + 1  # row-major patch order, token = patch + 1
+        index.append(torch.cat([torch.zeros(len(block), 1, dtype=torch.long), kept], dim=1).to(tokens.device))
     return model.subset_logits(tokens, image_index.to(tokens.device), index)
+
+
+def _token_passes(lengths: torch.Tensor, budget: int) -> list[torch.Tensor]:
+    """Rows per forward pass, shortest sequences first (so each pass holds few distinct lengths),
+    each pass at most `budget` tokens or a single row."""
+    order = lengths.argsort(stable=True)
+    passes, start, used = [], 0, 0
+    for i, length in enumerate(lengths[order].tolist()):
+        if used + length > budget and i > start:
+            passes.append(order[start:i])
+            start, used = i, 0
+        used += length
+    return passes + [order[start:]]
 
 
 @torch.no_grad()
@@ -100,29 +116,27 @@ def kept_probabilities(model: nn.Module, images: torch.Tensor, keep: torch.Tenso
     """Target probability [R] of R perturbed inputs: row r is image `image_index[r]` of normalised
     `images` [B, C, S, S] with only the patches `keep[r]` ([R, n] bool, row-major) kept and the
     others removed by `removal`, scored for class `target[image_index[r]]` ([B]). Forward passes
-    of at most `batch_size` rows (for "drop", as many tokens: shorter sequences go more at a
-    time, rows of one pass all keeping as many patches). Eval mode; the model's mode is restored."""
+    of at most `batch_size` rows (for "drop", as many rows' tokens: rows keeping fewer patches go
+    more at a time, packed whatever their lengths). Eval mode; the model's mode is restored."""
     check_removal(model, removal)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     keep, image_index = keep.cpu(), image_index.cpu()
     probs = torch.empty(len(keep))
+    if not len(keep):
+        return probs
     with eval_mode(model):
         if removal == "mean":
-            groups = [(torch.arange(len(keep)), batch_size)]
+            passes = torch.arange(len(keep)).split(batch_size)
             patch_size = images.shape[-1] // math.isqrt(keep.shape[-1])
         else:
             tokens = model.embed(images.float())
-            counts = keep.sum(dim=1)
-            groups = [((counts == c).nonzero().squeeze(1), batch_size * (keep.shape[1] + 1) // (int(c) + 1))
-                      for c in counts.unique()]
-        for rows, per_pass in groups:
-            for start in range(0, len(rows), per_pass):
-                part = rows[start:start + per_pass]
-                logits = (_mean_fill_pass(model, images, keep[part], image_index[part], patch_size)
-                          if removal == "mean" else _drop_pass(model, tokens, keep[part], image_index[part]))
-                wanted = target[image_index[part]].to(logits.device)
-                probs[part] = logits.float().softmax(dim=-1).gather(1, wanted[:, None]).squeeze(1).cpu()
+            passes = _token_passes(keep.sum(dim=1) + 1, batch_size * (keep.shape[1] + 1))
+        for part in passes:
+            logits = (_mean_fill_pass(model, images, keep[part], image_index[part], patch_size)
+                      if removal == "mean" else _drop_pass(model, tokens, keep[part], image_index[part]))
+            wanted = target[image_index[part]].to(logits.device)
+            probs[part] = logits.float().softmax(dim=-1).gather(1, wanted[:, None]).squeeze(1).cpu()
     return probs
 
 

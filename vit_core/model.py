@@ -144,6 +144,12 @@ class Block(nn.Module):
         `F.scaled_dot_product_attention`, whose CPU kernel reads the strided heads without
         copying them: the faster path for the many-row passes that only score
         (benchmarks/explain_latency.py)."""
+        mixed, attention = self.mix(qkv, cls_only, weights)
+        return self.attn.out_proj(mixed), attention
+
+    def mix(self, qkv: torch.Tensor, cls_only: bool = False,
+            weights: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`attend` before the output projection: the heads' mixed values side by side [B, T, E]."""
         mha = self.attn
         batch, tokens, _ = qkv.shape
         heads, head_dim = mha.num_heads, mha.embed_dim // mha.num_heads
@@ -153,22 +159,41 @@ class Block(nn.Module):
         if not weights:
             if self.training and mha.dropout:
                 raise RuntimeError("attention without weights is for eval mode (no attention dropout)")
-            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, q.shape[2], mha.embed_dim)
-            return mha.out_proj(out), None
+            out = F.scaled_dot_product_attention(q, k, v)
+            return out.transpose(1, 2).reshape(batch, q.shape[2], mha.embed_dim), None
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)
         attention = scores.softmax(dim=-1)
         probs = F.dropout(attention, mha.dropout, self.training)
-        out = (probs @ v).transpose(1, 2).reshape(batch, q.shape[2], mha.embed_dim)
-        return mha.out_proj(out), attention
+        return (probs @ v).transpose(1, 2).reshape(batch, q.shape[2], mha.embed_dim), attention
 
-    def forward_projected(self, x: torch.Tensor, qkv: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
-        """The block's output for input x [B, T, E] whose attention projections `qkv` are given
-        (`project(norm1(x))`, per token, so they may be computed once and gathered); with
-        `cls_only`, the output at the CLS token alone [B, 1, E]."""
+    def forward_packed(self, x: torch.Tensor, qkv: torch.Tensor, shapes: Sequence[tuple[int, int]],
+                       cls_only: bool = False) -> torch.Tensor:
+        """The block's output for sequences packed one after another: x [N, E] holds groups of
+        sequences, group g being `shapes[g]` = (sequences, tokens each), and qkv [N, 3 E] their
+        attention projections (`project(norm1(x))`, per token, so they may be computed once and
+        gathered). Attention runs per group; the per-token layers run once over all N tokens,
+        in larger matrix products, which a CPU runs faster per token than one per length
+        (benchmarks/explain_latency.py). With `cls_only`, the CLS (first) outputs alone [R, E]."""
+        sizes = [rows * tokens for rows, tokens in shapes]
         # Eval passes need no probabilities (the faster path); training keeps attention dropout.
-        attn_out, _ = self.attend(qkv, cls_only, weights=self.training)
-        x = (x[:, :1] if cls_only else x) + attn_out
+        mixed = torch.cat([self.mix(part.view(rows, tokens, -1), cls_only, weights=self.training)[0].flatten(0, 1)
+                           for part, (rows, tokens) in zip(qkv.split(sizes), shapes)])
+        if cls_only:
+            x = x[_sequence_starts(shapes, x.device)]
+        x = x + self.attn.out_proj(mixed)
         return x + self.mlp(self.norm2(x))
+
+
+def _sequence_lengths(shapes: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The length of every sequence of a packing of groups `shapes` [(sequences, tokens each)]."""
+    counts, lengths = zip(*shapes) if shapes else ((), ())
+    return torch.tensor(lengths, dtype=torch.long).repeat_interleave(torch.tensor(counts, dtype=torch.long))
+
+
+def _sequence_starts(shapes: Sequence[tuple[int, int]], device) -> torch.Tensor:
+    """Where each sequence of a packing of groups `shapes` begins."""
+    lengths = _sequence_lengths(shapes)
+    return (lengths.cumsum(0) - lengths).to(device)
 
 
 def mimetic_attention_init_(model: nn.Module, qk: tuple[float, float] = (0.7, 0.7),
@@ -329,21 +354,30 @@ class ViTClassifier(
             return self.forward_head(features), attentions
         return self.forward_head(self.forward_features(images, drop_patches=drop_patches))
 
-    def subset_logits(self, tokens: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def subset_logits(self, tokens: torch.Tensor, rows: torch.Tensor,
+                      index: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits [R, classes] of sequences cut from `embed`'s tokens [B, T, E]: sequence r holds
-        tokens `index[r]` ([R, K], CLS = 0 first) of image `rows[r]`, as in training with patch
-        dropout (each token carries its position embedding).
+        tokens `index[r]` (CLS = 0 first) of image `rows[r]`, as in training with patch dropout
+        (each token carries its position embedding). `index` is [R, K], or a list of such blocks
+        [R_g, K_g] for sequences of several lengths (R = the sum of the R_g, in that order), which
+        then run in one packed pass (`Block.forward_packed`).
 
         The same numbers as running the blocks on the gathered sequences, for less work when many
         sequences share an image (removal curves, leave-one-patch-out): the first block's LayerNorm
         and projections act per token, so they run once per image and are gathered, and the last
         block runs for the CLS query alone, the only token the head reads."""
+        groups = [index] if torch.is_tensor(index) else list(index)
+        shapes = [tuple(group.shape) for group in groups]
+        if sum(r for r, _ in shapes) != len(rows):
+            raise ValueError(f"{len(rows)} rows for index blocks of shapes {shapes}")
+        image = rows.repeat_interleave(_sequence_lengths(shapes).to(rows.device))
+        token = torch.cat([group.flatten() for group in groups])
         first, last = self.blocks[0], len(self.blocks) - 1
-        at = (rows[:, None], index)
-        x = first.forward_projected(tokens[at], first.project(first.norm1(tokens))[at], cls_only=last == 0)
+        x = first.forward_packed(tokens[image, token], first.project(first.norm1(tokens))[image, token], shapes,
+                                 cls_only=last == 0)
         for i, block in enumerate(self.blocks[1:], start=1):
-            x = block.forward_projected(x, block.project(block.norm1(x)), cls_only=i == last)
-        return self.forward_head(self.norm(x))
+            x = block.forward_packed(x, block.project(block.norm1(x)), shapes, cls_only=i == last)
+        return self.forward_head(self.norm(x)[:, None])  # x: the CLS outputs [R, E]
 
     @property
     def n_params(self) -> int:
