@@ -18,10 +18,12 @@ each image (`explain`'s three maps plus LRP (composite), AttnLRP, attention x gr
 gradient, computed the app's way with shared passes, and each on its own for comparison;
 occlusion and Integrated Gradients are left to be computed on demand) and their `vit_core.trust`
 figures with the interactive defaults (8 steps, 20 random maps), occlusion reference included;
-the summary line uses what the app runs (token drop, bf16 where the CPU has bf16 units). "before" is the trust figures as first written, rebuilt here only to time
-them in the same run: every column of every map's and random map's curves evaluated, per mode,
-in float32 with mean fill. p50 of wall and process CPU time (on a machine busy with other work
-the CPU time is the steadier figure); goal: maps + trust figures <= 150 ms.
+the summary line uses what the app runs (token drop, bf16 where the CPU has bf16 units). Rebuilt
+here only to time them in the same run: "before", the trust figures as first written (every column
+of every map's and random map's curves evaluated, per mode, in float32 with mean fill), and the
+curves with one pass per sequence length instead of one packed pass. p50 of wall and process CPU
+time (on a machine busy with other work the CPU time is the steadier figure); goal: maps + trust
+figures <= 150 ms.
 """
 
 from __future__ import annotations
@@ -130,6 +132,18 @@ def trust_before(model: ViTClassifier, batch: torch.Tensor, target: torch.Tensor
     return {"percentiles": beaten, "spearman": [spearman(m[0], reference[0]) for m in maps.values()]}
 
 
+class OnePassPerLength(TrustContext):
+    """The trust figures with the token-drop rows scored one pass per sequence length, as before
+    `ViTClassifier.subset_logits` packed every length into one pass (rebuilt to time it)."""
+
+    def _probabilities(self, keep: torch.Tensor) -> torch.Tensor:
+        counts, probs = keep.sum(dim=-1), torch.empty(keep.shape[:2])
+        for count in counts.unique():
+            columns = (counts[0] == count).nonzero().squeeze(1)  # one image: every row's count is in counts[0]
+            probs[:, columns] = super()._probabilities(keep[:, columns])
+        return probs
+
+
 def trust_runs(model: ViTClassifier, batch: torch.Tensor) -> dict:
     target = predicted_class(model, batch)
     maps = cheap_maps(model, batch, target)
@@ -147,6 +161,8 @@ def trust_runs(model: ViTClassifier, batch: torch.Tensor) -> dict:
         "trust token drop, fp32": lambda: now("drop", False),
         "trust token drop, bf16": lambda: now("drop", True),
         "  of which curves only": lambda: now("drop", True, spearman_too=False),
+        "  curves, one pass per length": lambda: OnePassPerLength(model, batch, target, removal="drop",
+                                                                  bf16=True).curve_figures(maps),
         "  of which occlusion": lambda: occlusion(model, batch, target, mode="drop"),
     }
 
