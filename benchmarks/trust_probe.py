@@ -13,7 +13,10 @@ random map's, i.e. the mean trust percentile / 100), with the standard error ove
 share of images on which the map's deletion AUC beats the median random map ("images > median").
 The target is always the predicted class. --methods picks the maps (default: all), --removal how a
 patch is removed (mean fill or token drop; the occlusion reference removes it the same way),
---bf16 runs the perturbed inputs in bfloat16, --threads sets torch's thread count. Times are given as
+--bf16 runs the perturbed inputs in bfloat16, --threads sets torch's thread count.
+--reference-bf16 also computes the occlusion reference under bfloat16 autocast (final LayerNorm and
+head in float32) and prints how far each map's Spearman figure moves with it: why the trust
+figures keep that reference in float32. Times are given as
 wall and process CPU time: on a machine busy with other work the CPU time is the steadier figure.
 `lrp_composite`'s rules were picked on the default subset (-n 50 --seed 0); judge it on another
 --seed.
@@ -26,6 +29,7 @@ import math
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from vit_core import ViTClassifier, explain, normalize, preprocess  # noqa: E402
 from vit_core.attribution import ATTRIBUTION_METHODS, predicted_class  # noqa: E402
+from vit_core.faithfulness import spearman_rows  # noqa: E402
 from vit_core.trust import trust_figures  # noqa: E402
 
 
@@ -112,8 +117,61 @@ def _mean_sem(values: np.ndarray) -> str:
     return f"{values.mean():6.3f} ± {sem:.3f}"
 
 
+@contextmanager
+def bf16_blocks(model):
+    """bfloat16 autocast for the blocks; the final LayerNorm and the head stay in float32."""
+    head = model.forward_head
+
+    def float_head(features):
+        with torch.autocast("cpu", enabled=False):
+            return head(features.float())
+
+    model.forward_head = float_head
+    norm, model.norm = model.norm, FloatNorm(model.norm)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+    finally:
+        del model.forward_head
+        model.norm = norm
+
+
+class FloatNorm(torch.nn.Module):
+    def __init__(self, norm: torch.nn.LayerNorm):
+        super().__init__()
+        self.inner = norm
+
+    def forward(self, x):
+        with torch.autocast("cpu", enabled=False):
+            return self.inner(x.float())
+
+
+def reference_shift(model, batch, target, maps, loo, removal) -> dict[str, list[float]]:
+    """|Spearman(map, reference) - Spearman(map, bf16 reference)| per map and image, and under
+    "(reference itself)" the Spearman correlation of the two references."""
+    with bf16_blocks(model):
+        low = ATTRIBUTION_METHODS["occlusion" if removal == "mean" else "occlusion_drop"](model, batch, target)
+    shifts = {"(reference itself)": spearman_rows(loo, low.float()).tolist()}
+    for name, value in maps.items():
+        value = value.detach().float()
+        shifts[name] = (spearman_rows(value, loo) - spearman_rows(value, low.float())).abs().tolist()
+    return shifts
+
+
+def print_shifts(shifts: dict[str, list[float]]) -> None:
+    values = {name: np.array([v for v in vs if math.isfinite(v)]) for name, vs in shifts.items()}
+    itself = values.pop("(reference itself)")
+    print("\nocclusion reference in bf16 (blocks autocast, head float32) instead of float32: Spearman of the two "
+          f"references median {np.median(itself):.3f}, 5th percentile {np.quantile(itself, 0.05):.3f}, "
+          f"min {itself.min():.3f}; the shown Spearman of each map moves by")
+    print(f"  {'map':<22} {'median':>8} {'p95':>8} {'max':>8}")
+    for name, moved in values.items():
+        print(f"  {name:<22} {np.median(moved):8.3f} {np.quantile(moved, 0.95):8.3f} {moved.max():8.3f}")
+
+
 def agreement(model, images: torch.Tensor, args) -> None:
     rows: dict[str, dict[str, list]] = {}
+    shifts: dict[str, list[float]] = {}
     spent: dict[str, float] = {}  # CPU seconds
     for start in range(0, len(images), args.chunk):
         batch = images[start:start + args.chunk]
@@ -121,8 +179,11 @@ def agreement(model, images: torch.Tensor, args) -> None:
         maps, loo, seconds = all_maps(model, batch, target, args.methods)
         for name, value in seconds.items():
             spent[name] = spent.get(name, 0.0) + value[1]
-        figures = trust_figures(model, batch, maps, target,
-                                occlusion_map=reference(model, batch, target, maps, loo, args.removal),
+        loo = reference(model, batch, target, maps, loo, args.removal)
+        if args.reference_bf16:
+            for name, values in reference_shift(model, batch, target, maps, loo, args.removal).items():
+                shifts.setdefault(name, []).extend(values)
+        figures = trust_figures(model, batch, maps, target, occlusion_map=loo,
                                 steps=args.steps, n_random=args.n_random, seed=args.seed, bf16=args.bf16,
                                 removal=args.removal)
         for name, entry in figures.items():
@@ -141,6 +202,8 @@ def agreement(model, images: torch.Tensor, args) -> None:
         beats = float(np.mean(np.array(row["deletion"]) > 0.5))
         print(f"{name:<22} {_mean_sem(np.array(row['spearman'])):<18} {_mean_sem(np.array(row['deletion'])):<18} "
               f"{_mean_sem(np.array(row['insertion'])):<18} {beats:<16.3f} {cost:7.1f}")
+    if shifts:
+        print_shifts(shifts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=10, help="images per batch in (b)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image subset and random maps")
     parser.add_argument("--bf16", action="store_true", help="perturbed inputs in bfloat16")
+    parser.add_argument("--reference-bf16", action="store_true",
+                        help="also: how far the Spearman figures move with the occlusion reference in bf16")
     parser.add_argument("--removal", choices=("mean", "drop"), default="mean",
                         help="how a patch is removed in the curves and the occlusion reference")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
