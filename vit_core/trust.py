@@ -89,7 +89,8 @@ class TrustContext:
     computed when a Spearman figure is first asked for. `bf16` runs the perturbed inputs through a
     bfloat16 copy of the model under autocast: faster on CPUs with bf16 units; the AUCs move
     slightly, so near-ties between maps may reorder. The occlusion reference stays in float32: its
-    values are small differences of log-probabilities, whose ranks bfloat16 would scramble.
+    values are small differences of log-probabilities, whose ranks bfloat16 would shuffle enough to
+    move the Spearman figures (`benchmarks/trust_probe.py --reference-bf16` measures by how much).
     Forward passes take up to `batch_size` rows.
     """
 
