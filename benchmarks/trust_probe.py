@@ -117,33 +117,28 @@ def _mean_sem(values: np.ndarray) -> str:
     return f"{values.mean():6.3f} ± {sem:.3f}"
 
 
-@contextmanager
-def bf16_blocks(model):
-    """bfloat16 autocast for the blocks; the final LayerNorm and the head stay in float32."""
-    head = model.forward_head
+class Float32(torch.nn.Module):
+    """`module` run in float32 with autocast off."""
 
-    def float_head(features):
-        with torch.autocast("cpu", enabled=False):
-            return head(features.float())
-
-    model.forward_head = float_head
-    norm, model.norm = model.norm, FloatNorm(model.norm)
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            yield
-    finally:
-        del model.forward_head
-        model.norm = norm
-
-
-class FloatNorm(torch.nn.Module):
-    def __init__(self, norm: torch.nn.LayerNorm):
+    def __init__(self, module: torch.nn.Module):
         super().__init__()
-        self.inner = norm
+        self.inner = module
 
     def forward(self, x):
         with torch.autocast("cpu", enabled=False):
             return self.inner(x.float())
+
+
+@contextmanager
+def bf16_blocks(model):
+    """bfloat16 autocast for the blocks; the final LayerNorm and the head stay in float32."""
+    norm, head = model.norm, model.head
+    model.norm, model.head = Float32(norm), Float32(head)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+    finally:
+        model.norm, model.head = norm, head
 
 
 def reference_shift(model, batch, target, maps, loo, removal) -> dict[str, list[float]]:
@@ -151,10 +146,11 @@ def reference_shift(model, batch, target, maps, loo, removal) -> dict[str, list[
     "(reference itself)" the Spearman correlation of the two references."""
     with bf16_blocks(model):
         low = ATTRIBUTION_METHODS["occlusion" if removal == "mean" else "occlusion_drop"](model, batch, target)
-    shifts = {"(reference itself)": spearman_rows(loo, low.float()).tolist()}
+    low = low.float()
+    shifts = {"(reference itself)": spearman_rows(loo, low).tolist()}
     for name, value in maps.items():
         value = value.detach().float()
-        shifts[name] = (spearman_rows(value, loo) - spearman_rows(value, low.float())).abs().tolist()
+        shifts[name] = (spearman_rows(value, loo) - spearman_rows(value, low)).abs().tolist()
     return shifts
 
 
