@@ -364,6 +364,16 @@ def test_resume_reuses_the_trained_teacher(toy_data, tmp_path, monkeypatch):
     assert weights.read_bytes() == before
 
 
+def test_a_teacher_from_another_run_counts_in_the_cards_compute(toy_data, tmp_path):
+    train(tiny_config(toy_data, tmp_path / "first", epochs=1, teacher="auto", teacher_epochs=1))
+    folder = tmp_path / "first" / "teacher"
+    train(tiny_config(toy_data, tmp_path / "second", epochs=1, teacher=str(folder)))
+    info = json.loads((tmp_path / "second" / "train_info.json").read_text())
+    assert info["teacher"] == json.loads((folder / "teacher_info.json").read_text())
+    assert "Total compute:" in (tmp_path / "second" / "README.md").read_text()
+    assert not (tmp_path / "second" / "teacher").exists()
+
+
 def test_distillation_targets_are_the_teachers_predictions_for_the_same_images():
     from vit_core.training import distillation_loss, train_step
 

@@ -209,6 +209,11 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     ], lr=cfg.lr)
 
 
+def teacher_folder(cfg: TrainConfig, out: Path) -> Path:
+    """Where the run's teacher lives: OUT/teacher for 'auto', else the folder given."""
+    return out / "teacher" if cfg.teacher == "auto" else Path(cfg.teacher)
+
+
 def require_teacher_weights(cfg: TrainConfig, folder: Path) -> None:
     """A teacher is always a local folder: never ask the Hub for one."""
     if not (folder / WEIGHTS_NAME).is_file():
@@ -223,7 +228,7 @@ def prepare_teacher(cfg: TrainConfig, train_set: ImageTensors, val_set: ImageTen
     torchrun rank 0 trains it while the others wait."""
     if cfg.teacher == "none":
         return None
-    folder = out / "teacher" if cfg.teacher == "auto" else Path(cfg.teacher)
+    folder = teacher_folder(cfg, out)
     if cfg.teacher == "auto" and rank == 0 and not (folder / WEIGHTS_NAME).exists():
         print(f"training the CNN teacher into {folder} ({cfg.teacher_epochs} epochs)", flush=True)
         start = time.perf_counter()
@@ -408,8 +413,9 @@ def _record_segment(run: Run, resumed: bool) -> None:
     info = {"config": dataclasses.asdict(cfg), "model_config": run.model._hub_mixin_config, "segments": segments,
             "n_params": run.model.n_params, "train_images": len(run.train_set), "val_images": len(run.val_set),
             "world_size": run.world, "machine": machine_description(run.device), "device": str(run.device)}
-    teacher_info = (out / "teacher" / "teacher_info.json")
-    if cfg.teacher != "none" and teacher_info.exists():
+    # A teacher given as a folder (one trained by an earlier run) counts in this run's compute too.
+    teacher_info = teacher_folder(cfg, out) / "teacher_info.json" if cfg.teacher != "none" else None
+    if teacher_info is not None and teacher_info.exists():
         info["teacher"] = json.loads(teacher_info.read_text())
     atomic_write_text(out / INFO_NAME, json.dumps(info, indent=2))
     print(f"{run.model.n_params / 1e6:.2f} M parameters; {len(run.train_set)} train / {len(run.val_set)} val "
