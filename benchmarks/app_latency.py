@@ -182,22 +182,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default=None, help="explanation method every call asks for (default: the app's)")
     parser.add_argument("--browser", type=int, default=0, help="only time N uploads in Chromium")
     args = parser.parse_args(argv)
-    chosen = {} if args.method is None else {"method": args.method}
     if args.browser:
         return browser_main(args)
 
     global DOWNLOADS
     DOWNLOADS = tempfile.mkdtemp(prefix="app-latency-")
     images = [handle_file(str(p)) for p in EXAMPLES]
-    n = args.requests
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} "
           "(other work on the machine slows every figure)")
     print("note: gradio_client downloads output files one by one and, with its default ssl_verify=True, "
           "builds a fresh TLS context (loading the CA bundle) for each download even over plain http; "
           "'fast client' below is the same client with ssl_verify=False, which changes nothing else "
           "on an http:// URL.")
+    app = measure_app(args, images, {} if args.method is None else {"method": args.method})
+    floor = measure_floor(args, images)
+    ratio = lambda a, b: np.percentile(a, 50) / np.percentile(b, 50)  # noqa: E731
+    print("\n/explain p50 over the floor's p50 (same client settings):")
+    print(f"  defaults: {ratio(app['default'], floor['noop']):.2f}x the no-op floor, "
+          f"{ratio(app['default'], floor['upload']):.2f}x the upload floor")
+    print(f"  fast client: {ratio(app['fast'], floor['noop_fast']):.2f}x the no-op floor, "
+          f"{ratio(app['fast'], floor['upload_fast']):.2f}x the upload floor; throughput "
+          f"{app['rate'] / floor['rate']:.2f}x the floor's")
+    return 0
 
-    # --- the app ---------------------------------------------------------------------------------
+
+def measure_app(args, images: list, chosen: dict) -> dict:
+    """Start the app and print its figures; returns the series the floor is compared with."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     started = time.perf_counter()
@@ -211,76 +221,91 @@ def main(argv: list[str] | None = None) -> int:
         cold = time.perf_counter() - started
         print(f"\ncold start, process start -> first /explain answer (fast client): {cold:.2f} s   (goal <= 8 s); "
               f"the server answered its first request after {ready:.2f} s")
-
-        client = make_client(url)
-        bare = make_client(url, verify=False, download=False)
+        clients = {"default": make_client(url), "fast": fast, "bare": make_client(url, verify=False, download=False)}
         for i in range(5):  # warm the clients and the server
-            for c in (client, fast, bare):
+            for c in clients.values():
                 c.predict(images[i % len(images)], **chosen, api_name="/explain")
-        explain = lambda c: lambda i: c.predict(images[i % len(images)], **chosen, api_name="/explain")  # noqa: E731
-
-        default_ms = timed(explain(client), n)
-        httpx.post(f"{url}gradio_api/profiling/clear", timeout=30)
-        cpu_before = cpu_seconds(app.pid)
-        fast_ms = timed(explain(fast), n)
-        explain_cpu = (cpu_seconds(app.pid) - cpu_before) / n * 1000
-        explain_server = server_side(url, "explain")
-        answer_ms = timed(explain(bare), n)
-        fetcher, fetch_pool = httpx.Client(timeout=30), ThreadPoolExecutor(8)
-
-        def answer_and_fetch(i):
-            out = bare.predict(images[i % len(images)], **chosen, api_name="/explain")
-            urls = [o["url"] for o in out if isinstance(o, dict) and o.get("url")]
-            list(fetch_pool.map(lambda u: fetcher.get(u).content, urls))
-
-        parallel_ms = timed(answer_and_fetch, n)
-        print("/explain, one client, upload -> 9 panels (7 images):   (goal p50 <= 250 ms, p95 <= 400 ms)")
-        print(f"  gradio_client defaults:                 {stats(default_ms)}")
-        print(f"  fast client (ssl_verify=False):         {stats(fast_ms)}")
-        print(f"  answer only (panel URLs, no downloads): {stats(answer_ms)}")
-        print(f"  answer + panels fetched in parallel:    {stats(parallel_ms)}   (what a browser does)")
-        if explain_server:
-            print(f"  server-side work: preprocess {explain_server['preprocess']:.1f} + handler "
-                  f"{explain_server['handler']:.1f} + postprocess {explain_server['postprocess']:.1f} ms (p50 "
-                  f"each); total p50 {explain_server['work_p50']:.1f} ms, p95 {explain_server['work_p95']:.1f} ms"
-                  "   (goal <= 30 ms)")
-        print(f"  server CPU per /explain, all included (upload, queue, handler, serving 7 images): "
-              f"{explain_cpu:.1f} ms")
-        arrays_ms = timed(lambda i: client.predict(images[i % len(images)], **chosen, api_name="/explain_arrays"), n)
-        print(f"/explain_arrays (the numbers as JSON, no files), gradio_client defaults: {stats(arrays_ms)}"
-              "   (goal p50 <= 200 ms)")
-
-        settings = [dict(head_fusion="max"), dict(discard_ratio=0.5), dict(opacity=0.8), dict(layer=2),
-                    dict(head="head 3"), dict(patch=27), dict(method="last_layer"), dict()]
-        httpx.post(f"{url}gradio_api/profiling/clear", timeout=30)
-        cpu_before = cpu_seconds(app.pid)
-        redraw_ms = timed(lambda i: fast.predict(**settings[i % len(settings)], api_name="/redraw"), n)
-        redraw_cpu = (cpu_seconds(app.pid) - cpu_before) / n * 1000
-        redraw_server = server_side(url, "redraw")
-        print(f"/redraw (a settings change; 6 images), fast client: {stats(redraw_ms)}")
-        if redraw_server:
-            print(f"  server-side work p50 {redraw_server['work_p50']:.1f} ms, "
-                  f"p95 {redraw_server['work_p95']:.1f} ms; server CPU per call, all included: "
-                  f"{redraw_cpu:.1f} ms")
-
-        httpx.post(f"{url}gradio_api/profiling/clear", timeout=30)
-        rate, latencies = throughput(lambda: make_client(url, verify=False), lambda c, i: explain(c)(i),
-                                     args.clients, args.per_client)
-        loaded = server_side(url, "explain")
-        print(f"/explain, {args.clients} concurrent fast clients: {rate:.1f} explanations/s   (goal >= 10/s)")
-        print(f"  latency under load: {stats(latencies)}")
-        if loaded:
-            print(f"  server-side work under load p50 {loaded['work_p50']:.1f} ms, queue wait p50 "
-                  f"{loaded['queue_wait']:.1f} ms")
+        series = explain_figures(url, app, clients, images, chosen, args.requests)
+        redraw_figures(url, app, fast, args.requests)
+        series["rate"] = load_figures(url, images, chosen, args.clients, args.per_client)
+        return series
     finally:
         stop(app)
 
-    # --- the floor: the same round trips around a handler that does nothing -----------------------
+
+def explain_figures(url: str, app: subprocess.Popen, clients: dict, images: list, chosen: dict, n: int) -> dict:
+    """/explain one request at a time, with each client setting, and /explain_arrays."""
+    explain = lambda c: lambda i: c.predict(images[i % len(images)], **chosen, api_name="/explain")  # noqa: E731
+    default_ms = timed(explain(clients["default"]), n)
+    httpx.post(f"{url}gradio_api/profiling/clear", timeout=30)
+    cpu_before = cpu_seconds(app.pid)
+    fast_ms = timed(explain(clients["fast"]), n)
+    explain_cpu = (cpu_seconds(app.pid) - cpu_before) / n * 1000
+    server = server_side(url, "explain")
+    answer_ms = timed(explain(clients["bare"]), n)
+    fetcher, fetch_pool = httpx.Client(timeout=30), ThreadPoolExecutor(8)
+
+    def answer_and_fetch(i):
+        out = clients["bare"].predict(images[i % len(images)], **chosen, api_name="/explain")
+        urls = [o["url"] for o in out if isinstance(o, dict) and o.get("url")]
+        list(fetch_pool.map(lambda u: fetcher.get(u).content, urls))
+
+    parallel_ms = timed(answer_and_fetch, n)
+    print("/explain, one client, upload -> 9 panels (7 images):   (goal p50 <= 250 ms, p95 <= 400 ms)")
+    print(f"  gradio_client defaults:                 {stats(default_ms)}")
+    print(f"  fast client (ssl_verify=False):         {stats(fast_ms)}")
+    print(f"  answer only (panel URLs, no downloads): {stats(answer_ms)}")
+    print(f"  answer + panels fetched in parallel:    {stats(parallel_ms)}   (what a browser does)")
+    if server:
+        print(f"  server-side work: preprocess {server['preprocess']:.1f} + handler {server['handler']:.1f} + "
+              f"postprocess {server['postprocess']:.1f} ms (p50 each); total p50 {server['work_p50']:.1f} ms, "
+              f"p95 {server['work_p95']:.1f} ms   (goal <= 30 ms)")
+    print(f"  server CPU per /explain, all included (upload, queue, handler, serving 7 images): "
+          f"{explain_cpu:.1f} ms")
+    arrays_ms = timed(lambda i: clients["default"].predict(images[i % len(images)], **chosen,
+                                                           api_name="/explain_arrays"), n)
+    print(f"/explain_arrays (the numbers as JSON, no files), gradio_client defaults: {stats(arrays_ms)}"
+          "   (goal p50 <= 200 ms)")
+    return {"default": default_ms, "fast": fast_ms}
+
+
+def redraw_figures(url: str, app: subprocess.Popen, fast: Client, n: int) -> None:
+    """/redraw (a settings change) one request at a time, cycling through the settings a person moves."""
+    settings = [dict(head_fusion="max"), dict(discard_ratio=0.5), dict(opacity=0.8), dict(layer=2),
+                dict(head="head 3"), dict(patch=27), dict(method="last_layer"), dict()]
+    httpx.post(f"{url}gradio_api/profiling/clear", timeout=30)
+    cpu_before = cpu_seconds(app.pid)
+    redraw_ms = timed(lambda i: fast.predict(**settings[i % len(settings)], api_name="/redraw"), n)
+    redraw_cpu = (cpu_seconds(app.pid) - cpu_before) / n * 1000
+    server = server_side(url, "redraw")
+    print(f"/redraw (a settings change; 6 images), fast client: {stats(redraw_ms)}")
+    if server:
+        print(f"  server-side work p50 {server['work_p50']:.1f} ms, p95 {server['work_p95']:.1f} ms; "
+              f"server CPU per call, all included: {redraw_cpu:.1f} ms")
+
+
+def load_figures(url: str, images: list, chosen: dict, clients: int, per_client: int) -> float:
+    """/explain from concurrent fast clients; returns explanations per second."""
+    httpx.post(f"{url}gradio_api/profiling/clear", timeout=30)
+    call = lambda c, i: c.predict(images[i % len(images)], **chosen, api_name="/explain")  # noqa: E731
+    rate, latencies = throughput(lambda: make_client(url, verify=False), call, clients, per_client)
+    loaded = server_side(url, "explain")
+    print(f"/explain, {clients} concurrent fast clients: {rate:.1f} explanations/s   (goal >= 10/s)")
+    print(f"  latency under load: {stats(latencies)}")
+    if loaded:
+        print(f"  server-side work under load p50 {loaded['work_p50']:.1f} ms, queue wait p50 "
+              f"{loaded['queue_wait']:.1f} ms")
+    return rate
+
+
+def measure_floor(args, images: list) -> dict:
+    """The same round trips around a no-op Gradio handler in its own process: the floor Gradio sets."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     floor_script = Path(DOWNLOADS) / "floor_app.py"
     floor_script.write_text(FLOOR_APP)
     floor = start([sys.executable, str(floor_script), str(port)])
+    n = args.requests
     try:
         client = connect(url, floor)
         fast = make_client(url, verify=False)
@@ -288,32 +313,24 @@ def main(argv: list[str] | None = None) -> int:
             for c in (client, fast):
                 c.predict(api_name="/noop")
                 c.predict(images[0], api_name="/noop_upload")
-        noop_ms = timed(lambda i: client.predict(api_name="/noop"), n)
-        noop_fast_ms = timed(lambda i: fast.predict(api_name="/noop"), n)
-        upload_ms = timed(lambda i: client.predict(images[i % len(images)], api_name="/noop_upload"), n)
+        series = {"noop": timed(lambda i: client.predict(api_name="/noop"), n),
+                  "noop_fast": timed(lambda i: fast.predict(api_name="/noop"), n),
+                  "upload": timed(lambda i: client.predict(images[i % len(images)], api_name="/noop_upload"), n)}
         cpu_before = cpu_seconds(floor.pid)
-        upload_fast_ms = timed(lambda i: fast.predict(images[i % len(images)], api_name="/noop_upload"), n)
+        series["upload_fast"] = timed(lambda i: fast.predict(images[i % len(images)], api_name="/noop_upload"), n)
         floor_cpu = (cpu_seconds(floor.pid) - cpu_before) / n * 1000
-        floor_rate, _ = throughput(lambda: make_client(url, verify=False),
-                                   lambda c, i: c.predict(images[i % len(images)], api_name="/noop_upload"),
-                                   args.clients, args.per_client)
+        series["rate"], _ = throughput(lambda: make_client(url, verify=False),
+                                       lambda c, i: c.predict(images[i % len(images)], api_name="/noop_upload"),
+                                       args.clients, args.per_client)
     finally:
         stop(floor)
     print("\nfloor: a no-op endpoint returning one small image")
-    print(f"  gradio_client defaults:          {stats(noop_ms)}")
-    print(f"  fast client:                     {stats(noop_fast_ms)}")
-    print(f"  with an upload, defaults:        {stats(upload_ms)}")
-    print(f"  with an upload, fast client:     {stats(upload_fast_ms)}; server CPU {floor_cpu:.1f} ms per call; "
-          f"{floor_rate:.1f}/s with {args.clients} fast clients")
-
-    ratio = lambda a, b: np.percentile(a, 50) / np.percentile(b, 50)  # noqa: E731
-    print("\n/explain p50 over the floor's p50 (same client settings):")
-    print(f"  defaults: {ratio(default_ms, noop_ms):.2f}x the no-op floor, {ratio(default_ms, upload_ms):.2f}x "
-          "the upload floor")
-    print(f"  fast client: {ratio(fast_ms, noop_fast_ms):.2f}x the no-op floor, "
-          f"{ratio(fast_ms, upload_fast_ms):.2f}x the upload floor; throughput {rate / floor_rate:.2f}x the "
-          "floor's")
-    return 0
+    print(f"  gradio_client defaults:          {stats(series['noop'])}")
+    print(f"  fast client:                     {stats(series['noop_fast'])}")
+    print(f"  with an upload, defaults:        {stats(series['upload'])}")
+    print(f"  with an upload, fast client:     {stats(series['upload_fast'])}; server CPU {floor_cpu:.1f} ms per "
+          f"call; {series['rate']:.1f}/s with {args.clients} fast clients")
+    return series
 
 
 PANEL_IDS = ["model-view", "patch-grid", "overlay", "token-attention", "matrix", "matrices", "layer-strip"]
