@@ -35,6 +35,7 @@ from .teacher import ConvTeacher, teacher_accuracy, teacher_logits, train_teache
 
 STATE_NAME = "train_state.pt"
 HISTORY_NAME = "history.json"
+TEACHER_INFO_NAME = "teacher_info.json"  # beside a trained teacher's weights: its epochs, minutes, accuracy
 INFO_NAME = "train_info.json"
 
 
@@ -236,7 +237,7 @@ def prepare_teacher(cfg: TrainConfig, train_set: ImageTensors, val_set: ImageTen
                                 device=device, log=lambda line: print(line, flush=True))
         info = {"epochs": cfg.teacher_epochs, "minutes": (time.perf_counter() - start) / 60,
                 "val_acc": teacher_accuracy(teacher, val_set, device), "machine": machine_description(device)}
-        atomic_write_text(folder / "teacher_info.json", json.dumps(info, indent=2))
+        atomic_write_text(folder / TEACHER_INFO_NAME, json.dumps(info, indent=2))
     if world > 1:
         dist.barrier()
     require_teacher_weights(cfg, folder)
@@ -414,8 +415,8 @@ def _record_segment(run: Run, resumed: bool) -> None:
             "n_params": run.model.n_params, "train_images": len(run.train_set), "val_images": len(run.val_set),
             "world_size": run.world, "machine": machine_description(run.device), "device": str(run.device)}
     # A teacher given as a folder (one trained by an earlier run) counts in this run's compute too.
-    teacher_info = teacher_folder(cfg, out) / "teacher_info.json" if cfg.teacher != "none" else None
-    if teacher_info is not None and teacher_info.exists():
+    teacher_info = teacher_folder(cfg, out) / TEACHER_INFO_NAME
+    if cfg.teacher != "none" and teacher_info.exists():
         info["teacher"] = json.loads(teacher_info.read_text())
     atomic_write_text(out / INFO_NAME, json.dumps(info, indent=2))
     print(f"{run.model.n_params / 1e6:.2f} M parameters; {len(run.train_set)} train / {len(run.val_set)} val "
