@@ -278,8 +278,9 @@ def test_preprocess_rejects_non_images():
 
 
 def test_shipped_checkpoint_classifies_the_shipped_examples():
-    # Guards against shipping untrained or mismatched weights: chance is 10 %; the shipped model
-    # (83.2 % on the CIFAR-10 test split) gets 27 of these 30 test images right.
+    # Guards against shipping untrained, mismatched or weaker weights: chance is 10 %; the shipped
+    # model (84.3 % on the CIFAR-10 test split) gets 28 of these 30 test images right, the 128-wide
+    # one before it 27; this project asks for 25 or more.
     from pathlib import Path
 
     from toys import ROOT
@@ -291,7 +292,7 @@ def test_shipped_checkpoint_classifies_the_shipped_examples():
         predicted = model(preprocess([Image.open(f) for f in files], model)).argmax(-1).tolist()
     truth = [model.class_names.index(Path(f).stem.rsplit("_", 1)[0]) for f in files]
     correct = sum(p == t for p, t in zip(predicted, truth))
-    assert correct >= 20, f"only {correct}/30 shipped examples classified correctly"
+    assert correct >= 25, f"only {correct}/30 shipped examples classified correctly"
 
 
 def test_kept_while_unchanged_rebuilds_after_any_change_to_the_tensors():

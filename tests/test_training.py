@@ -370,7 +370,9 @@ def test_a_teacher_from_another_run_counts_in_the_cards_compute(toy_data, tmp_pa
     train(tiny_config(toy_data, tmp_path / "second", epochs=1, teacher=str(folder)))
     info = json.loads((tmp_path / "second" / "train_info.json").read_text())
     assert info["teacher"] == json.loads((folder / "teacher_info.json").read_text())
-    assert "Total compute:" in (tmp_path / "second" / "README.md").read_text()
+    card = (tmp_path / "second" / "README.md").read_text()
+    assert "Total compute:" in card and f"trained by an earlier run (given as `--teacher {folder}`)" in card
+    assert "trained first by the same command" in (tmp_path / "first" / "README.md").read_text()
     assert not (tmp_path / "second" / "teacher").exists()
 
 
@@ -442,14 +444,17 @@ def test_the_shipped_checkpoints_recipe_reproduces_its_recorded_settings():
 
     info = json.loads((ROOT / "checkpoints" / "vit-cifar10" / "train_info.json").read_text())
     recorded = info["config"]
-    recipe = "cpu-v6"  # started with every flag spelled out (so it records "shipped"); README names cpu-v6
+    recipe = "wide-v7"  # started with every flag spelled out (so it records "shipped"); README names wide-v7
     rebuilt = dataclasses_asdict(TrainConfig(data="d", out="o", **RECIPES[recipe]))
     ignore = {"data", "out", "command", "recipe", "device", "num_threads", "adaptive_threads", "resume",
-              "download", "push_to_hub", "patience", "val_size", "amp"}
+              "download", "push_to_hub", "patience", "val_size", "amp", "teacher"}
     differing = {k: (recorded[k], rebuilt[k]) for k in recorded if k in rebuilt and k not in ignore
                  and recorded[k] != rebuilt[k]}
     assert differing == {}
     assert recorded["val_size"] == round(rebuilt["val_size"] * 50_000)  # the same 10 % of CIFAR-10's train
+    # The teacher was the one 'auto' trained (same recipe, seed and split) in the run before, given
+    # as its folder; its record travels in train_info.json.
+    assert rebuilt["teacher"] == "auto" and info["teacher"]["epochs"] == rebuilt["teacher_epochs"]
     # Before bf16 units were used on CPUs, "auto" meant fp32 there: the recipe spells that out.
     assert recorded["amp"] == rebuilt["amp"] or (recorded["amp"] == "auto" and rebuilt["amp"] == "off"
                                                  and info["device"] == "cpu")

@@ -63,7 +63,9 @@ def minutes_to_accuracy(history: list[dict], marks=ACCURACY_MARKS) -> dict[float
 
 def _teacher_lines(info: dict) -> list[str]:
     teacher = info["teacher"]
-    return [f"Teacher: the `ConvTeacher` CNN (`vit_core/teacher.py`), trained first by the same command for "
+    given = info["config"].get("teacher", "auto")
+    by = "first by the same command" if given == "auto" else f"by an earlier run (given as `--teacher {given}`)"
+    return [f"Teacher: the `ConvTeacher` CNN (`vit_core/teacher.py`), trained {by} for "
             f"{teacher['epochs']} epochs in {teacher['minutes']:.1f} min on the same training images; "
             f"validation accuracy {teacher['val_acc'] * 100:.2f} %. It only supplies training targets."]
 
