@@ -1,7 +1,7 @@
 """Train-step throughput on a CPU: MHA's fused attention kernel vs the spelled-out attention the
 model uses on CPUs, and the spelled-out path with patch dropout (train.py's --patch-drop).
 
-    python benchmarks/attention_path.py [--preset cpu] [--batch-size 128] [--steps 12] [--rounds 3]
+    python benchmarks/attention_path.py [--preset wide] [--batch-size 128] [--steps 12] [--rounds 3]
 
 Every variant runs the same model (same weights at the start), the same batch and AdamW step.
 Variants are interleaved over `--rounds` rounds and each one's best round is kept, so a passing load
@@ -53,7 +53,7 @@ def images_per_second(model: ViTClassifier, images: torch.Tensor, labels: torch.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--preset", default="wide", help="model size (default: the shipped one)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=3)

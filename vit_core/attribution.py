@@ -466,7 +466,7 @@ def lrp(model: ViTClassifier, images: torch.Tensor, target, rules: str | LRPRule
       relevance summed over all pixels equals the target logit minus the biases' share (what the
       same frozen network gives the all-zero input: biases, CLS token, position embedding); for a
       model without those, exactly the logit.
-    - "lrp_composite": picked on the shipped checkpoint (50 test images) to agree with
+    - "lrp_composite": picked on an earlier shipped checkpoint (50 test images) to agree with
       leave-one-patch-out, and checked on other images (benchmarks/trust_probe.py --seed):
       identity rule on the blocks' LayerNorms and GELU, gamma rule (0.05) on the blocks' linear
       layers, and the plain gradient through the attention and the final LayerNorm. Not

@@ -43,11 +43,10 @@ CIFAR10_CLASSES = (
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
-# Named configurations. `seed` is the report's network; `cpu` is the one the app ships, narrower so
-# that a CPU run sees more epochs, which mattered more than width on a short budget (its model card
-# gives the run; benchmarks/train_throughput.py --preset times a step); `wide` is the next size up
-# for a run over several sessions, its fp32 weights still small enough for a Space without LFS;
-# `tiny` is for tests.
+# Named configurations. `seed` is the report's network; `wide` is the one the app ships, trained over
+# several sessions, its fp32 weights still small enough for a Space without LFS (its model card gives
+# the run); `cpu` is narrower so that a short CPU run sees more epochs, the size of the checkpoints
+# before it (benchmarks/train_throughput.py --preset NAME times a step); `tiny` is for tests.
 PRESETS: dict[str, dict] = {
     "seed": dict(emb_size=256, depth=6, n_heads=8, mlp_ratio=2.0, dropout=0.2),
     "cpu": dict(emb_size=128, depth=6, n_heads=4, mlp_ratio=2.0, dropout=0.0),
