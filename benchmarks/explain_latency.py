@@ -212,8 +212,9 @@ def main() -> None:
         source = f"checkpoint {args.checkpoint}"
     else:
         torch.manual_seed(0)
-        model = ViTClassifier.from_preset("wide")  # the shipped checkpoint's size
-        source = f"NO checkpoint at {args.checkpoint}: random weights, preset 'wide'"
+        preset = "wide"  # the shipped checkpoint's size
+        model = ViTClassifier.from_preset(preset)
+        source = f"NO checkpoint at {args.checkpoint}: random weights, preset '{preset}'"
     model.eval()
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     print(f"model: {source}; {model.n_params / 1e6:.2f} M parameters, depth {model.depth}, "
