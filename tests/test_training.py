@@ -376,6 +376,36 @@ def test_a_teacher_from_another_run_counts_in_the_cards_compute(toy_data, tmp_pa
     assert not (tmp_path / "second" / "teacher").exists()
 
 
+def test_init_from_starts_from_a_trained_checkpoint_and_counts_its_run_in_the_compute(toy_data, tmp_path):
+    train(tiny_config(toy_data, tmp_path / "first", epochs=2))
+    first = ViTClassifier.from_pretrained(tmp_path / "first").state_dict()
+    # A learning rate too small to move the weights: the exported model is the starting one.
+    train(tiny_config(toy_data, tmp_path / "warm", epochs=1, lr=1e-12, init_from=str(tmp_path / "first")))
+    warm = ViTClassifier.from_pretrained(tmp_path / "warm").state_dict()
+    assert all(torch.allclose(first[k], warm[k], atol=1e-6) for k in first)
+    train(tiny_config(toy_data, tmp_path / "cold", epochs=1, lr=1e-12))
+    cold = ViTClassifier.from_pretrained(tmp_path / "cold").state_dict()
+    assert not torch.allclose(first["head.weight"], cold["head.weight"], atol=1e-3)
+    base = json.loads((tmp_path / "first" / "train_info.json").read_text())["summary"]["wall_seconds"] / 60
+    info = json.loads((tmp_path / "warm" / "train_info.json").read_text())
+    assert info["init"]["summary"]["wall_seconds"] / 60 == pytest.approx(base)
+    card = (tmp_path / "warm" / "README.md").read_text()
+    assert "(`--init-from`, a warm restart)" in card
+    assert f"and {base:.1f} min (teacher included) for the run that trained the starting weights" in card
+
+
+def test_init_from_a_missing_or_unfitting_checkpoint_is_a_clear_error(toy_data, tmp_path, capsys):
+    code = train_main(["--data", str(toy_data), "--out", str(tmp_path / "a"), "--teacher", "none",
+                       "--init-from", str(tmp_path / "nowhere")])
+    assert code == 2 and "--init-from" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    tiny_vit(n_classes=2, class_names=["blue", "red"]).save_pretrained(tmp_path / "tiny")
+    with pytest.raises(TrainError, match="--init-from .* not --preset cpu"):
+        train(tiny_config(toy_data, tmp_path / "b", preset="cpu", init_from=str(tmp_path / "tiny")))
+    tiny_vit(n_classes=2, class_names=["cat", "dog"]).save_pretrained(tmp_path / "other")
+    with pytest.raises(TrainError, match="knows classes"):
+        train(tiny_config(toy_data, tmp_path / "c", init_from=str(tmp_path / "other")))
+
+
 def test_distillation_targets_are_the_teachers_predictions_for_the_same_images():
     from vit_core.training import distillation_loss, train_step
 

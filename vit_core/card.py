@@ -43,6 +43,8 @@ def _extras(cfg: dict) -> str:
     if cfg.get("teacher", "none") != "none":
         extras += (f"; distillation from a CNN teacher ({cfg['distill']} targets on the same augmented images, "
                    f"weight {cfg['distill_weight']})")
+    if cfg.get("init_from"):
+        extras += f"; started from the weights of `{cfg['init_from']}` (`--init-from`, a warm restart)"
     return extras
 
 
@@ -113,6 +115,25 @@ def _recipe(info: dict) -> list[str]:
     ]
 
 
+def _run_minutes(summary: dict, teacher: dict | None) -> float:
+    return summary.get("wall_seconds", 0.0) / 60 + (teacher["minutes"] if teacher else 0.0)
+
+
+def _total_compute_lines(info: dict) -> list[str]:
+    """This run, its teacher and, for a warm start, the run that trained the starting weights."""
+    minutes = _run_minutes(info["summary"], info.get("teacher"))
+    base = info.get("init")
+    if base:
+        base_minutes = _run_minutes(base["summary"], base.get("teacher"))
+        return ["", f"Total compute: {(minutes + base_minutes) / 60:.2f} h of this machine: this run "
+                f"{minutes:.1f} min, and {base_minutes:.1f} min (teacher included) for the run that trained the "
+                f"starting weights in `{base['folder']}` ({base['segments']} segment(s); its command: "
+                f"`{base.get('command') or 'not recorded'}`)."]
+    if info.get("teacher"):
+        return ["", f"Total compute: {minutes / 60:.2f} h of this machine, teacher included."]
+    return []
+
+
 def _compute(info: dict) -> list[str]:
     """Wall time, total compute with the teacher, and every segment of a resumed run."""
     summary, segments, lines = info.get("summary", {}), info.get("segments", []), []
@@ -124,9 +145,7 @@ def _compute(info: dict) -> list[str]:
         else:
             wall += ", in one uninterrupted run."
         lines += [wall]
-        if info.get("teacher"):
-            total_h = (summary["wall_seconds"] / 60 + info["teacher"]["minutes"]) / 60
-            lines += ["", f"Total compute: {total_h:.2f} h of this machine, teacher included."]
+        lines += _total_compute_lines(info)
     if info.get("teacher"):
         lines += [""] + _teacher_lines(info)
     if len(segments) > 1:

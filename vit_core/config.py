@@ -98,6 +98,9 @@ class TrainConfig:
     distill: str = setting("hard", "hard = learn the teacher's top class (DeiT), soft = its probabilities",
                            choices=DISTILL_MODES)
     distill_weight: float = setting(0.5, "share of the loss that follows the teacher")
+    init_from: str | None = setting(None, "start from the weights of this trained checkpoint folder instead of a fresh "
+                                    "initialisation (a warm restart; same preset and classes); its run's compute "
+                                    "counts in the card", metavar="FOLDER")
     dropout: float | None = setting(None, "override the preset's dropout")
     amp: str = setting("auto", "bf16 autocast; auto = on CUDA and on CPUs with bf16 units (AVX512-BF16, AMX)",
                        choices=AMP_MODES)

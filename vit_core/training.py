@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from .config import RESUMABLE_CHANGES, SAME_SPLIT, TrainConfig, TrainError
 from .data import ImageTensors, augment, cutmix, load_split, random_erase, split_validation, validation_count
+from .checkpoints import CheckpointError, load_checkpoint
 from .devices import DeviceError, autocast, pick_device, uses_bf16
 from .evaluate import predict_probs
 from .model import WEIGHTS_NAME, ViTClassifier, mimetic_attention_init_, normalize, sincos_position_init_
@@ -53,6 +54,23 @@ def build_model(cfg: TrainConfig, classes: list[str]) -> ViTClassifier:
     if cfg.pos_init == "sincos":
         sincos_position_init_(model)
     return model
+
+
+def warm_start_(model: ViTClassifier, cfg: TrainConfig) -> None:
+    """--init-from: copy a trained checkpoint's weights into the fresh model (safetensors, strict keys
+    and shapes; a local folder only, never the Hub)."""
+    try:
+        source = load_checkpoint(Path(cfg.init_from))
+    except CheckpointError as error:
+        raise TrainError(f"--init-from {cfg.init_from}: {error}") from error
+    if source.class_names != model.class_names:
+        raise TrainError(f"--init-from {cfg.init_from} knows classes {source.class_names}, "
+                         f"the data has {model.class_names}")
+    try:
+        model.load_state_dict(source.state_dict(), strict=True)
+    except RuntimeError as error:
+        raise TrainError(f"--init-from {cfg.init_from}: its network is not --preset {cfg.preset} "
+                         f"({str(error).splitlines()[1].strip()})") from error
 
 
 def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int, elapsed_s: float = 0.0) -> float:
@@ -364,6 +382,8 @@ def setup(cfg: TrainConfig) -> Run:
     saved = _saved_state(cfg, out)
     if cfg.teacher not in ("auto", "none"):  # before the data is read: a wrong path fails at once
         require_teacher_weights(cfg, Path(cfg.teacher))
+    if cfg.init_from and not Path(cfg.init_from).is_dir():
+        raise TrainError(f"--init-from {cfg.init_from}: no such folder (give the folder of a trained checkpoint)")
     if cfg.batch_size % world:
         raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
     # Data: decoded once, held as uint8; validation held out of train with a fixed seed.
@@ -379,7 +399,10 @@ def setup(cfg: TrainConfig) -> Run:
         raise TrainError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
     teacher = prepare_teacher(cfg, train_set, val_set, out, device, rank, world)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, train_set.classes).to(device)
+    model = build_model(cfg, train_set.classes)
+    if cfg.init_from and saved is None:
+        warm_start_(model, cfg)
+    model = model.to(device)
     optimizer = build_optimizer(model, cfg)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     run = Run(cfg, device, rank, world, out, train_set, val_set, model, net, optimizer, teacher, threads,
@@ -418,6 +441,12 @@ def _record_segment(run: Run, resumed: bool) -> None:
     teacher_info = teacher_folder(cfg, out) / TEACHER_INFO_NAME
     if cfg.teacher != "none" and teacher_info.exists():
         info["teacher"] = json.loads(teacher_info.read_text())
+    # A warm start's compute includes the run that trained its starting weights.
+    base_info = Path(cfg.init_from or "") / INFO_NAME
+    if cfg.init_from and base_info.is_file():
+        base = json.loads(base_info.read_text())
+        info["init"] = {"folder": cfg.init_from, "summary": base.get("summary", {}), "teacher": base.get("teacher"),
+                        "segments": len(base.get("segments", [])), "command": base.get("config", {}).get("command")}
     atomic_write_text(out / INFO_NAME, json.dumps(info, indent=2))
     print(f"{run.model.n_params / 1e6:.2f} M parameters; {len(run.train_set)} train / {len(run.val_set)} val "
           f"images; {run.steps_per_epoch} steps per epoch on {run.device} x{run.world}", flush=True)
