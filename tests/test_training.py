@@ -398,12 +398,18 @@ def test_init_from_a_missing_or_unfitting_checkpoint_is_a_clear_error(toy_data, 
     code = train_main(["--data", str(toy_data), "--out", str(tmp_path / "a"), "--teacher", "none",
                        "--init-from", str(tmp_path / "nowhere")])
     assert code == 2 and "--init-from" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    train(tiny_config(toy_data, tmp_path / "first", epochs=1))
+    with pytest.raises(TrainError, match="--init-from .* held out 16 images .* would hold out 8"):
+        train(tiny_config(toy_data, tmp_path / "d", val_size=8, init_from=str(tmp_path / "first")))
+    with pytest.raises(TrainError, match="--seed 0, this one would hold out 16 with --seed 1"):
+        train(tiny_config(toy_data, tmp_path / "e", seed=1, init_from=str(tmp_path / "first")))
     tiny_vit(n_classes=2, class_names=["blue", "red"]).save_pretrained(tmp_path / "tiny")
     with pytest.raises(TrainError, match="--init-from .* not --preset cpu"):
         train(tiny_config(toy_data, tmp_path / "b", preset="cpu", init_from=str(tmp_path / "tiny")))
     tiny_vit(n_classes=2, class_names=["cat", "dog"]).save_pretrained(tmp_path / "other")
     with pytest.raises(TrainError, match="knows classes"):
         train(tiny_config(toy_data, tmp_path / "c", init_from=str(tmp_path / "other")))
+    assert "validation split cannot be checked" in capsys.readouterr().err
 
 
 def test_distillation_targets_are_the_teachers_predictions_for_the_same_images():

@@ -336,6 +336,24 @@ def _check_same_split(saved: dict, cfg: TrainConfig, full_train: ImageTensors) -
                          f"now {now:g} ({held_now}). Resume with --val-size {before:g}.")
 
 
+def _check_init_split(cfg: TrainConfig, full_train: ImageTensors) -> None:
+    """A warm start must hold out the images its starting run held out: any other split would
+    validate on images those weights were trained on."""
+    base_info = Path(cfg.init_from) / INFO_NAME
+    if not base_info.is_file():
+        print(f"warning: --init-from {cfg.init_from} has no {INFO_NAME}, so its validation split cannot be "
+              f"checked; if its run trained on images this one validates on, validation reads too high",
+              file=sys.stderr, flush=True)
+        return
+    base = json.loads(base_info.read_text())["config"]
+    held_before, held_now = validation_count(full_train, base["val_size"]), validation_count(full_train, cfg.val_size)
+    if (base["seed"], held_before) != (cfg.seed, held_now):
+        raise TrainError(f"--init-from {cfg.init_from}: its run held out {held_before} images with --seed "
+                         f"{base['seed']}, this one would hold out {held_now} with --seed {cfg.seed}, and validate on "
+                         f"images the starting weights were trained on. Give --val-size {base['val_size']:g} "
+                         f"--seed {base['seed']}.")
+
+
 def _start_processes(cfg: TrainConfig) -> tuple[torch.device, int, int, AdaptiveThreads | None]:
     """Device, rank and world size (torchrun sets WORLD_SIZE), and CPU thread settings."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -394,6 +412,8 @@ def setup(cfg: TrainConfig) -> Run:
         raise TrainError(f"--val-size: {error}") from error
     if saved is not None:
         _check_same_split(saved["config"], cfg, full_train)
+    elif cfg.init_from:
+        _check_init_split(cfg, full_train)
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
         raise TrainError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
