@@ -3,8 +3,9 @@ and what an epoch costs on this machine for the shipped recipe against the 2022 
 
     python benchmarks/time_to_accuracy.py --checkpoint checkpoints/vit-cifar10 [--data ../shared/cifar10]
 
-- From the run's own history.json: training minutes (validation included, teacher excluded) to
-  each mark, as the model card gives them.
+- From the run's history.json, after those of the runs it warm-started from (`--init-from`), if
+  any: training minutes (validation included, teacher excluded) to each mark, as the model card
+  gives them.
 - Measured in this run, one after the other on the same CPU: images/s of the shipped recipe's
   training step (batch 128, bf16 where `--amp auto` picks it, the CNN teacher's forward pass,
   CutMix; with patch dropout and on whole images) and of the report's input path and step
@@ -17,7 +18,6 @@ Run it on an idle machine: a training run beside it halves every figure.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from train_throughput import report_pipeline_step, timed, train_folder  # noqa: E402
-from vit_core.card import ACCURACY_MARKS, minutes_to_accuracy  # noqa: E402
+from vit_core.card import ACCURACY_MARKS, lineage, minutes_to_accuracy  # noqa: E402
 from vit_core.config import RECIPES, TrainConfig  # noqa: E402
 from vit_core.data import load_image_folder  # noqa: E402
 from vit_core.devices import pick_device  # noqa: E402
@@ -62,7 +62,7 @@ def report_step(train_dir: Path, cfg: TrainConfig):
 
 
 def print_history(checkpoint: Path) -> None:
-    history = json.loads((checkpoint / "history.json").read_text())
+    history = lineage(checkpoint)
     reached = minutes_to_accuracy(history)
     print(f"{checkpoint}: {len(history)} epochs, best validation {max(h['val_acc'] for h in history):.4f}")
     for mark in ACCURACY_MARKS:

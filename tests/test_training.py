@@ -391,6 +391,13 @@ def test_init_from_starts_from_a_trained_checkpoint_and_counts_its_run_in_the_co
     assert info["init"]["summary"]["wall_seconds"] / 60 == pytest.approx(base)
     card = (tmp_path / "warm" / "README.md").read_text()
     assert "(`--init-from`, a warm restart)" in card
+    # The curves and minutes-to-accuracy go on from the starting run's epochs.
+    from vit_core.card import lineage
+
+    full = lineage(tmp_path / "warm")
+    assert [r["epoch"] for r in full] == [1, 2, 3]
+    assert full[:2] == json.loads((tmp_path / "first" / "history.json").read_text())
+    assert "best epoch 1 of this run, 3 counting the runs its weights started from" in card
     assert f"and {base:.1f} min (teacher included) for the run that trained the starting weights" in card
 
 

@@ -9,6 +9,7 @@ from .faithfulness import read_results, result_mean
 
 TRAIN_INFO = "train_info.json"
 HISTORY = "history.json"
+INIT_HISTORY = "init_history.json"  # a warm start's (`--init-from`): the epochs behind its starting weights
 EVAL_INFO = "eval.json"
 NOTES = "notes.md"
 
@@ -51,6 +52,15 @@ def _extras(cfg: dict) -> str:
 ACCURACY_MARKS = (0.70, 0.75, 0.80, 0.85)
 
 
+def lineage(folder: str | Path) -> list[dict]:
+    """Every epoch behind a run's weights: those of the runs it warm-started from, then its own,
+    numbered on, so curves and minutes-to-accuracy tell the whole training."""
+    folder = Path(folder)
+    before, own = _read(folder / INIT_HISTORY) or [], _read(folder / HISTORY) or []
+    offset = before[-1]["epoch"] if before else 0
+    return before + [{**record, "epoch": record["epoch"] + offset} for record in own]
+
+
 def minutes_to_accuracy(history: list[dict], marks=ACCURACY_MARKS) -> dict[float, float | None]:
     """Training minutes (epochs' wall time summed, validation included) until validation accuracy
     first reached each mark; None where it never did."""
@@ -77,7 +87,8 @@ def _time_to_accuracy_lines(history: list[dict]) -> list[str]:
         return []
     cells = [f"{m:.1f} min" if m is not None else "not reached"
              for m in minutes_to_accuracy(history).values()]
-    return ["", "Time to validation accuracy (training minutes on the machine above, teacher excluded):", "",
+    return ["", "Time to validation accuracy (training minutes on the machine above, teacher excluded; a warm "
+            "start's minutes count the runs its weights started from):", "",
             "| " + " | ".join(f"{mark:.0%}" for mark in ACCURACY_MARKS) + " |",
             "| " + " | ".join("---" for _ in ACCURACY_MARKS) + " |",
             "| " + " | ".join(cells) + " |"]
@@ -156,12 +167,15 @@ def _compute(info: dict) -> list[str]:
     return lines
 
 
-def _results(history: list[dict], evaluation: dict | None) -> list[str]:
-    lines = ["", "## Results", ""]
+def _results(out: Path, evaluation: dict | None) -> list[str]:
+    lines, history, full = ["", "## Results", ""], _read(out / HISTORY) or [], lineage(out)
     if history:
         best = max(history, key=lambda h: h["val_acc"])
-        lines += [f"- Validation accuracy (best epoch {best['epoch']}): {best['val_acc'] * 100:.2f} %"]
-        lines += _time_to_accuracy_lines(history) + [""]
+        counted = full[len(full) - len(history) + best["epoch"] - 1]["epoch"]
+        where = f"best epoch {best['epoch']}" + (f" of this run, {counted} counting the runs its weights started "
+                                                 f"from" if counted != best["epoch"] else "")
+        lines += [f"- Validation accuracy ({where}): {best['val_acc'] * 100:.2f} %"]
+        lines += _time_to_accuracy_lines(full) + [""]
     if evaluation:
         lines += [
             f"- **Test accuracy: {evaluation['accuracy'] * 100:.2f} %** on {evaluation['n_images']} images of "
@@ -213,10 +227,10 @@ def _faithfulness_lines(out: Path) -> list[str]:
 
 def write_model_card(out: str | Path) -> Path:
     out = Path(out)
-    info, history, evaluation = _read(out / TRAIN_INFO), _read(out / HISTORY) or [], _read(out / EVAL_INFO)
+    info, evaluation = _read(out / TRAIN_INFO), _read(out / EVAL_INFO)
     if info is None:
         raise FileNotFoundError(f"{out / TRAIN_INFO} is missing; the card is built from a training run")
-    lines = _header(info) + _recipe(info) + _compute(info) + _results(history, evaluation) + _faithfulness_lines(out)
+    lines = _header(info) + _recipe(info) + _compute(info) + _results(out, evaluation) + _faithfulness_lines(out)
     if (out / NOTES).exists():  # what the numbers alone do not tell, written by whoever ran it
         lines += ["## Notes", "", (out / NOTES).read_text().strip(), ""]
     path = out / "README.md"

@@ -26,9 +26,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .checkpoints import CheckpointError, load_checkpoint
 from .config import RESUMABLE_CHANGES, SAME_SPLIT, TrainConfig, TrainError
 from .data import ImageTensors, augment, cutmix, load_split, random_erase, split_validation, validation_count
-from .checkpoints import CheckpointError, load_checkpoint
 from .devices import DeviceError, autocast, pick_device, uses_bf16
 from .evaluate import predict_probs
 from .model import WEIGHTS_NAME, ViTClassifier, mimetic_attention_init_, normalize, sincos_position_init_
@@ -461,7 +461,11 @@ def _record_segment(run: Run, resumed: bool) -> None:
     teacher_info = teacher_folder(cfg, out) / TEACHER_INFO_NAME
     if cfg.teacher != "none" and teacher_info.exists():
         info["teacher"] = json.loads(teacher_info.read_text())
-    # A warm start's compute includes the run that trained its starting weights.
+    # A warm start's compute and curves include the run that trained its starting weights.
+    if cfg.init_from and not resumed:
+        from .card import INIT_HISTORY, lineage
+
+        atomic_write_text(out / INIT_HISTORY, json.dumps(lineage(cfg.init_from), indent=2))
     base_info = Path(cfg.init_from or "") / INFO_NAME
     if cfg.init_from and base_info.is_file():
         base = json.loads(base_info.read_text())
@@ -574,11 +578,13 @@ def finish(run: Run) -> dict:
     """Rank 0: training figure, summary, model card, optional upload."""
     summary = {}
     if run.is_main:
-        from .card import write_model_card
+        from .card import lineage, write_model_card
         from .viz import plot_training_history
 
         out = run.out
-        plot_training_history(run.history).save(out / "training.png")
+        full = lineage(out)
+        plot_training_history(full, warm_start=len(full) - len(run.history) if run.cfg.init_from else None
+                              ).save(out / "training.png")
         summary = {"best_epoch": run.best_epoch, "best_val_acc": run.best_acc, "epochs_run": len(run.history),
                    "wall_seconds": run.elapsed_before + time.perf_counter() - run.started,
                    "seconds_since_first_start": time.time() - run.first_started}

@@ -435,11 +435,15 @@ def plot_curves(curves: dict[str, np.ndarray], title: str, ylabel: str = "target
     return figure_to_image(fig)
 
 
-def plot_training_history(history: list[dict]) -> Image.Image:
-    """Loss, accuracy and learning rate per epoch, like the report's training-statistics figure."""
+def plot_training_history(history: list[dict], warm_start: int | None = None) -> Image.Image:
+    """Loss, accuracy and learning rate per epoch, like the report's training-statistics figure;
+    `warm_start`: the epoch after which a run started from these weights (`--init-from`), marked."""
     fig = Figure(figsize=(12, 3.6))
     ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
     epochs = [h["epoch"] for h in history]
+    if warm_start:
+        for ax in (ax_loss, ax_acc, ax_lr):
+            ax.axvline(warm_start + 0.5, color="grey", linestyle="--", linewidth=1, label="warm start")
     ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation")
     ax_loss.set(title="loss", xlabel="epoch")
