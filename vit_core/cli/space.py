@@ -33,8 +33,9 @@ INCLUDE = (
     "checkpoints/*/model.safetensors", "checkpoints/*/config.json", "checkpoints/*/anatomy.npz",
     "checkpoints/*/*.md", "checkpoints/*/*.png", "checkpoints/*/*.json", "checkpoints/*/*.log",
 )
-# Never sent, even inside an included folder: caches, hidden files, pickles, temporary files.
-EXCLUDE_DIRS = {"__pycache__"}
+# Never sent, even inside an included folder: caches, hidden files, pickles, temporary files, and
+# the distillation teacher's weights (train.py reads them; the app never does).
+EXCLUDE_DIRS = {"__pycache__", "cnn-teacher"}
 EXCLUDE_SUFFIXES = {".pyc", ".pyo", ".tmp", ".pt", ".pth", ".bin", ".ckpt", ".pkl"}
 _IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)|<img\s[^>]*src=[\"']([^\"']+)[\"']")
 _FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n", re.DOTALL)
