@@ -419,6 +419,27 @@ def test_init_from_a_missing_or_unfitting_checkpoint_is_a_clear_error(toy_data, 
     assert "validation split cannot be checked" in capsys.readouterr().err
 
 
+def test_the_shipped_teacher_is_the_trained_one_and_classifies_the_shipped_examples():
+    """`--teacher checkpoints/cnn-teacher` stands in for the default recipe's teacher training."""
+    import numpy as np
+    from PIL import Image
+
+    from vit_core.model import normalize
+    from vit_core.teacher import ConvTeacher, teacher_logits
+
+    folder = ROOT / "checkpoints" / "cnn-teacher"
+    teacher = ConvTeacher.from_pretrained(folder).eval()  # safetensors, strict keys and shapes
+    files = sorted((ROOT / "demo" / "examples").glob("*.jpg"))
+    images = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+                          for f in files])
+    with torch.no_grad():
+        predicted = teacher_logits(teacher, normalize(images, teacher.mean, teacher.std), bf16=False).argmax(-1)
+    truth = [teacher.class_names.index(f.stem.rsplit("_", 1)[0]) for f in files]
+    assert len(files) == 30 and sum(p == t for p, t in zip(predicted.tolist(), truth)) >= 25
+    info = json.loads((folder / "teacher_info.json").read_text())
+    assert info["epochs"] == TrainConfig(data="d", out="o").teacher_epochs and info["val_acc"] > 0.85
+
+
 def test_distillation_targets_are_the_teachers_predictions_for_the_same_images():
     from vit_core.training import distillation_loss, train_step
 
