@@ -398,7 +398,13 @@ def test_init_from_starts_from_a_trained_checkpoint_and_counts_its_run_in_the_co
     assert [r["epoch"] for r in full] == [1, 2, 3]
     assert full[:2] == json.loads((tmp_path / "first" / "history.json").read_text())
     assert "best epoch 1 of this run, 3 counting the runs its weights started from" in card
-    assert f"and {base:.1f} min (teacher included) for the run that trained the starting weights" in card
+    assert f"and {base:.1f} min (teachers included) for the training behind the starting weights" in card
+    # A warm start from a warm start counts both runs before it.
+    train(tiny_config(toy_data, tmp_path / "again", epochs=1, lr=1e-12, init_from=str(tmp_path / "warm")))
+    warm_minutes = json.loads((tmp_path / "warm" / "train_info.json").read_text())["summary"]["wall_seconds"] / 60
+    card = (tmp_path / "again" / "README.md").read_text()
+    assert f"and {base + warm_minutes:.1f} min (teachers included)" in card
+    assert [r["epoch"] for r in lineage(tmp_path / "again")] == [1, 2, 3, 4]
 
 
 def test_init_from_a_missing_or_unfitting_checkpoint_is_a_clear_error(toy_data, tmp_path, capsys):

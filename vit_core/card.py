@@ -130,15 +130,20 @@ def _run_minutes(summary: dict, teacher: dict | None) -> float:
     return summary.get("wall_seconds", 0.0) / 60 + (teacher["minutes"] if teacher else 0.0)
 
 
+def _minutes_behind(base: dict | None) -> float:
+    """Training minutes, teachers included, of a warm start's base run and of the runs behind it."""
+    return 0.0 if not base else _run_minutes(base["summary"], base.get("teacher")) + _minutes_behind(base.get("init"))
+
+
 def _total_compute_lines(info: dict) -> list[str]:
-    """This run, its teacher and, for a warm start, the run that trained the starting weights."""
+    """This run, its teacher and, for a warm start, the runs that trained the starting weights."""
     minutes = _run_minutes(info["summary"], info.get("teacher"))
     base = info.get("init")
     if base:
-        base_minutes = _run_minutes(base["summary"], base.get("teacher"))
+        base_minutes = _minutes_behind(base)
         return ["", f"Total compute: {(minutes + base_minutes) / 60:.2f} h of this machine: this run "
-                f"{minutes:.1f} min, and {base_minutes:.1f} min (teacher included) for the run that trained the "
-                f"starting weights in `{base['folder']}` ({base['segments']} segment(s); its command: "
+                f"{minutes:.1f} min, and {base_minutes:.1f} min (teachers included) for the training behind the "
+                f"starting weights in `{base['folder']}` (its last run: {base['segments']} segment(s), command "
                 f"`{base.get('command') or 'not recorded'}`)."]
     if info.get("teacher"):
         return ["", f"Total compute: {minutes / 60:.2f} h of this machine, teacher included."]

@@ -70,7 +70,7 @@ def warm_start_(model: ViTClassifier, cfg: TrainConfig) -> None:
         model.load_state_dict(source.state_dict(), strict=True)
     except RuntimeError as error:
         raise TrainError(f"--init-from {cfg.init_from}: its network is not --preset {cfg.preset} "
-                         f"({str(error).splitlines()[1].strip()})") from error
+                         f"({str(error).strip().splitlines()[-1].strip()})") from error
 
 
 def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int, elapsed_s: float = 0.0) -> float:
@@ -470,7 +470,8 @@ def _record_segment(run: Run, resumed: bool) -> None:
     if cfg.init_from and base_info.is_file():
         base = json.loads(base_info.read_text())
         info["init"] = {"folder": cfg.init_from, "summary": base.get("summary", {}), "teacher": base.get("teacher"),
-                        "segments": len(base.get("segments", [])), "command": base.get("config", {}).get("command")}
+                        "segments": len(base.get("segments", [])), "command": base.get("config", {}).get("command"),
+                        "init": base.get("init")}  # the runs behind a base that was itself a warm start
     atomic_write_text(out / INFO_NAME, json.dumps(info, indent=2))
     print(f"{run.model.n_params / 1e6:.2f} M parameters; {len(run.train_set)} train / {len(run.val_set)} val "
           f"images; {run.steps_per_epoch} steps per epoch on {run.device} x{run.world}", flush=True)
