@@ -1,5 +1,6 @@
 import json
 from dataclasses import asdict as dataclasses_asdict
+from dataclasses import replace as dataclasses_replace
 import os
 import socket
 import subprocess
@@ -405,6 +406,18 @@ def test_init_from_starts_from_a_trained_checkpoint_and_counts_its_run_in_the_co
     card = (tmp_path / "again" / "README.md").read_text()
     assert f"and {base + warm_minutes:.1f} min (teachers included)" in card
     assert [r["epoch"] for r in lineage(tmp_path / "again")] == [1, 2, 3, 4]
+
+
+def test_a_resumed_warm_start_keeps_the_record_of_its_starting_run(toy_data, tmp_path):
+    train(tiny_config(toy_data, tmp_path / "first", epochs=1))
+    base = json.loads((tmp_path / "first" / "train_info.json").read_text())["summary"]["wall_seconds"] / 60
+    warm = tiny_config(toy_data, tmp_path / "warm", epochs=1, init_from=str(tmp_path / "first"))
+    train(warm)
+    (tmp_path / "first").rename(tmp_path / "moved")  # a resume may run where that path means nothing
+    train(dataclasses_replace(warm, epochs=2, resume=True))
+    info = json.loads((tmp_path / "warm" / "train_info.json").read_text())
+    assert len(info["segments"]) == 2 and info["init"]["folder"] == str(tmp_path / "first")
+    assert f"and {base:.1f} min (teachers included)" in (tmp_path / "warm" / "README.md").read_text()
 
 
 def test_init_from_a_missing_or_unfitting_checkpoint_is_a_clear_error(toy_data, tmp_path, capsys):

@@ -176,9 +176,9 @@ def _results(out: Path, evaluation: dict | None) -> list[str]:
     lines, history, full = ["", "## Results", ""], _read(out / HISTORY) or [], lineage(out)
     if history:
         best = max(history, key=lambda h: h["val_acc"])
-        counted = full[len(full) - len(history) + best["epoch"] - 1]["epoch"]
-        where = f"best epoch {best['epoch']}" + (f" of this run, {counted} counting the runs its weights started "
-                                                 f"from" if counted != best["epoch"] else "")
+        offset = len(full) - len(history)  # epochs of the runs a warm start started from
+        where = f"best epoch {best['epoch']}" + (f" of this run, {best['epoch'] + offset} counting the runs its "
+                                                 f"weights started from" if offset else "")
         lines += [f"- Validation accuracy ({where}): {best['val_acc'] * 100:.2f} %"]
         lines += _time_to_accuracy_lines(full) + [""]
     if evaluation:

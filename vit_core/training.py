@@ -325,33 +325,54 @@ def _check_resume_compatible(saved: dict, cfg: TrainConfig) -> None:
                          + "). Resume with the same settings, or train into a new --out.")
 
 
-def _check_same_split(saved: dict, cfg: TrainConfig, full_train: ImageTensors) -> None:
-    """--val-size may be given as a share or a count; resumed, it must hold out as many images as
-    the run did (with the same seed and data, the same images)."""
+def _held_out(saved: dict, cfg: TrainConfig, full_train: ImageTensors) -> tuple[float, int, int]:
+    """--val-size may be given as a share or a count: the earlier run's value and the images it and
+    this run hold out (with the same seed and data, equal counts are the same images)."""
     default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == SAME_SPLIT)
-    before, now = saved.get(SAME_SPLIT, default), cfg.val_size
-    held_before, held_now = validation_count(full_train, before), validation_count(full_train, now)
+    before = saved.get(SAME_SPLIT, default)
+    return before, validation_count(full_train, before), validation_count(full_train, cfg.val_size)
+
+
+def _check_same_split(saved: dict, cfg: TrainConfig, full_train: ImageTensors) -> None:
+    """Resumed, a run must hold out as many images as it did."""
+    before, held_before, held_now = _held_out(saved, cfg, full_train)
     if held_before != held_now:
         raise TrainError(f"cannot resume: the checkpoint held out --val-size {before:g} ({held_before} images), "
-                         f"now {now:g} ({held_now}). Resume with --val-size {before:g}.")
+                         f"now {cfg.val_size:g} ({held_now}). Resume with --val-size {before:g}.")
+
+
+def _base_info(cfg: TrainConfig) -> dict | None:
+    """The train_info.json of the run whose weights --init-from starts from, if it left one."""
+    path = Path(cfg.init_from) / INFO_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _check_init_split(cfg: TrainConfig, full_train: ImageTensors) -> None:
     """A warm start must hold out the images its starting run held out: any other split would
     validate on images those weights were trained on."""
-    base_info = Path(cfg.init_from) / INFO_NAME
-    if not base_info.is_file():
+    base = _base_info(cfg)
+    if base is None:
         print(f"warning: --init-from {cfg.init_from} has no {INFO_NAME}, so its validation split cannot be "
               f"checked; if its run trained on images this one validates on, validation reads too high",
               file=sys.stderr, flush=True)
         return
-    base = json.loads(base_info.read_text())["config"]
-    held_before, held_now = validation_count(full_train, base["val_size"]), validation_count(full_train, cfg.val_size)
-    if (base["seed"], held_before) != (cfg.seed, held_now):
+    before, held_before, held_now = _held_out(base["config"], cfg, full_train)
+    seed = base["config"]["seed"]
+    if (seed, held_before) != (cfg.seed, held_now):
         raise TrainError(f"--init-from {cfg.init_from}: its run held out {held_before} images with --seed "
-                         f"{base['seed']}, this one would hold out {held_now} with --seed {cfg.seed}, and validate on "
-                         f"images the starting weights were trained on. Give --val-size {base['val_size']:g} "
-                         f"--seed {base['seed']}.")
+                         f"{seed}, this one would hold out {held_now} with --seed {cfg.seed}, and validate on "
+                         f"images the starting weights were trained on. Give --val-size {before:g} --seed {seed}.")
+
+
+def _describe_base(cfg: TrainConfig) -> dict | None:
+    """What the card needs of the training behind a warm start's weights: its compute (and, for a
+    base that was itself a warm start, the runs behind it), segments and command."""
+    base = _base_info(cfg)
+    if base is None:
+        return None
+    return {"folder": cfg.init_from, "summary": base.get("summary", {}), "teacher": base.get("teacher"),
+            "segments": len(base.get("segments", [])), "command": base.get("config", {}).get("command"),
+            "init": base.get("init")}
 
 
 def _start_processes(cfg: TrainConfig) -> tuple[torch.device, int, int, AdaptiveThreads | None]:
@@ -400,7 +421,7 @@ def setup(cfg: TrainConfig) -> Run:
     saved = _saved_state(cfg, out)
     if cfg.teacher not in ("auto", "none"):  # before the data is read: a wrong path fails at once
         require_teacher_weights(cfg, Path(cfg.teacher))
-    if cfg.init_from and not Path(cfg.init_from).is_dir():
+    if cfg.init_from and saved is None and not Path(cfg.init_from).is_dir():  # a resume never reads it
         raise TrainError(f"--init-from {cfg.init_from}: no such folder (give the folder of a trained checkpoint)")
     if cfg.batch_size % world:
         raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
@@ -449,9 +470,8 @@ def _record_segment(run: Run, resumed: bool) -> None:
     """Each start or resume is a segment, so the card can tell the whole story of the run."""
     cfg, out = run.cfg, run.out
     out.mkdir(parents=True, exist_ok=True)
-    segments = []
-    if resumed and (out / INFO_NAME).exists():
-        segments = json.loads((out / INFO_NAME).read_text()).get("segments", [])
+    previous = json.loads((out / INFO_NAME).read_text()) if resumed and (out / INFO_NAME).exists() else {}
+    segments = previous.get("segments", [])
     segments.append({"command": cfg.command, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                      "from_epoch": run.start_epoch, "epochs": cfg.epochs, "time_budget_min": cfg.time_budget_min})
     info = {"config": dataclasses.asdict(cfg), "model_config": run.model._hub_mixin_config, "segments": segments,
@@ -461,17 +481,15 @@ def _record_segment(run: Run, resumed: bool) -> None:
     teacher_info = teacher_folder(cfg, out) / TEACHER_INFO_NAME
     if cfg.teacher != "none" and teacher_info.exists():
         info["teacher"] = json.loads(teacher_info.read_text())
-    # A warm start's compute and curves include the run that trained its starting weights.
+    # A warm start's compute and curves include the training behind its starting weights, read once
+    # when it starts (a resume may run from elsewhere, where that folder's path means nothing).
     if cfg.init_from and not resumed:
         from .card import INIT_HISTORY, lineage
 
         atomic_write_text(out / INIT_HISTORY, json.dumps(lineage(cfg.init_from), indent=2))
-    base_info = Path(cfg.init_from or "") / INFO_NAME
-    if cfg.init_from and base_info.is_file():
-        base = json.loads(base_info.read_text())
-        info["init"] = {"folder": cfg.init_from, "summary": base.get("summary", {}), "teacher": base.get("teacher"),
-                        "segments": len(base.get("segments", [])), "command": base.get("config", {}).get("command"),
-                        "init": base.get("init")}  # the runs behind a base that was itself a warm start
+    base = previous.get("init") if resumed else _describe_base(cfg) if cfg.init_from else None
+    if base is not None:
+        info["init"] = base
     atomic_write_text(out / INFO_NAME, json.dumps(info, indent=2))
     print(f"{run.model.n_params / 1e6:.2f} M parameters; {len(run.train_set)} train / {len(run.val_set)} val "
           f"images; {run.steps_per_epoch} steps per epoch on {run.device} x{run.world}", flush=True)
@@ -584,8 +602,7 @@ def finish(run: Run) -> dict:
 
         out = run.out
         full = lineage(out)
-        plot_training_history(full, warm_start=len(full) - len(run.history) if run.cfg.init_from else None
-                              ).save(out / "training.png")
+        plot_training_history(full, warm_start=len(full) - len(run.history)).save(out / "training.png")
         summary = {"best_epoch": run.best_epoch, "best_val_acc": run.best_acc, "epochs_run": len(run.history),
                    "wall_seconds": run.elapsed_before + time.perf_counter() - run.started,
                    "seconds_since_first_start": time.time() - run.first_started}

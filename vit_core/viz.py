@@ -437,7 +437,8 @@ def plot_curves(curves: dict[str, np.ndarray], title: str, ylabel: str = "target
 
 def plot_training_history(history: list[dict], warm_start: int | None = None) -> Image.Image:
     """Loss, accuracy and learning rate per epoch, like the report's training-statistics figure;
-    `warm_start`: the epoch after which a run started from these weights (`--init-from`), marked."""
+    `warm_start`: the epoch after which a run started from these weights (`--init-from`), marked
+    (0 or None: no warm start)."""
     fig = Figure(figsize=(12, 3.6))
     ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
     epochs = [h["epoch"] for h in history]
