@@ -7,9 +7,12 @@ PY := $(VENV)/bin/python
 
 .PHONY: app test install install-dev browser
 
-$(VENV)/.installed: requirements.txt
+# The pinned requirements first, then the project itself in editable mode (pyproject.toml: the
+# package, so `import vit_core` works from any folder, and the vit-* commands).
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt

@@ -1,37 +1,22 @@
-"""Train the ViT on CIFAR-10 and export the best validation weights.
+"""Train the ViT on CIFAR-10: `python train.py --help` lists every setting.
 
-    python train.py --data ../shared/cifar10 --out runs/mine                  # the shipped checkpoint's recipe
-    python train.py --data ../shared/cifar10 --out runs/quick --epochs 30     # the same recipe, shorter
-    python train.py --data ~/data --download --recipe report --out runs/rep   # the 2022 report's settings
-    torchrun --nproc_per_node 2 train.py --data ... --out ...                 # data parallel
-
-The defaults are the recipe of the shipped checkpoint; `--recipe` picks another named recipe, and
-any flag overrides either. A run writes `train_state.pt` after every epoch; `--resume` continues a
-killed run exactly.
+The command itself is `vit_core.cli.train` (installed as `vit-train`); this file keeps
+`python train.py` working from a clone without installing anything.
 """
 
-import shlex
 import sys
 
-from vit_core.config import TrainConfig, TrainError, build_parser, config_from_args
-from vit_core.data import DataError
-from vit_core.training import train
+from vit_core.cli import train as command
+
+PROG = "python train.py"  # what train_info.json records as the command that ran
 
 
-def parse_args(argv=None) -> TrainConfig:
-    args = build_parser(__doc__).parse_args(argv)
-    command = "python train.py " + " ".join(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
-    return config_from_args(args, command)
+def parse_args(argv=None):
+    return command.parse_args(argv, prog=PROG)
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
-    try:
-        train(cfg)
-    except (TrainError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return command.main(argv, prog=PROG)
 
 
 if __name__ == "__main__":

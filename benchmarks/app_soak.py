@@ -34,8 +34,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 from gradio_client import Client, handle_file  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_latency import free_port  # noqa: E402
+from app_latency import free_port  # noqa: E402 (after the environment is set)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "demo" / "examples").glob("*.jpg"))

@@ -12,16 +12,12 @@ kernel measured in this run.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vit_core.model import Block, ViTClassifier  # noqa: E402
+from vit_core.model import Block, ViTClassifier
 
 explicit_forward = Block.forward
 

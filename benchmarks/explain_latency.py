@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -39,16 +38,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from vit_core import ViTClassifier, explain, fuse_heads, preprocess
+from vit_core import viz
+from vit_core.attribution import ATTRIBUTION_METHODS, occlusion, predicted_class
+from vit_core.devices import uses_bf16
+from vit_core.faithfulness import auc, perturbation_curve, random_maps, spearman
+from vit_core.model import to_model_pixels
+from vit_core.trust import TrustContext
 
-from vit_core import ViTClassifier, explain, fuse_heads, preprocess  # noqa: E402
-from vit_core import viz  # noqa: E402
-from vit_core.attribution import ATTRIBUTION_METHODS, occlusion, predicted_class  # noqa: E402
-from vit_core.devices import uses_bf16  # noqa: E402
-from vit_core.faithfulness import auc, perturbation_curve, random_maps, spearman  # noqa: E402
-from vit_core.model import to_model_pixels  # noqa: E402
-from vit_core.trust import TrustContext  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # The maps the app scores for every image (demo.session.FAST_METHODS beyond explain's three);
 # occlusion and Integrated Gradients wait to be asked for.

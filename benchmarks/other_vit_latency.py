@@ -28,11 +28,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from vit_core import explain, preprocess
+from vit_core.adapters import adapt
 
-from vit_core import explain, preprocess  # noqa: E402
-from vit_core.adapters import adapt  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 EXAMPLE = sorted((ROOT / "demo" / "examples").glob("*.jpg"))[0]
 

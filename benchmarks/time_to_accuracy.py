@@ -18,22 +18,19 @@ Run it on an idle machine: a training run beside it halves every figure.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from train_throughput import report_pipeline_step, timed, train_folder
+from vit_core.card import ACCURACY_MARKS, lineage, minutes_to_accuracy
+from vit_core.config import RECIPES, TrainConfig
+from vit_core.data import load_image_folder
+from vit_core.devices import pick_device
+from vit_core.teacher import ConvTeacher
+from vit_core.training import build_model, build_optimizer, make_batch, train_step
 
-from train_throughput import report_pipeline_step, timed, train_folder  # noqa: E402
-from vit_core.card import ACCURACY_MARKS, lineage, minutes_to_accuracy  # noqa: E402
-from vit_core.config import RECIPES, TrainConfig  # noqa: E402
-from vit_core.data import load_image_folder  # noqa: E402
-from vit_core.devices import pick_device  # noqa: E402
-from vit_core.teacher import ConvTeacher  # noqa: E402
-from vit_core.training import build_model, build_optimizer, make_batch, train_step  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 EPOCH_IMAGES = 45_000
 

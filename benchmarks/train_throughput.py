@@ -14,7 +14,6 @@ and, on its last line, `pipeline/bare_step=X.XX pipeline/report=Y.YY`.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,12 +21,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from vit_core.data import load_image_folder
+from vit_core.model import ViTClassifier
+from vit_core.training import TrainConfig, build_optimizer, make_batch, train_step
 
-from vit_core.data import load_image_folder  # noqa: E402
-from vit_core.model import ViTClassifier  # noqa: E402
-from vit_core.training import TrainConfig, build_optimizer, make_batch, train_step  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed(run_step, steps: int, warmup: int, batch: int) -> float:

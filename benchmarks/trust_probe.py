@@ -36,13 +36,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from vit_core import ViTClassifier, explain, normalize, preprocess
+from vit_core.attribution import ATTRIBUTION_METHODS, predicted_class
+from vit_core.faithfulness import spearman_rows
+from vit_core.trust import trust_figures
 
-from vit_core import ViTClassifier, explain, normalize, preprocess  # noqa: E402
-from vit_core.attribution import ATTRIBUTION_METHODS, predicted_class  # noqa: E402
-from vit_core.faithfulness import spearman_rows  # noqa: E402
-from vit_core.trust import trust_figures  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Clock:

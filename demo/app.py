@@ -406,8 +406,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def missing_default_checkpoint(source: str) -> str | None:
+    """An install without a clone beside it (a wheel) has no shipped weights to fall back on: say
+    so at once, instead of a loader error about a folder the user never named."""
+    if source != str(DEFAULT_CHECKPOINT) or DEFAULT_CHECKPOINT.is_dir():
+        return None
+    return (f"no shipped checkpoint beside the app (installed without the repository's checkpoints/ "
+            f"folder): pass --checkpoint DIR (a checkpoint folder, e.g. checkpoints/vit-cifar10 of a clone) "
+            f"or --checkpoint USER/REPO (a Hugging Face Hub repo id)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    missing = missing_default_checkpoint(args.checkpoint)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     limit_heap_arenas()  # before the server starts its threads
     torch.set_num_threads(max(1, args.threads))
     try:
