@@ -122,8 +122,18 @@ def _recipe(info: dict) -> list[str]:
         f"`{cfg['augment']}` + horizontal flip{_extras(cfg)}, amp `{cfg['amp']}`. Validation and test "
         "predictions average each image with its mirror image.", "",
         "Command:", "", "```", cfg.get("command") or "(not recorded)", "```", "",
+    ] + _warm_start_note(cfg) + [
         f"Machine: {info['machine']} (×{info['world_size']} process(es)).",
     ]
+
+
+def _warm_start_note(cfg: dict) -> list[str]:
+    """A warm start's folder may hold other weights by the time someone runs the command again."""
+    if not cfg.get("init_from"):
+        return []
+    return [f"`--init-from {cfg['init_from']}` read the starting weights that folder held when this run "
+            "started (their run is below); to run the command again, point it at a folder holding those "
+            "weights.", ""]
 
 
 def _run_minutes(summary: dict, teacher: dict | None) -> float:

@@ -32,6 +32,7 @@ from .data import ImageTensors, augment, cutmix, load_split, random_erase, split
 from .devices import DeviceError, autocast, pick_device, uses_bf16
 from .evaluate import predict_probs
 from .model import WEIGHTS_NAME, ViTClassifier, mimetic_attention_init_, normalize, sincos_position_init_
+from .records import portable_path
 from .teacher import ConvTeacher, teacher_accuracy, teacher_logits, train_teacher
 
 STATE_NAME = "train_state.pt"
@@ -370,7 +371,7 @@ def _describe_base(cfg: TrainConfig) -> dict | None:
     base = _base_info(cfg)
     if base is None:
         return None
-    return {"folder": cfg.init_from, "summary": base.get("summary", {}), "teacher": base.get("teacher"),
+    return {"folder": portable_path(cfg.init_from), "summary": base.get("summary", {}), "teacher": base.get("teacher"),
             "segments": len(base.get("segments", [])), "command": base.get("config", {}).get("command"),
             "init": base.get("init")}
 
@@ -466,6 +467,15 @@ def _restore(run: Run, saved: dict) -> None:
     run.history = json.loads(saved["history"])
 
 
+def _recorded_settings(cfg: TrainConfig) -> dict:
+    """The settings as train_info.json keeps them: its folders as `portable_path` writes them."""
+    settings = dataclasses.asdict(cfg)
+    for name in ("data", "out", "init_from", "teacher"):
+        if settings[name] and settings[name] not in ("auto", "none"):
+            settings[name] = portable_path(settings[name])
+    return settings
+
+
 def _record_segment(run: Run, resumed: bool) -> None:
     """Each start or resume is a segment, so the card can tell the whole story of the run."""
     cfg, out = run.cfg, run.out
@@ -474,7 +484,7 @@ def _record_segment(run: Run, resumed: bool) -> None:
     segments = previous.get("segments", [])
     segments.append({"command": cfg.command, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                      "from_epoch": run.start_epoch, "epochs": cfg.epochs, "time_budget_min": cfg.time_budget_min})
-    info = {"config": dataclasses.asdict(cfg), "model_config": run.model._hub_mixin_config, "segments": segments,
+    info = {"config": _recorded_settings(cfg), "model_config": run.model._hub_mixin_config, "segments": segments,
             "n_params": run.model.n_params, "train_images": len(run.train_set), "val_images": len(run.val_set),
             "world_size": run.world, "machine": machine_description(run.device), "device": str(run.device)}
     # A teacher given as a folder (one trained by an earlier run) counts in this run's compute too.

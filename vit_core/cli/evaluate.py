@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from ..checkpoints import CheckpointError, load_checkpoint
 from ..data import DataError, load_split
 from ..devices import DeviceError, pick_device
 from ..evaluate import evaluate
+from ..records import portable_command, portable_path
 from ..viz import plot_confusion
 from . import fail
 
@@ -69,9 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     result = evaluate(model.to(device), test.images, test.labels, device, mirror=not args.no_mirror)
     result["seconds"] = time.perf_counter() - start
-    result["data"] = str(Path(args.data) / "test")
-    given = sys.argv[1:] if argv is None else argv
-    result["command"] = f"{PROG} " + " ".join(shlex.quote(a) for a in given)
+    result["data"] = str(Path(portable_path(args.data)) / "test")  # as eval.json and the card keep it
+    result["command"] = portable_command(PROG, sys.argv[1:] if argv is None else argv)
     _print_result(result)
     if args.write_card:
         _write_card(Path(args.checkpoint), result, model.class_names)

@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from ..data import DataError, load_split
 from ..faithfulness import (MAP_METHODS, REFERENCES, REMOVALS, RESULTS_FILE, cascading_randomization,
                             method_maps, spearman_rows)
 from ..model import normalize
+from ..records import portable_command, portable_path
 from ..rollout import HEAD_FUSIONS
 from ..trust import TrustContext
 from . import fail
@@ -145,13 +145,13 @@ def _results(args, argv, per_image: dict, sanity: dict, removals: list[str], acc
         if name in sanity:
             methods[name]["randomisation"] = sanity[name]
     given = sys.argv[1:] if argv is None else argv
-    return {
-        "checkpoint": args.checkpoint, "data": str(Path(args.data) / "test"), "n": n, "seed": args.seed,
+    return {  # paths as a record keeps them (vit_core.records)
+        "checkpoint": portable_path(args.checkpoint), "data": str(Path(portable_path(args.data)) / "test"), "n": n, "seed": args.seed,
         "accuracy": accuracy, "target": "predicted class", "steps": args.steps, "n_random": args.n_random,
         "bf16": args.bf16, "head_fusion": args.head_fusion, "discard_ratio": args.discard_ratio,
         "removals": removals, "references": {r: REFERENCES[r] for r in removals},
         "sanity_images": min(args.sanity, n),
-        "command": f"{PROG} " + " ".join(shlex.quote(a) for a in given),
+        "command": portable_command(PROG, given),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(seconds, 1), "methods": methods,
         "random": {r: {f: _summary(per_image["random"][r][f]) for f in ("deletion_auc", "insertion_auc")}
