@@ -118,3 +118,12 @@ def test_an_install_without_the_shipped_checkpoint_says_to_pass_one(tmp_path, mo
     # A checkpoint the user names gets the loader's own message, not this one.
     assert app.main(["--checkpoint", str(tmp_path / "mine")]) == 2
     assert "mine" in capsys.readouterr().err
+
+
+def test_vit_space_deploys_the_repository_or_installed_the_current_folder(tmp_path, monkeypatch):
+    from vit_core.cli import space
+
+    assert space.ROOT == ROOT
+    monkeypatch.chdir(tmp_path)
+    assert space.repository_or_cwd(tmp_path / "site-packages") == tmp_path  # no pyproject.toml there
+    assert space.repository_or_cwd(ROOT) == ROOT

@@ -23,7 +23,15 @@ from ..checkpoints import hub_offline_reason, looks_like_repo_id
 from . import fail
 
 PROG = "python -m vit_core.cli.space"
-ROOT = Path(__file__).resolve().parents[2]
+
+
+def repository_or_cwd(folder: Path) -> Path:
+    """`folder` when it is the repository (a clone, or an editable install of one); installed from a
+    wheel, the package lies among others in site-packages, so deploy the current folder instead."""
+    return folder if (folder / "pyproject.toml").is_file() else Path.cwd()
+
+
+ROOT = repository_or_cwd(Path(__file__).resolve().parents[2])
 
 # Glob patterns relative to the repository root; what the running Space reads.
 INCLUDE = (
@@ -139,7 +147,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded; send nothing")
     parser.add_argument("--keep-others", action="store_true",
                         help="keep files on the Space that are not in the upload (default: delete them)")
-    parser.add_argument("--root", default=str(ROOT), help="the folder to deploy (default: this repository)")
+    parser.add_argument("--root", default=str(ROOT), help="the folder to deploy (default: this repository; installed from a wheel, the "
+                             "current folder)")
     return parser.parse_args(argv)
 
 
