@@ -4,6 +4,7 @@
     python demo/app.py --checkpoint user/repo # weights from the Hugging Face Hub
     python demo/app.py --checkpoint DIR       # also a timm ViT (save_for_hf folder, or timm/<name> cached)
     python demo/app.py --host 0.0.0.0 --port 7860 --share
+    vit-explorer ...                          # the same, installed (pip install -e .)
 
 This file is the layout and the event wiring only. The panels are entries of `demo.panels.PANELS`
 (the layout places them, and the events' outputs, clears and exports derive from that list); the

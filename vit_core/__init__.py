@@ -1,7 +1,8 @@
 """vit_core: a small Vision Transformer for CIFAR-10 and the tools to see what it attends to.
 
 The command-line tools live in `vit_core.cli` (`python -m vit_core.cli.explain`, `.evaluate`,
-`.faithfulness`, `.anatomy`, `.space`); this package only holds the library.
+`.faithfulness`, `.anatomy`, `.space`, `.train`; installed as `vit-explain` and so on); this package
+only holds the library.
 """
 
 from .adapters import TokenLayout, adapt, cls_patch_map, load_model

@@ -5,6 +5,10 @@
     python -m vit_core.cli.faithfulness --checkpoint DIR --data DIR -n N   every map's trust over a test set
     python -m vit_core.cli.anatomy --checkpoint DIR [--data DIR]           the Model tab's cached figures
     python -m vit_core.cli.space USER/SPACE [--dry-run]                    deploy the app as a Space
+    python -m vit_core.cli.train --data DIR --out DIR                      train (from a clone: python train.py)
+
+Installed (`pip install -e .`), each is also a command: vit-explain, vit-evaluate, vit-faithfulness,
+vit-anatomy, vit-space, vit-train (and vit-explorer, the app).
 
 Bad input (an unreadable image or checkpoint, missing data, a `--device` that is not here) prints
 one `error: ...` line on stderr and returns status 2, like argparse's own usage errors.
