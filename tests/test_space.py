@@ -22,6 +22,7 @@ NEEDED = [
     "checkpoints/vit-cifar10/README.md", "checkpoints/vit-cifar10/training.png",
     "checkpoints/vit-cifar10/anatomy.npz",
     "docs/screenshot.png",  # README.md shows it
+    "docs/app.md", "docs/model_tab.png",  # a page README.md links to, and an image that page shows
 ]
 LEFT_OUT = [
     ".venv/lib/python3.11/site-packages/torch/lib.so", ".venv/pyvenv.cfg", ".git/HEAD", ".gradio/cert.pem",
@@ -42,6 +43,7 @@ def working_copy(tmp_path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x" * 10)
     (tmp_path / "README.md").write_text(FRONT_MATTER)
+    (tmp_path / "docs" / "app.md").write_text("# app\n\n![tab](model_tab.png) ![up](../x.png)\n")
     return tmp_path
 
 
@@ -65,7 +67,8 @@ def test_this_repository_deploys_app_library_weights_examples_and_readme(capsys)
     assert files == space.space_files(ROOT)
     for needed in ("README.md", "requirements.txt", "demo/app.py", "vit_core/model.py", "vit_core/rollout.py",
                    "checkpoints/vit-cifar10/model.safetensors", "checkpoints/vit-cifar10/config.json",
-                   "checkpoints/vit-cifar10/anatomy.npz", "docs/screenshot.png"):
+                   "checkpoints/vit-cifar10/anatomy.npz", "docs/screenshot.png", "docs/app.md",
+                   "docs/model_tab.png", "LICENSE"):
         assert needed in files
     examples = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "demo" / "examples").glob("*.jpg"))
     assert len(examples) == 30 and set(examples) <= set(files)

@@ -7,8 +7,8 @@
 Uploading the whole folder would also send what a working copy accumulates (.venv/, runs/,
 tests/artifacts/, caches). This command sends an allow-list instead: README.md (its front matter
 configures the Space), requirements.txt, demo/ (the app and its example images), the library's
-Python files, each checkpoint's weights, config, card, figures and anatomy cache, and the local
-images README.md shows. The upload is one commit that also deletes files on the Space that are not
+Python files, each checkpoint's weights, config, card, figures and anatomy cache, the pages under
+docs/ that README.md links to, and the local images README.md and those pages show. The upload is one commit that also deletes files on the Space that are not
 in the list (`--keep-others` keeps them), so the Space mirrors the list.
 """
 
@@ -40,6 +40,7 @@ INCLUDE = (
     "vit_core/**/*.py",               # the library the app imports
     "checkpoints/*/model.safetensors", "checkpoints/*/config.json", "checkpoints/*/anatomy.npz",
     "checkpoints/*/*.md", "checkpoints/*/*.png", "checkpoints/*/*.json", "checkpoints/*/*.log",
+    "docs/*.md",                      # the pages README.md links to
 )
 # Never sent, even inside an included folder: caches, hidden files, pickles, temporary files, and
 # the distillation teacher's weights (train.py reads them; the app never does).
@@ -59,17 +60,24 @@ def _excluded(relative: Path) -> bool:
 
 
 def readme_images(root: Path) -> set[str]:
-    """Local files that README.md shows as images (Markdown or <img>), relative to `root`."""
-    readme = root / "README.md"
-    if not readme.is_file():
-        return set()
+    """Local files that README.md or a page under docs/ shows as images (Markdown or <img>), relative
+    to `root`."""
     found = set()
-    for match in _IMAGE_LINK.finditer(readme.read_text(encoding="utf-8")):
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        if page.is_file():
+            found |= _shown_images(page, root)
+    return found
+
+
+def _shown_images(page: Path, root: Path) -> set[str]:
+    found = set()
+    for match in _IMAGE_LINK.finditer(page.read_text(encoding="utf-8")):
         target = (match.group(1) or match.group(2)).split("#")[0]
-        if "://" in target or target.startswith(("/", "data:")) or ".." in Path(target).parts:
+        if "://" in target or target.startswith(("/", "data:")):
             continue
-        if (root / target).is_file():
-            found.add(Path(target).as_posix())
+        path = (page.parent / target).resolve()
+        if path.is_file() and path.is_relative_to(root.resolve()):
+            found.add(path.relative_to(root.resolve()).as_posix())
     return found
 
 
