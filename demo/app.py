@@ -57,6 +57,7 @@ from demo.session import (HEAD_MEAN, PREDICTED, Settings, analyze, example_label
 from vit_core import CheckpointError, ViTClassifier, load_checkpoint  # noqa: E402,F401 (load_checkpoint: re-exported)
 from vit_core.adapters import load_model  # noqa: E402
 from vit_core.checkpoints import candidate_folders, host_reachable  # noqa: E402
+from vit_core.cli import ArgumentParser  # noqa: E402
 from vit_core.images import MAX_FILE_BYTES  # noqa: E402
 from vit_core.rollout import HEAD_FUSIONS  # noqa: E402
 
@@ -390,7 +391,7 @@ def checkpoint_folder(source: str) -> Path | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python demo/app.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                         help="checkpoint directory or Hugging Face Hub repo id (default: the shipped one); "
                              "also a timm ViT: a folder saved by timm's save_for_hf, or timm/<name>")

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
+from .cli import ArgumentParser
 from .data import AUGMENTATIONS
 from .model import PRESETS
 
@@ -183,8 +184,7 @@ def _parse_type(annotation: str):
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     """One flag per `TrainConfig` field, help and choices from its metadata. Defaults are left out of
     the namespace (argparse.SUPPRESS), so `config_from_args` can tell a given flag from a recipe's."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)
+    parser = ArgumentParser(prog="python train.py", description=description, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(TrainConfig):
         meta = dict(f.metadata)
         if meta.pop("cli", True) is False:
