@@ -375,11 +375,16 @@ def _build_hf(config: dict, folder: Path, where: str) -> HFViT:
     if not (folder / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"{where}: it holds no {WEIGHTS_NAME} (only safetensors weights are read; "
                               f"save with save_pretrained(..., safe_serialization=True)).")
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a tiny load needs no bar; the tools print their own
     try:
         model, info = getattr(transformers, kind).from_pretrained(folder, use_safetensors=True,
                                                                    output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{where}: {' '.join(str(error).split())[:400]}") from error
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     wrong = {key: sorted(names)[:5] for key, names in info.items() if names}
     if wrong:  # missing, unexpected or mismatched keys: the weights are not this model's
         raise CheckpointError(f"{where}: the weights do not fit {kind} ({wrong}).")

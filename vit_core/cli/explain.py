@@ -25,11 +25,12 @@ import numpy as np
 from PIL import Image
 
 from .. import viz
-from ..checkpoints import CheckpointError, load_checkpoint
+from ..adapters import load_model
+from ..checkpoints import CheckpointError
 from ..images import ImageError, read_image
 from ..model import ViTClassifier, preprocess, resampling, to_model_pixels
 from ..rollout import HEAD_FUSIONS, Explanation, explain, fuse_heads
-from . import fail
+from . import CHECKPOINT_HELP, ArgumentParser, fail
 
 OUTPUTS = ("patches", "attention", "attention_last", "layers", "rollout", "grad_rollout", "last_layer")
 
@@ -39,11 +40,10 @@ class BadArgument(ValueError):
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vit_core.cli.explain",
+    parser = ArgumentParser(prog="python -m vit_core.cli.explain",
                                      description="Draw attention explanations of a ViT's predictions.")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size; resized to the model's)")
-    parser.add_argument("--checkpoint", required=True, help="folder with config.json and model.safetensors, "
-                                                            "or a Hub repo id")
+    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--out", required=True, help="output folder (created if needed)")
     parser.add_argument("--target", default=None, help="class to explain, by name or index (default: predicted)")
     parser.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean")
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         images = _read_images(args.images)
-        model = load_checkpoint(args.checkpoint)
+        model = load_model(args.checkpoint)
         target = parse_target(args.target, model.class_names)
         out = Path(args.out)
         if out.exists() and not out.is_dir():
