@@ -1,13 +1,16 @@
 """Train the ViT on CIFAR-10 and export the best validation weights.
 
-    python train.py --data ../shared/cifar10 --out runs/mine                  # the shipped checkpoint's recipe
+    python train.py --data ../shared/cifar10 --out runs/mine                  # the default recipe, from scratch
     python train.py --data ../shared/cifar10 --out runs/quick --epochs 30     # the same recipe, shorter
     python train.py --data ~/data --download --recipe report --out runs/rep   # the 2022 report's settings
     torchrun --nproc_per_node 2 train.py --data ... --out ...                 # data parallel
 
-The defaults are the recipe of the shipped checkpoint; `--recipe` picks another named recipe, and
-any flag overrides either. A run writes `train_state.pt` after every epoch; `--resume` continues a
-killed run exactly.
+The defaults (`--recipe default`) train the wide ViT from scratch, distilled from a CNN teacher: the
+recipe the shipped weights' training began with (`wide-v7`); the shipped weights themselves are its
+warm restart, `--recipe wide-v10 --init-from FOLDER`. `--recipe` picks a named recipe and any flag
+overrides it. Before training, the run says which teacher it uses: with CIFAR-10's default split
+the shipped one (checkpoints/cnn-teacher), else one it trains first. A run writes `train_state.pt`
+after every epoch; `--resume` continues a killed run exactly.
 """
 
 import shlex
