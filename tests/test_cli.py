@@ -503,3 +503,8 @@ def test_faithfulness_under_torchrun_writes_what_one_process_writes(colour_check
     two["command"] = two["command"].replace(str(tmp_path / "two"), str(tmp_path / "one"))  # --out
     assert one["n"] == 8 and one["methods"]["rollout"]["mean"]["deletion_auc"]["n"] == 8
     assert one == two
+    refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              "-m", "vit_core.cli.faithfulness", *args, "--methods", "blur"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert refused.returncode != 0 and len(errors) == 1 and "unknown method blur" in errors[0], refused.stderr

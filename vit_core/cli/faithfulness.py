@@ -36,6 +36,7 @@ import contextlib
 import datetime
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -55,7 +56,7 @@ from ..model import ViTClassifier, normalize
 from ..rollout import HEAD_FUSIONS, supported_methods
 from ..sharding import Shard, join, leave, local_device
 from ..trust import TrustContext
-from . import CHECKPOINT_HELP, ArgumentParser, fail, progress_bar
+from . import BAD_INPUT, CHECKPOINT_HELP, ArgumentParser, fail, progress_bar
 
 PROG = "python -m vit_core.cli.faithfulness"
 RESULTS = RESULTS_FILE  # read back by faithfulness.read_results
@@ -284,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         methods, removals, model, data, device = _inputs(args)
         out = _checked_out(args, model, data)
     except (ValueError, CheckpointError, DataError, DeviceError) as error:
-        return fail(error)
+        # Under torchrun every rank meets the same problem; one line says it.
+        return fail(error) if os.environ.get("RANK", "0") == "0" else BAD_INPUT
     device = local_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
