@@ -176,7 +176,8 @@ def _choice(name: str, allowed) -> callable:
 
 INF = float("inf")
 _CHECKS = [
-    _choice("recipe", RECIPES), _choice("preset", PRESETS), _choice("schedule", SCHEDULES), _choice("augment", AUGMENTATIONS),
+    _choice("recipe", RECIPES), _choice("preset", PRESETS), _choice("schedule", SCHEDULES),
+    _choice("augment", AUGMENTATIONS),
     _choice("attn_init", ATTN_INITS), _choice("pos_init", POS_INITS), _choice("distill", DISTILL_MODES),
     _choice("amp", AMP_MODES),
     _range("epochs", 1, INF), _range("batch_size", 1, INF), _range("lr", 0, INF, low_open=True),
