@@ -508,3 +508,28 @@ def test_faithfulness_under_torchrun_writes_what_one_process_writes(colour_check
                              cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
     assert refused.returncode != 0 and len(errors) == 1 and "unknown method blur" in errors[0], refused.stderr
+
+
+def test_every_tool_that_reads_data_offers_the_download_its_missing_data_error_names(colour_checkpoint,
+                                                                                     monkeypatch, capsys):
+    from vit_core.cli import anatomy
+    from vit_core.data import DataError, load_split
+
+    _, ckpt, data = colour_checkpoint
+    asked = []
+
+    def spy(*args, download=False, **kwargs):
+        asked.append(download)
+        raise DataError("no CIFAR-10 found (spied)")
+
+    for module in (evaluate_cli, faithfulness_cli, anatomy):
+        monkeypatch.setattr(module, "load_split", spy)
+    for tool in (evaluate_cli.main, faithfulness_cli.main, anatomy.main):
+        assert tool(["--checkpoint", str(ckpt), "--data", str(data), "--download"]) == 2
+    assert asked == [True, True, True] and capsys.readouterr().err.count("error: no CIFAR-10 found") == 3
+    message = ""
+    try:
+        load_split(ckpt / "nowhere", "test")
+    except DataError as error:
+        message = str(error)
+    assert "add --download" in message  # true now for every tool above, train.py included
