@@ -12,6 +12,10 @@ from collections.abc import Sequence
 import numpy as np
 
 SAME = 0.02  # cosine similarities closer than this are "about as alike"
+# Who attends, for each thing a prediction can read (`walkthrough.reads_what`).
+ATTENDS = {"the CLS token": "The CLS token attends",
+           "the mean of the CLS and distillation tokens": "The CLS and distillation tokens, averaged, attend",
+           "the mean of the patch tokens": "The patch tokens, averaged, attend"}
 
 
 def percent(p: float) -> str:
@@ -78,8 +82,8 @@ def block_sentence(block: int, reads: str, lens_probs, final: int, classes: Sequ
     (`attention` [T], the mean over heads)."""
     attention = np.asarray(attention, dtype=np.float64)
     top_patch = int(attention.argmax())
-    looks = (f"{reads[0].upper()}{reads[1:]} attends most to {_place(top_patch, grid)}: "
-             f"{percent(attention[top_patch])} of its attention, averaged over the {heads} heads.")
+    looks = (f"{ATTENDS.get(reads, reads[0].upper() + reads[1:] + ' attends')} most to {_place(top_patch, grid)}: "
+             f"{percent(attention[top_patch])} of the attention, averaged over the {heads} heads.")
     if lens_probs is None:
         return looks
     lens = np.asarray(lens_probs, dtype=np.float64)

@@ -362,6 +362,8 @@ def _one_image(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
 def _patch_indices(indices, n_patches: int, what: str) -> torch.Tensor:
     """Distinct patch indices as a long tensor, else ValueError naming the allowed range."""
     values = torch.as_tensor(list(indices) if isinstance(indices, (set, frozenset)) else indices)
+    if values.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
     if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
         raise ValueError(f"{what} must be integer patch indices in [0, {n_patches}), got dtype {values.dtype}")
     values = values.long().flatten()
