@@ -459,3 +459,16 @@ def test_decision_sentence_and_neighbour_similarity():
     similarity = np.exp(-np.hypot(rows[:, None] - rows[None], cols[:, None] - cols[None]))
     near, far = neighbour_similarity(similarity, grid)
     assert near == pytest.approx(np.exp(-1)) and far < near
+
+
+def test_bf16_scoring_stays_close_to_float32_and_leaves_the_model_in_float32():
+    model = own()
+    image = images_for(model, n=1)
+    exact, fast = walkthrough(model, image), walkthrough(model, image, bf16=True)
+    assert not torch.equal(exact.knockout_probs, fast.knockout_probs)  # it did run in bf16
+    torch.testing.assert_close(fast.knockout_probs, exact.knockout_probs, atol=0.03, rtol=0)
+    torch.testing.assert_close(fast.cls_lens, exact.cls_lens)  # the forward pass stays float32
+    order = torch.arange(64)
+    torch.testing.assert_close(what_if_curves(model, image, order, bf16=True), what_if_curves(model, image, order),
+                               atol=0.03, rtol=0)
+    assert all(p.dtype == torch.float32 for p in model.parameters())

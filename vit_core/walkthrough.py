@@ -37,6 +37,7 @@ from .faithfulness import kept_class_probabilities
 from .model import ViTClassifier, eval_mode, patchify
 from .narration import whatif_sentence  # noqa: F401  (the UI phrases any k with it)
 from .rollout import explain
+from .trust import bfloat16_copy
 
 PAYLOAD_VERSION = 1
 REMOVAL_NAMES = {"drop": "token drop", "mean": "mean fill"}
@@ -64,9 +65,12 @@ class _OwnStack:
         return self.model.pos_embed[0, 1:]
 
     def step(self, layer: int, x, weights: bool = False):
+        """Block `layer` on tokens x; without `weights` the last block runs for the CLS query
+        alone (the only token the head reads)."""
         block = self.model.blocks[layer]
-        out, attention = block.attend(block.project(block.norm1(x)), weights=weights)
-        x = x + out
+        cls_only = not weights and layer == self.depth - 1
+        out, attention = block.attend(block.project(block.norm1(x)), cls_only=cls_only, weights=weights)
+        x = (x[:, :1] if cls_only else x) + out
         x = x + block.mlp(block.norm2(x))
         return (x, attention) if weights else x
 
@@ -316,17 +320,30 @@ def position_similarity(positions: torch.Tensor | None) -> torch.Tensor | None:
     return (unit @ unit.T).float().cpu()
 
 
+def _knockout_probs(model: nn.Module, hidden: list[torch.Tensor], bf16: bool) -> torch.Tensor:
+    """`_knockout_logits` as probabilities; with `bf16` on the model's bfloat16 copy under autocast."""
+    if not bf16:
+        return _knockout_logits(_stack(model), hidden).softmax(dim=-1)
+    scorer = bfloat16_copy(model)
+    with eval_mode(scorer), torch.autocast(hidden[0].device.type, dtype=torch.bfloat16):
+        logits = _knockout_logits(_stack(scorer), [h.to(torch.bfloat16) for h in hidden])
+    return logits.float().softmax(dim=-1)
+
+
 @torch.no_grad()
-def walkthrough(model: nn.Module, images: torch.Tensor) -> Walkthrough:
+def walkthrough(model: nn.Module, images: torch.Tensor, bf16: bool = False) -> Walkthrough:
     """Every step's numbers for normalised `images` [B, 3, S, S] (`vit_core.preprocess`) and our
     ViTClassifier or a model from `vit_core.adapters.adapt` / `load_model`: one forward pass keeping
-    the hidden states, then one batch of all L x H head knock-outs (see the module docstring)."""
+    the hidden states, then one batch of all L x H head knock-outs (see the module docstring).
+    `bf16` runs the knock-outs on a bfloat16 copy of the model: faster on CPUs with bf16 units
+    (`vit_core.devices.uses_bf16`), their probabilities then off by up to a few 0.001
+    (benchmarks/walkthrough_latency.py measures both); everything else stays float32."""
     stack = _stack(model)
     images = check_images(model, images)
     with eval_mode(model):
         hidden, attentions = stack.trace(stack.embed(images))
         logits = stack.readout(hidden[-1])
-        knocked = _knockout_logits(stack, hidden).softmax(dim=-1)
+        knocked = _knockout_probs(model, hidden, bf16)
         cls_lens, patch_lens = _lens(stack, hidden)
         pca, share = token_pca(stack.patch_tokens(images))
         similarity = position_similarity(stack.positions())
@@ -384,10 +401,12 @@ def what_if(model: nn.Module, image: torch.Tensor, removed) -> torch.Tensor:
     return kept_class_probabilities(model, image, keep, torch.zeros(1, dtype=torch.long), removal_for(model))[0]
 
 
-def what_if_curves(model: nn.Module, image: torch.Tensor, order, ks: Sequence[int] | None = None) -> torch.Tensor:
+def what_if_curves(model: nn.Module, image: torch.Tensor, order, ks: Sequence[int] | None = None,
+                   bf16: bool = False) -> torch.Tensor:
     """Class probabilities after removing the first k patches of `order` for every k in `ks`
     (default 0 .. len(order)), all in one batch: [K, C] for one order [N], [M, K, C] for M orders
-    [M, N]. k = 0 is the untouched image."""
+    [M, N]. k = 0 is the untouched image. `bf16` scores the rows with a bfloat16 copy of the model
+    under autocast, as `trust.TrustContext` can (faster on CPUs with bf16 units, less exact)."""
     image = _one_image(model, image)
     n_patches = model.grid_size ** 2
     orders = torch.as_tensor(order)
@@ -400,8 +419,10 @@ def what_if_curves(model: nn.Module, image: torch.Tensor, order, ks: Sequence[in
     keep = torch.ones(len(orders), len(ks), n_patches, dtype=torch.bool)
     for i, k in enumerate(ks):
         keep[torch.arange(len(orders))[:, None], i, orders[:, :k]] = False
-    probs = kept_class_probabilities(model, image, keep.flatten(0, 1), torch.zeros(keep[..., 0].numel(), dtype=torch.long),
-                                     removal_for(model))
+    rows = torch.zeros(keep[..., 0].numel(), dtype=torch.long)
+    scorer = bfloat16_copy(model) if bf16 else model
+    with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=bf16):
+        probs = kept_class_probabilities(scorer, image, keep.flatten(0, 1), rows, removal_for(model))
     probs = probs.view(len(orders), len(ks), -1)
     return probs[0] if single else probs
 
@@ -456,10 +477,10 @@ def _relevance(model, image, relevance, method, label) -> tuple[torch.Tensor, st
     return values, method, label or method.replace("_", " ")
 
 
-def _whatif(model, image, values: torch.Tensor, seed: int) -> dict:
+def _whatif(model, image, values: torch.Tensor, seed: int, bf16: bool) -> dict:
     order = values.argsort(descending=True, stable=True)  # ties keep row-major order, as faithfulness.ranks
     random_order = torch.randperm(len(values), generator=torch.Generator().manual_seed(seed))
-    curves = what_if_curves(model, image, torch.stack([order, random_order]))
+    curves = what_if_curves(model, image, torch.stack([order, random_order]), bf16=bf16)
     return {"order": order.tolist(), "relevant": _rounded(curves[0]), "random": _rounded(curves[1]),
             "random_order": random_order.tolist(), "removal": REMOVAL_NAMES[removal_for(model)]}
 
@@ -502,16 +523,17 @@ def _narration(model, w: Walkthrough, payload: dict, trust: dict | None) -> dict
 
 def walkthrough_payload(model: nn.Module, image: torch.Tensor, classes: Sequence[str] | None = None,
                         relevance=None, method: str | None = None, label: str | None = None,
-                        trust: dict | None = None, seed: int = 0) -> dict:
+                        trust: dict | None = None, seed: int = 0, bf16: bool = False) -> dict:
     """Everything the Walkthrough draws for one normalised image [3, S, S] (or [1, 3, S, S]), as
     plain JSON (lists, floats rounded to 4 decimals; keys in the project's walkthrough contract).
     `relevance` [T] (or [g, g]) is the decision step's map, named `method` and shown as `label`
     (the caller picks the most faithful one); None computes gradient rollout (`default_relevance`).
     `trust` (that map's trust figures on this image, optional) goes into the decision's narration.
-    The what-if curves remove patches in the map's order and in a random order drawn from `seed`."""
+    The what-if curves remove patches in the map's order and in a random order drawn from `seed`.
+    `bf16` scores the knock-outs and the what-if rows with a bfloat16 copy (see `walkthrough`)."""
     image = _one_image(model, image)
     classes = list(model.class_names if classes is None else classes)
-    w = walkthrough(model, image)
+    w = walkthrough(model, image, bf16=bf16)
     if len(classes) != w.probs.shape[-1]:
         raise ValueError(f"{len(classes)} class names for {w.probs.shape[-1]} classes")
     values, method, label = _relevance(model, image, relevance, method, label)
@@ -529,7 +551,7 @@ def walkthrough_payload(model: nn.Module, image: torch.Tensor, classes: Sequence
         "probs": _rounded(w.probs[0]), "predicted": int(w.predicted[0]),
         "knockout": _knockout_payload(w),
         "map": {"method": method, "label": label, "values": _rounded(shown)},
-        "whatif": _whatif(model, image, values, seed),
+        "whatif": _whatif(model, image, values, seed, bf16),
         "trust": None if trust is None else {k: float(v) for k, v in trust.items()},
     }
     payload["narration"] = _narration(model, w, payload, trust)
