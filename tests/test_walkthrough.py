@@ -469,6 +469,7 @@ def test_bf16_scoring_stays_close_to_float32_and_leaves_the_model_in_float32():
     torch.testing.assert_close(fast.knockout_probs, exact.knockout_probs, atol=0.03, rtol=0)
     torch.testing.assert_close(fast.cls_lens, exact.cls_lens)  # the forward pass stays float32
     order = torch.arange(64)
+    # bfloat16 keeps 8 bits of mantissa: a few hundredths on this sharpened toy, a wrong row is far off
     torch.testing.assert_close(what_if_curves(model, image, order, bf16=True), what_if_curves(model, image, order),
-                               atol=0.03, rtol=0)
+                               atol=0.06, rtol=0)
     assert all(p.dtype == torch.float32 for p in model.parameters())
