@@ -473,3 +473,28 @@ def test_bf16_scoring_stays_close_to_float32_and_leaves_the_model_in_float32():
     torch.testing.assert_close(what_if_curves(model, image, order, bf16=True), what_if_curves(model, image, order),
                                atol=0.06, rtol=0)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_the_explain_command_writes_the_walkthrough_numbers(tmp_path):
+    from PIL import Image
+
+    from vit_core import preprocess
+    from vit_core.cli.explain import main
+
+    model = tiny_vit(image_size=16, sharpen=True)
+    model.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "plane.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(path)
+    assert main([str(path), "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"),
+                 "--walkthrough"]) == 0
+    saved = np.load(tmp_path / "out" / "plane_walkthrough.npz")
+    with Image.open(path) as image:
+        batch = preprocess(image.convert("RGB"), model)
+    w = walkthrough(model, batch)
+    np.testing.assert_allclose(saved["cls_lens"], w.cls_lens[0], atol=1e-6)
+    np.testing.assert_allclose(saved["head_knockout"], w.head_knockout[0], atol=1e-6)
+    grad_rollout = np.load(tmp_path / "out" / "plane.npz")["grad_rollout"].flatten()
+    assert saved["whatif_order"].tolist() == torch.as_tensor(grad_rollout).argsort(descending=True, stable=True).tolist()
+    np.testing.assert_allclose(saved["whatif_relevant"][3], what_if(model, batch, saved["whatif_order"][:3]),
+                               atol=1e-4)
+    assert str(saved["reads"]) == "the CLS token" and str(saved["removal"]) == "token drop"

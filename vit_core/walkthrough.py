@@ -556,3 +556,26 @@ def walkthrough_payload(model: nn.Module, image: torch.Tensor, classes: Sequence
     }
     payload["narration"] = _narration(model, w, payload, trust)
     return payload
+
+
+def walkthrough_arrays(model: nn.Module, image: torch.Tensor, relevance=None, seed: int = 0,
+                       bf16: bool = False) -> dict[str, np.ndarray]:
+    """One normalised image's Walkthrough numbers as numpy arrays by name (what
+    `python -m vit_core.cli.explain --walkthrough` saves): `walkthrough`'s tensors for that image
+    (the lens left out when the model has none), "reads", and the what-if curves [T + 1, C]
+    "whatif_relevant" / "whatif_random" along "whatif_order" (`relevance`'s order, as in
+    `walkthrough_payload`; default gradient rollout) and "whatif_random_order"."""
+    image = _one_image(model, image)
+    w = walkthrough(model, image, bf16=bf16)
+    values, method, _ = _relevance(model, image, relevance, None, None)
+    whatif = _whatif(model, image, values, seed, bf16)
+    arrays = {name: getattr(w, name)[0].numpy() for name in
+              ("probs", "cls_lens", "patch_lens", "head_knockout", "knockout_probs", "cls_attention", "token_pca",
+               "token_pca_share") if getattr(w, name) is not None}
+    if w.position_similarity is not None:
+        arrays["position_similarity"] = w.position_similarity.numpy()
+    arrays.update(reads=np.array(w.reads), removal=np.array(whatif["removal"]), map_method=np.array(method),
+                  whatif_order=np.array(whatif["order"]), whatif_random_order=np.array(whatif["random_order"]),
+                  whatif_relevant=np.array(whatif["relevant"], dtype=np.float32),
+                  whatif_random=np.array(whatif["random"], dtype=np.float32))
+    return arrays
