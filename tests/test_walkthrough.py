@@ -498,3 +498,25 @@ def test_the_explain_command_writes_the_walkthrough_numbers(tmp_path):
     np.testing.assert_allclose(saved["whatif_relevant"][3], what_if(model, batch, saved["whatif_order"][:3]),
                                atol=1e-4)
     assert str(saved["reads"]) == "the CLS token" and str(saved["removal"]) == "token drop"
+
+
+def test_trust_figures_go_into_the_decision_and_a_nan_becomes_null():
+    model = own()
+    payload = walkthrough_payload(model, images_for(model, n=1)[0],
+                                  trust={"deletion_percentile": np.float64(87.5), "spearman_occlusion": float("nan")})
+    json.dumps(payload, allow_nan=False)
+    assert payload["trust"] == {"deletion_percentile": 87.5, "spearman_occlusion": None}
+    assert "88 % of random maps" in payload["narration"]["decision"]
+    assert "Spearman" not in payload["narration"]["decision"]
+
+
+def test_block_narration_states_the_payloads_own_numbers():
+    model = own()
+    payload = walkthrough_payload(model, images_for(model, n=1)[0])
+    first = np.asarray(payload["lens"]["cls"][0])
+    top = int(first.argmax())
+    assert f"{payload['classes'][top]} at {percent(first[top])}" in payload["narration"]["block1"] or \
+        f"{payload['classes'][top]} ({percent(first[top])})" in payload["narration"]["block1"]
+    attention = np.asarray(payload["cls_attention"][1]).mean(axis=0)
+    assert f"patch {int(attention.argmax())} " in payload["narration"]["block2"]
+    assert percent(attention.max()) in payload["narration"]["block2"]

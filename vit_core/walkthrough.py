@@ -467,7 +467,8 @@ def _relevance(model, image, relevance, method, label) -> tuple[torch.Tensor, st
     n_patches = model.grid_size ** 2
     if relevance is None:
         return default_relevance(model, image)
-    values = torch.as_tensor(np.asarray(relevance, dtype=np.float64)).flatten().float()
+    values = (relevance.detach().cpu() if torch.is_tensor(relevance)
+              else torch.as_tensor(np.asarray(relevance, dtype=np.float64))).flatten().float()
     if values.numel() != n_patches:
         raise ValueError(f"relevance must hold one value per patch ({n_patches}, or a "
                          f"{model.grid_size} x {model.grid_size} grid), got shape {tuple(np.shape(relevance))}")
@@ -485,6 +486,11 @@ def _whatif(model, image, values: torch.Tensor, seed: int, bf16: bool) -> dict:
             "random_order": random_order.tolist(), "removal": REMOVAL_NAMES[removal_for(model)]}
 
 
+def _finite_or_none(value) -> float | None:
+    """A plain float, or None for a missing or non-finite figure (JSON has no NaN)."""
+    return None if value is None or not np.isfinite(float(value)) else float(value)
+
+
 def _lens_payload(w: Walkthrough) -> dict | None:
     if w.cls_lens is None:
         return None
@@ -497,26 +503,25 @@ def _knockout_payload(w: Walkthrough) -> dict:
     return {"prob": _rounded(w.head_knockout[0]), "top": top.tolist(), "top_prob": _rounded(top_prob)}
 
 
-def _narration(model, w: Walkthrough, payload: dict, trust: dict | None) -> dict[str, str]:
+def _narration(model, w: Walkthrough, payload: dict) -> dict[str, str]:
     """Every step's sentences, from the numbers in `payload` and `w` (image 0)."""
     grid, classes, predicted = model.grid_size, payload["classes"], payload["predicted"]
     text = {"pixels": narration.pixels_sentence(model.image_size, model.patch_size),
             "tokens": narration.tokens_sentence(model.patch_size, w.embed_dim, w.token_pca_share[0].tolist()),
             "position": narration.position_sentence(payload["position_similarity"], grid),
             "cls": narration.cls_sentence(w.prefix_names, grid * grid, w.reads)}
-    mean_attention = w.cls_attention[0].mean(dim=1)  # [L, T]
-    for layer in range(mean_attention.shape[0]):
-        lens = None if w.cls_lens is None else w.cls_lens[0, layer].tolist()
+    attention = np.asarray(payload["cls_attention"])  # the rounded numbers the browser shows
+    for layer in range(payload["layers"]):
+        lens = None if payload["lens"] is None else payload["lens"]["cls"][layer]
         text[f"block{layer + 1}"] = narration.block_sentence(layer + 1, w.reads, lens, predicted, classes,
-                                                             mean_attention[layer].tolist(), grid,
-                                                             w.cls_attention.shape[2],
-                                                             last=layer == mean_attention.shape[0] - 1)
+                                                             attention[layer].mean(axis=0), grid, payload["heads"],
+                                                             last=layer == payload["layers"] - 1)
     knockout = payload["knockout"]
     text["heads"] = narration.heads_sentence(knockout["prob"], payload["probs"][predicted], predicted,
                                              knockout["top"], classes)
     shown = payload["map"]
-    text["decision"] = narration.decision_sentence(payload["probs"], classes, shown and shown["label"],
-                                                   shown and shown["values"], grid, trust)
+    text["decision"] = narration.decision_sentence(payload["probs"], classes, shown["label"], shown["values"], grid,
+                                                   payload["trust"])
     text["whatif"] = narration.whatif_sentence(payload, default_k(grid * grid))
     return text
 
@@ -552,9 +557,9 @@ def walkthrough_payload(model: nn.Module, image: torch.Tensor, classes: Sequence
         "knockout": _knockout_payload(w),
         "map": {"method": method, "label": label, "values": _rounded(shown)},
         "whatif": _whatif(model, image, values, seed, bf16),
-        "trust": None if trust is None else {k: float(v) for k, v in trust.items()},
+        "trust": None if trust is None else {k: _finite_or_none(v) for k, v in trust.items()},
     }
-    payload["narration"] = _narration(model, w, payload, trust)
+    payload["narration"] = _narration(model, w, payload)
     return payload
 
 
