@@ -520,3 +520,19 @@ def test_block_narration_states_the_payloads_own_numbers():
     attention = np.asarray(payload["cls_attention"][1]).mean(axis=0)
     assert f"patch {int(attention.argmax())} " in payload["narration"]["block2"]
     assert percent(attention.max()) in payload["narration"]["block2"]
+
+
+def test_coarse_what_if_rows_are_the_same_numbers_at_fewer_ks():
+    from vit_core.walkthrough import coarse_ks
+
+    model = own()
+    image = images_for(model, n=1)[0]
+    ks = coarse_ks(64, 8)
+    assert ks == [0, 6, 8, 16, 24, 32, 40, 48, 56, 64]
+    full, coarse = walkthrough_payload(model, image), walkthrough_payload(model, image, whatif_ks=ks)
+    assert full["whatif"]["ks"] == list(range(65)) and coarse["whatif"]["ks"] == ks
+    np.testing.assert_allclose(coarse["whatif"]["relevant"], [full["whatif"]["relevant"][k] for k in ks], atol=1e-4)
+    np.testing.assert_allclose(coarse["whatif"]["random"], [full["whatif"]["random"][k] for k in ks], atol=1e-4)
+    assert coarse["narration"]["whatif"] == whatif_sentence(full, 6)
+    with pytest.raises(ValueError, match=r"one of \[0, 6, 8"):
+        whatif_sentence(coarse, 5)

@@ -139,24 +139,28 @@ def decision_sentence(probs, classes: Sequence[str], map_label: str | None, valu
 
 
 def whatif_sentence(payload: dict, k: int) -> str:
-    """The what-if step for k removed patches, from a payload's "whatif", "predicted" and "classes"
-    (or any dict with those keys). ValueError for a k outside 0 .. T."""
+    """The what-if step for k removed patches, from a payload's "whatif" (its rows at the counts
+    "ks", default 0, 1, 2, ...), "predicted" and "classes" (or any dict with those keys).
+    ValueError for a k that is not one of the rows' counts."""
     whatif = payload.get("whatif")
     if not whatif:
         raise ValueError("this payload has no what-if curves")
     relevant, random = whatif["relevant"], whatif["random"]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < len(relevant):
-        raise ValueError(f"k must be an integer in [0, {len(relevant) - 1}], got {k!r}")
+    ks = list(whatif.get("ks", range(len(relevant))))
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k not in ks:
+        allowed = f"[0, {ks[-1]}]" if ks == list(range(len(ks))) else f"one of {ks}"
+        raise ValueError(f"k must be an integer in {allowed}, got {k!r}")
     classes, predicted = payload["classes"], int(payload["predicted"])
-    name, before = classes[predicted], relevant[0][predicted]
+    name, before = classes[predicted], relevant[ks.index(0)][predicted]
     if k == 0:
         return f"With no patch removed the model says {name} at {percent(before)}."
-    after, chance = relevant[k][predicted], random[k][predicted]
+    row = ks.index(k)
+    after, chance = relevant[row][predicted], random[row][predicted]
     verb = ("leaves" if percent(after) == percent(before) else "drops" if after < before else "raises")
     moved = f"{name} at {percent(before)}" if verb == "leaves" else f"{name} from {percent(before)} to {percent(after)}"
     these = "this patch" if k == 1 else f"these {k} patches"
     sentence = f"Removing {these} {verb} {moved}; {k} random patch{'es' if k > 1 else ''}: {percent(chance)}."
-    now = int(np.argmax(relevant[k]))
+    now = int(np.argmax(relevant[row]))
     if now != predicted:
-        sentence += f" The prediction becomes {classes[now]} ({percent(relevant[k][now])})."
+        sentence += f" The prediction becomes {classes[now]} ({percent(relevant[row][now])})."
     return sentence

@@ -33,7 +33,7 @@ from torch import nn
 
 from . import narration
 from .adapters import HF_CLASSES, HFViT, TimmViT, TokenLayout, capture_attention, cls_patch_map, eager_attention
-from .faithfulness import kept_class_probabilities
+from .faithfulness import kept_class_probabilities, moved_counts
 from .model import ViTClassifier, eval_mode, patchify
 from .narration import whatif_sentence  # noqa: F401  (the UI phrases any k with it)
 from .rollout import explain
@@ -478,12 +478,21 @@ def _relevance(model, image, relevance, method, label) -> tuple[torch.Tensor, st
     return values, method, label or method.replace("_", " ")
 
 
-def _whatif(model, image, values: torch.Tensor, seed: int, bf16: bool) -> dict:
+def _whatif(model, image, values: torch.Tensor, seed: int, bf16: bool, ks: Sequence[int] | None = None) -> dict:
+    """The what-if curves along the map's order and a random one, at every k of `ks` (default
+    0..T; k = 0 is always included: the sentences compare with it)."""
     order = values.argsort(descending=True, stable=True)  # ties keep row-major order, as faithfulness.ranks
     random_order = torch.randperm(len(values), generator=torch.Generator().manual_seed(seed))
-    curves = what_if_curves(model, image, torch.stack([order, random_order]), bf16=bf16)
-    return {"order": order.tolist(), "relevant": _rounded(curves[0]), "random": _rounded(curves[1]),
+    ks = list(range(len(values) + 1)) if ks is None else sorted({0, *(int(k) for k in ks)})
+    curves = what_if_curves(model, image, torch.stack([order, random_order]), ks, bf16=bf16)
+    return {"order": order.tolist(), "ks": ks, "relevant": _rounded(curves[0]), "random": _rounded(curves[1]),
             "random_order": random_order.tolist(), "removal": REMOVAL_NAMES[removal_for(model)]}
+
+
+def coarse_ks(n_patches: int, steps: int) -> list[int]:
+    """What-if ks for a large model: `steps` + 1 evenly spaced counts (as the faithfulness curves
+    move patches) and the default k, so each curve costs steps + 2 forward rows instead of T + 1."""
+    return sorted({*moved_counts(n_patches, steps).tolist(), default_k(n_patches)})
 
 
 def _finite_or_none(value) -> float | None:
@@ -522,20 +531,24 @@ def _narration(model, w: Walkthrough, payload: dict) -> dict[str, str]:
     shown = payload["map"]
     text["decision"] = narration.decision_sentence(payload["probs"], classes, shown["label"], shown["values"], grid,
                                                    payload["trust"])
-    text["whatif"] = narration.whatif_sentence(payload, default_k(grid * grid))
+    ks = [k for k in payload["whatif"]["ks"] if k > 0] or [0]
+    text["whatif"] = narration.whatif_sentence(payload, min(ks, key=lambda k: abs(k - default_k(grid * grid))))
     return text
 
 
 def walkthrough_payload(model: nn.Module, image: torch.Tensor, classes: Sequence[str] | None = None,
                         relevance=None, method: str | None = None, label: str | None = None,
-                        trust: dict | None = None, seed: int = 0, bf16: bool = False) -> dict:
+                        trust: dict | None = None, seed: int = 0, bf16: bool = False,
+                        whatif_ks: Sequence[int] | None = None) -> dict:
     """Everything the Walkthrough draws for one normalised image [3, S, S] (or [1, 3, S, S]), as
     plain JSON (lists, floats rounded to 4 decimals; keys in the project's walkthrough contract).
     `relevance` [T] (or [g, g]) is the decision step's map, named `method` and shown as `label`
     (the caller picks the most faithful one); None computes gradient rollout (`default_relevance`).
     `trust` (that map's trust figures on this image, optional) goes into the decision's narration.
     The what-if curves remove patches in the map's order and in a random order drawn from `seed`.
-    `bf16` scores the knock-outs and the what-if rows with a bfloat16 copy (see `walkthrough`)."""
+    `bf16` scores the knock-outs and the what-if rows with a bfloat16 copy (see `walkthrough`).
+    `whatif_ks` limits the curves to those k (default every k = 0..T; `coarse_ks` for large models,
+    whose T + 1 rows per curve would take seconds); "whatif"["ks"] lists the k of each row."""
     image = _one_image(model, image)
     classes = list(model.class_names if classes is None else classes)
     w = walkthrough(model, image, bf16=bf16)
@@ -556,7 +569,7 @@ def walkthrough_payload(model: nn.Module, image: torch.Tensor, classes: Sequence
         "probs": _rounded(w.probs[0]), "predicted": int(w.predicted[0]),
         "knockout": _knockout_payload(w),
         "map": {"method": method, "label": label, "values": _rounded(shown)},
-        "whatif": _whatif(model, image, values, seed, bf16),
+        "whatif": _whatif(model, image, values, seed, bf16, whatif_ks),
         "trust": None if trust is None else {k: _finite_or_none(v) for k, v in trust.items()},
     }
     payload["narration"] = _narration(model, w, payload)
