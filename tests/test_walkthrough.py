@@ -536,3 +536,15 @@ def test_coarse_what_if_rows_are_the_same_numbers_at_fewer_ks():
     assert coarse["narration"]["whatif"] == whatif_sentence(full, 6)
     with pytest.raises(ValueError, match=r"one of \[0, 6, 8"):
         whatif_sentence(coarse, 5)
+
+
+def test_position_sentence_compares_neighbours_with_distant_patches():
+    from vit_core.narration import position_sentence
+
+    grid = 4
+    rows, cols = np.divmod(np.arange(16), grid)
+    near_alike = np.exp(-np.hypot(rows[:, None] - rows[None], cols[:, None] - cols[None]))
+    assert "more alike than" in position_sentence(near_alike, grid) and "0.37 vs" in position_sentence(near_alike, grid)
+    assert "less alike than" in position_sentence(1 - near_alike, grid)
+    assert "about as alike as" in position_sentence(np.full((16, 16), 0.5), grid)
+    assert position_sentence(np.ones((1, 1)), 1) == "A position embedding is added to each token."

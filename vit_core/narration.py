@@ -56,8 +56,11 @@ def position_sentence(similarity, grid: int) -> str:
     if similarity is None:
         return "This model has no position embedding of its own to show."
     near, far = neighbour_similarity(similarity, grid)
-    if np.isnan(far) or np.isnan(near):
-        return f"A position embedding is added to each token; side-by-side patches' embeddings have cosine similarity {near:.2f}."
+    if np.isnan(near):
+        return "A position embedding is added to each token."
+    if np.isnan(far):
+        return (f"A position embedding is added to each token; side-by-side patches' embeddings have "
+                f"mean cosine similarity {near:.2f}.")
     compare = ("more alike than" if near > far + SAME else "less alike than" if near < far - SAME
                else "about as alike as")
     return (f"A position embedding is added to each token: side-by-side patches' embeddings are {compare} "
@@ -77,9 +80,9 @@ def cls_sentence(prefix_names: Sequence[str], n_patches: int, reads: str) -> str
 
 def block_sentence(block: int, reads: str, lens_probs, final: int, classes: Sequence[str],
                    attention, grid: int, heads: int, last: bool = False) -> str:
-    """Block `block` (1-based; `last` if no block follows): what the lens on the read token(s) says there (`lens_probs` [C], or
-    None without a lens) against the final class, and the patch the read row attends to most
-    (`attention` [T], the mean over heads)."""
+    """Block `block` (1-based; `last` if no block follows): what the lens on the read token(s) says
+    there (`lens_probs` [C], or None without a lens) against the final class, and the patch the
+    read row attends to most (`attention` [T], the mean over heads)."""
     attention = np.asarray(attention, dtype=np.float64)
     top_patch = int(attention.argmax())
     looks = (f"{ATTENDS.get(reads, reads[0].upper() + reads[1:] + ' attends')} most to {_place(top_patch, grid)}: "
