@@ -336,8 +336,8 @@ def walkthrough(model: nn.Module, images: torch.Tensor, bf16: bool = False) -> W
     ViTClassifier or a model from `vit_core.adapters.adapt` / `load_model`: one forward pass keeping
     the hidden states, then one batch of all L x H head knock-outs (see the module docstring).
     `bf16` runs the knock-outs on a bfloat16 copy of the model: faster on CPUs with bf16 units
-    (`vit_core.devices.uses_bf16`), their probabilities then off by up to a few 0.001
-    (benchmarks/walkthrough_latency.py measures both); everything else stays float32."""
+    (`vit_core.devices.uses_bf16`; benchmarks/walkthrough_latency.py times both), less exact
+    (bfloat16 keeps 8 bits of mantissa); everything else stays float32."""
     stack = _stack(model)
     images = check_images(model, images)
     with eval_mode(model):
