@@ -454,7 +454,7 @@ def default_relevance(model: nn.Module, image: torch.Tensor) -> tuple[torch.Tens
     """The map the decision step shows when the caller gives none: gradient rollout of the
     predicted class (one forward and one backward pass; any adapted model has it)."""
     explanation = explain(model, image, gradients=True)
-    return explanation.grad_rollout[0].flatten(), "grad_rollout", "gradient rollout"
+    return explanation.grad_rollout[0].flatten().float().cpu(), "grad_rollout", "gradient rollout"
 
 
 def _unit(values: torch.Tensor) -> torch.Tensor:
