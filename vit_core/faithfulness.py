@@ -111,18 +111,18 @@ def _token_passes(lengths: torch.Tensor, budget: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def kept_probabilities(model: nn.Module, images: torch.Tensor, keep: torch.Tensor, image_index: torch.Tensor,
-                       target: torch.Tensor, removal: str = "mean", batch_size: int = 256) -> torch.Tensor:
-    """Target probability [R] of R perturbed inputs: row r is image `image_index[r]` of normalised
+def kept_class_probabilities(model: nn.Module, images: torch.Tensor, keep: torch.Tensor, image_index: torch.Tensor,
+                             removal: str = "mean", batch_size: int = 256) -> torch.Tensor:
+    """Class probabilities [R, C] of R perturbed inputs: row r is image `image_index[r]` of normalised
     `images` [B, C, S, S] with only the patches `keep[r]` ([R, n] bool, row-major) kept and the
-    others removed by `removal`, scored for class `target[image_index[r]]` ([B]). Forward passes
-    of at most `batch_size` rows (for "drop", as many rows' tokens: rows keeping fewer patches go
-    more at a time, packed whatever their lengths). Eval mode; the model's mode is restored."""
+    others removed by `removal`. Forward passes of at most `batch_size` rows (for "drop", as many
+    rows' tokens: rows keeping fewer patches go more at a time, packed whatever their lengths).
+    Eval mode; the model's mode is restored."""
     check_removal(model, removal)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     keep, image_index = keep.cpu(), image_index.cpu()
-    probs = torch.empty(len(keep))
+    probs = torch.empty(len(keep), len(model.class_names))
     if not len(keep):
         return probs
     with eval_mode(model):
@@ -135,9 +135,17 @@ def kept_probabilities(model: nn.Module, images: torch.Tensor, keep: torch.Tenso
         for part in passes:
             logits = (_mean_fill_pass(model, images, keep[part], image_index[part], patch_size)
                       if removal == "mean" else _drop_pass(model, tokens, keep[part], image_index[part]))
-            wanted = target[image_index[part]].to(logits.device)
-            probs[part] = logits.float().softmax(dim=-1).gather(1, wanted[:, None]).squeeze(1).cpu()
+            probs[part] = logits.float().softmax(dim=-1).cpu()
     return probs
+
+
+def kept_probabilities(model: nn.Module, images: torch.Tensor, keep: torch.Tensor, image_index: torch.Tensor,
+                       target: torch.Tensor, removal: str = "mean", batch_size: int = 256) -> torch.Tensor:
+    """Target probability [R] of the perturbed inputs of `kept_class_probabilities`, row r scored
+    for class `target[image_index[r]]` ([B])."""
+    probs = kept_class_probabilities(model, images, keep, image_index, removal, batch_size)
+    wanted = torch.as_tensor(target).cpu()[image_index.cpu()]
+    return probs.gather(1, wanted[:, None]).squeeze(1) if len(probs) else probs[:, 0]
 
 
 def perturbation_curve(model: nn.Module, images: torch.Tensor, patch_maps: torch.Tensor, target,
