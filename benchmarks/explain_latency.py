@@ -47,7 +47,7 @@ from vit_core import viz  # noqa: E402
 from vit_core.attribution import ATTRIBUTION_METHODS, occlusion, predicted_class  # noqa: E402
 from vit_core.devices import uses_bf16  # noqa: E402
 from vit_core.faithfulness import auc, perturbation_curve, random_maps, spearman  # noqa: E402
-from vit_core.model import to_model_pixels  # noqa: E402
+from vit_core.preprocessing import to_model_pixels  # noqa: E402
 from vit_core.trust import TrustContext  # noqa: E402
 
 # The maps the app scores for every image (demo.session.FAST_METHODS beyond explain's three);

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from vit_core import ViTClassifier, preprocess, to_model_pixels
-from vit_core.model import resampling
+from vit_core.preprocessing import resampling
 from vit_core.images import FRAMES_KEY, FULL_SIZE_KEY, MAX_FILE_BYTES, ImageError, read_image
 from vit_core.attribution import Progress
 from vit_core.rollout import HEAD_FUSIONS, SLOW_METHODS, Explanation, explain, supported_methods

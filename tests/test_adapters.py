@@ -16,12 +16,13 @@ from PIL import Image
 from test_rollout import slow_maps
 from toys import tiny_vit
 from vit_core import explain, preprocess
-from vit_core.adapters import TimmViT, TokenLayout, adapt, capture_attention, load_model, token_layout
+from vit_core.adapters import TimmViT, adapt, capture_attention, load_model
+from vit_core.layout import TokenLayout, token_layout
 from vit_core.attribution import (OWN_MODEL_METHODS, attention_x_gradient, attribute, input_x_gradient,
                                   integrated_gradients, occlusion)
 from vit_core.checkpoints import CheckpointError
 from vit_core.faithfulness import _cascade, _fresh_weights, cascading_randomization
-from vit_core.model import normalize
+from vit_core.preprocessing import normalize
 from vit_core.rollout import MAP_METHODS, supported_methods
 from vit_core.trust import trust_figures
 

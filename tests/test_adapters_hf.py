@@ -15,7 +15,8 @@ from transformers import (DeiTConfig, DeiTForImageClassification, DeiTForImageCl
 
 from test_adapters import assert_matches_slow_loops
 from vit_core import explain, preprocess
-from vit_core.adapters import HFViT, TokenLayout, adapt, load_model
+from vit_core.adapters import HFViT, adapt, load_model
+from vit_core.layout import TokenLayout
 from vit_core.attribution import attribute, occlusion
 from vit_core.checkpoints import CheckpointError
 from vit_core.faithfulness import _cascade, _fresh_weights, cascading_randomization

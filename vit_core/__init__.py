@@ -4,21 +4,13 @@ The command-line tools live in `vit_core.cli` (`python -m vit_core.cli.explain`,
 `.faithfulness`, `.anatomy`, `.space`); this package only holds the library.
 """
 
-from .adapters import TokenLayout, adapt, cls_patch_map, load_model
+from .adapters import adapt, load_model
 from .attribution import ATTRIBUTION_METHODS, attribute
 from .checkpoints import CheckpointError, load_checkpoint
 from .images import ImageError, read_image
-from .model import (
-    CIFAR10_CLASSES,
-    PRESETS,
-    CheckpointMismatchError,
-    ViTClassifier,
-    load_image,
-    normalize,
-    patchify,
-    preprocess,
-    to_model_pixels,
-)
+from .layout import TokenLayout, cls_patch_map
+from .model import CIFAR10_CLASSES, PRESETS, CheckpointMismatchError, ViTClassifier, patchify
+from .preprocessing import normalize, preprocess, to_model_pixels
 from .rollout import (
     HEAD_FUSIONS,
     Explanation,
@@ -33,7 +25,7 @@ from .rollout import (
 __all__ = [
     "TokenLayout", "adapt", "load_model", "ATTRIBUTION_METHODS", "attribute",
     "CheckpointError", "load_checkpoint", "ImageError", "read_image",
-    "CIFAR10_CLASSES", "PRESETS", "CheckpointMismatchError", "ViTClassifier", "load_image",
+    "CIFAR10_CLASSES", "PRESETS", "CheckpointMismatchError", "ViTClassifier",
     "normalize", "patchify", "preprocess", "to_model_pixels",
     "HEAD_FUSIONS", "Explanation", "attention_rollout", "cls_patch_map", "discard_weakest", "explain",
     "fuse_heads", "gradient_rollout", "token_map",

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from .images import ImageError, read_image
-from .model import ViTClassifier, preprocess
+from .model import ViTClassifier
+from .preprocessing import preprocess
 from .rollout import explain
 
 ANATOMY_NAME = "anatomy.npz"  # the cache's file name inside a checkpoint folder

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .adapters import cls_patch_map, token_layout
-from .model import ViTClassifier, eval_mode, kept_while_unchanged, patchify
+from .layout import cls_patch_map, token_layout
+from .memo import kept_while_unchanged
+from .model import ViTClassifier, eval_mode, patchify
 
 OCCLUSION_MODES = ("mean", "drop")
 OBJECTIVES = ("logit", "logprob")
@@ -207,7 +208,7 @@ def input_x_gradient(model: ViTClassifier, images: torch.Tensor, target, objecti
 def attention_x_gradient(model: ViTClassifier, images: torch.Tensor, target, objective: str = "logit") -> torch.Tensor:
     """Attention x gradient (Grad-SAM, Barkan et al. 2021; the "GradCAM" baseline of Chefer et
     al. 2021): per block, ReLU(dScore/dA * A) averaged over heads; summed over blocks; the
-    explained row (CLS for our ViT; see `adapters.TokenLayout`), patch columns.
+    explained row (CLS for our ViT; see `layout.TokenLayout`), patch columns.
 
     Class-specific through the gradient; no completeness promise (the values are not in logit
     units). One forward + one backward pass, the attentions being the ones the model's own

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from .devices import autocast
-from .model import ViTClassifier, eval_mode, normalize
+from .model import ViTClassifier, eval_mode
+from .preprocessing import normalize
 
 
 @torch.no_grad()

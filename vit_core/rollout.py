@@ -10,7 +10,7 @@
 
 Every map comes back raw (no rescaling) with patches in row-major order, the order of
 `vit_core.patchify`. Normalising for display belongs to `viz`. Maps read the model's
-`adapters.TokenLayout`: for our ViT the CLS row and the patch columns after it; for an adapted timm
+`layout.TokenLayout`: for our ViT the CLS row and the patch columns after it; for an adapted timm
 ViT the explained row(s) among its prefix tokens (CLS, distillation, registers), or the mean of the
 patch rows for a model that averages its patch tokens.
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .adapters import TokenLayout, cls_patch_map, patch_grid, token_layout
+from .layout import TokenLayout, cls_patch_map, patch_grid, token_layout
 from .attribution import (ATTRIBUTION_METHODS, OWN_MODEL_METHODS, Progress, attention_x_gradient_map, patch_sums,
                           target_tensor)
 from .model import ViTClassifier, eval_mode

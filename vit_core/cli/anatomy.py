@@ -20,7 +20,7 @@ import torch
 from ..anatomy import ANATOMY_NAME, AnatomyError, compute_anatomy, load_example_images, save_anatomy
 from ..checkpoints import CheckpointError, load_checkpoint
 from ..data import DataError, load_split
-from ..model import normalize
+from ..preprocessing import normalize
 from . import fail
 
 PROG = "python -m vit_core.cli.anatomy"

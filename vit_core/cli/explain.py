@@ -27,7 +27,8 @@ from PIL import Image
 from .. import viz
 from ..checkpoints import CheckpointError, load_checkpoint
 from ..images import ImageError, read_image
-from ..model import ViTClassifier, preprocess, resampling, to_model_pixels
+from ..model import ViTClassifier
+from ..preprocessing import preprocess, resampling, to_model_pixels
 from ..rollout import HEAD_FUSIONS, Explanation, explain, fuse_heads
 from . import fail
 

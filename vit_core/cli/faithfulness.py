@@ -37,7 +37,7 @@ from ..checkpoints import CheckpointError, load_checkpoint
 from ..data import DataError, load_split
 from ..faithfulness import (MAP_METHODS, REFERENCES, REMOVALS, RESULTS_FILE, cascading_randomization,
                             method_maps, spearman_rows)
-from ..model import normalize
+from ..preprocessing import normalize
 from ..rollout import HEAD_FUSIONS
 from ..trust import TrustContext
 from . import fail
