@@ -29,10 +29,11 @@ from PIL import Image
 from demo.evidence import Evidence, image_trust, trust_sentence, trust_table
 from demo.panels import (FIRST, MODEL_FIGURES, PANELS, REDRAWN, anatomy_text, clicked_patch, compare_strip, draw,
                           view)
-from demo.session import (ATTENTION_DEFAULT, METHODS, Session, Settings, analyze, current_explanation, is_own,
+from demo.session import (ATTENTION_DEFAULT, PICKER_LABELS, Session, Settings, analyze, current_explanation, is_own,
                           label_probs, methods_for, read_upload, upload_name, upload_path)
 from vit_core import ViTClassifier, viz
 from vit_core import faithfulness as faith
+from vit_core.methods import METHOD
 
 Answer = dict[str, Any]
 FAITHFULNESS_OUTPUTS = ("deletion", "insertion", "auc", "sanity")
@@ -139,7 +140,7 @@ class Explorer:
         settings = self.settings(controls)
         figures = image_trust(self.model, session, settings)
         # Pillow's built-in font draws ASCII only: "x" for "×", "rho" for "ρ".
-        titles = {m: f"{METHODS[m].split(' (slower')[0].replace('×', 'x')}: {_beats(f)}, rho {_rho(f)}"
+        titles = {m: f"{METHOD[m].label.replace('×', 'x')}: {_beats(f)}, rho {_rho(f)}"
                   for m, f in figures.items()}
         table = trust_table(figures, settings.method)
         return {"trust": trust_sentence(settings.method, figures[settings.method]) if settings.method in figures
@@ -165,12 +166,14 @@ class Explorer:
             parts.append(self.evidence.accuracy_text())
         method = method if method in methods_for(model) else self.defaults.method
         if not is_own(model):
-            parts.append(f"Showing **{METHODS[method]}** (LRP and token dropping need the explorer's own ViT)")
+            unavailable = [label for name, label in PICKER_LABELS.items() if name not in methods_for(model)]
+            parts.append(f"Showing **{PICKER_LABELS[method]}**" + (f" ({', '.join(unavailable)}: not for this model)"
+                                                                  if unavailable else ""))
         elif method == self.defaults.method:
             parts.append(self.evidence.default_text())
         else:
-            parts.append(f"Showing **{METHODS[method]}** (the app opens on {METHODS[self.defaults.method]}; "
-                         "each map's trust on this image is beside the picker)")
+            parts.append(f"Showing **{PICKER_LABELS[method]}** (the app opens on "
+                         f"{PICKER_LABELS[self.defaults.method]}; each map's trust on this image is beside the picker)")
         requested, url = self.share()
         if url:
             parts.append(f"Public link: [{url}]({url})")
@@ -230,7 +233,7 @@ def faithfulness(model: ViTClassifier, session: Session, settings: Settings, ste
                                        aucs={k: _scalar(v[f"{mode}_auc"]) for k, v in results.items()})
     rows = ["| map | deletion AUC ↓ | insertion AUC ↑ |", "|---|---|---|"]
     for name, result in results.items():
-        rows.append(f"| {METHODS.get(name, name)} | {_scalar(result['deletion_auc']):.3f} | "
+        rows.append(f"| {PICKER_LABELS.get(name, name)} | {_scalar(result['deletion_auc']):.3f} | "
                     f"{_scalar(result['insertion_auc']):.3f} |")
     return {**answer, "auc": "\n".join(rows)}
 
@@ -242,7 +245,7 @@ def sanity_check(model: ViTClassifier, session: Session, settings: Settings) -> 
     stages = faith.randomization_sanity(
         model, session.inputs, method=settings.method, target=expl.target,
         head_fusion=settings.head_fusion, discard_ratio=settings.discard_ratio, seed=0)
-    rows = [f"Model-randomisation check for **{METHODS[settings.method]}**: Spearman correlation between "
+    rows = [f"Model-randomisation check for **{PICKER_LABELS[settings.method]}**: Spearman correlation between "
             "the trained model's map and the map after randomising the weights cumulatively from the "
             "top. A faithful method's maps should decorrelate (values near 0).", "",
             "| randomised | Spearman ρ |", "|---|---|"]

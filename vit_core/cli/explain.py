@@ -29,10 +29,12 @@ from ..checkpoints import CheckpointError, load_checkpoint
 from ..images import ImageError, read_image
 from ..model import ViTClassifier
 from ..preprocessing import preprocess, resampling, to_model_pixels
-from ..rollout import HEAD_FUSIONS, Explanation, explain, fuse_heads
+from ..explanation import HELD_METHODS, Explanation, explain
+from ..rollout import HEAD_FUSIONS, check_rollout_settings, fuse_heads
 from . import fail
 
-OUTPUTS = ("patches", "attention", "attention_last", "layers", "rollout", "grad_rollout", "last_layer")
+# The drawings written per image: these, then an overlay of every map an explanation holds.
+OUTPUTS = ("patches", "attention", "attention_last", "layers") + HELD_METHODS
 
 
 class BadArgument(ValueError):
@@ -50,8 +52,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean")
     parser.add_argument("--discard-ratio", type=float, default=0.0, help="in [0, 1); default 0")
     args = parser.parse_args(argv)
-    if not 0.0 <= args.discard_ratio < 1.0:
-        parser.error(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
+    try:
+        check_rollout_settings(args.head_fusion, args.discard_ratio)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -97,7 +101,7 @@ def _write_one(out: Path, stem: str, i: int, image: Image.Image, model: ViTClass
             fused[-1], title=f"block {len(fused)} attention ({result.head_fusion} of heads)"),
         "layers": viz.map_strip(arrays["layer_maps"][i], view),
     }
-    for method in ("rollout", "grad_rollout", "last_layer"):
+    for method in HELD_METHODS:
         drawings[method] = viz.overlay_map(view, arrays[method][i])
     for kind, drawing in drawings.items():
         drawing.save(out / f"{stem}_{kind}.png")

@@ -35,17 +35,18 @@ from ..attribution import predicted_class
 from ..card import TRAIN_INFO, write_model_card
 from ..checkpoints import CheckpointError, load_checkpoint
 from ..data import DataError, load_split
-from ..faithfulness import (MAP_METHODS, REFERENCES, REMOVALS, RESULTS_FILE, cascading_randomization,
-                            method_maps, spearman_rows)
+from ..faithfulness import (REFERENCES, REMOVALS, RESULTS_FILE, cascading_randomization, method_maps,
+                            spearman_rows)
+from ..methods import METHOD_NAMES
 from ..preprocessing import normalize
-from ..rollout import HEAD_FUSIONS
+from ..rollout import HEAD_FUSIONS, check_rollout_settings
 from ..trust import TrustContext
 from . import fail
 
 PROG = "python -m vit_core.cli.faithfulness"
 RESULTS = RESULTS_FILE  # read back by faithfulness.read_results
 # "occlusion" is only ever a reference (faithfulness.REFERENCES), never scored itself.
-METHODS = tuple(m for m in MAP_METHODS if m != "occlusion")
+METHODS = tuple(m for m in METHOD_NAMES if m != "occlusion")
 FIGURES = ("deletion_auc", "insertion_auc", "deletion_win_rate", "insertion_win_rate", "spearman_occlusion")
 
 
@@ -75,8 +76,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.n, args.steps, args.n_random, args.chunk, args.batch_size) < 1 or args.sanity < 0:
         parser.error("-n, --steps, --n-random, --chunk and --batch-size must be at least 1, --sanity at least 0")
-    if not 0.0 <= args.discard_ratio < 1.0:
-        parser.error(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
+    try:
+        check_rollout_settings(args.head_fusion, args.discard_ratio)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
