@@ -183,8 +183,7 @@ def agreement(model, images: torch.Tensor, args) -> None:
     print(f"{'method':<22} {'Spearman with LOO':<18} {'deletion win rate':<18} {'insertion win rate':<18} "
           f"{'images > median':<16} CPU ms/image")
     for name, row in rows.items():
-        key = "rollout + grad_rollout" if name in ("rollout", "grad_rollout") else name
-        cost = 1000 * spent.get(key, float("nan")) / len(images)
+        cost = 1000 * spent.get(name, float("nan")) / len(images)
         # The share of images on which the map's deletion AUC beats the median random map's.
         beats = float(np.mean(np.array(row["deletion"]) > 0.5))
         print(f"{name:<22} {_mean_sem(np.array(row['spearman'])):<18} {_mean_sem(np.array(row['deletion'])):<18} "

@@ -254,8 +254,9 @@ def clicked_patch(model: ViTClassifier, panel: str, x: float, y: float) -> int |
 
 def compare_strip(v: View, methods: list[str], titles: dict[str, str] | None = None) -> Image.Image:
     """Every map of `methods` for the view's image and class side by side, each over the image and
-    titled with its label (or `titles`' text), for the Compare view."""
-    maps = v.explanation.maps()
+    titled with its label (or `titles`' text), for the Compare view. Maps not yet computed for this
+    class are computed now, and kept in the session's cache."""
+    maps = v.explanation.with_maps(v.model, v.session.inputs, methods, v.session.cache).maps()
     titles = titles or {}
     return _strip(v, torch.stack([maps[m][0] for m in methods]), [titles.get(m, PICKER_LABELS[m]) for m in methods])
 

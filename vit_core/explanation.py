@@ -168,9 +168,9 @@ class Explanation:
 
     def as_numpy(self) -> dict[str, np.ndarray]:
         """Every tensor and setting, and every map of `maps()`, as numpy arrays by name."""
-        arrays = {name: getattr(self, name).numpy() for name in
-                  ("probs", "target", "attentions", "rollout", "layer_maps", "last_layer")}
-        arrays.update({name: value.numpy() for name, value in self.maps().items()})  # grad_rollout once known
+        tensors = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        arrays = {name: value.numpy() for name, value in tensors.items() if torch.is_tensor(value)}
+        arrays.update({name: value.numpy() for name, value in self.maps().items()})
         arrays["head_fusion"] = np.array(self.head_fusion)
         arrays["discard_ratio"] = np.array(self.discard_ratio)
         return arrays
