@@ -35,7 +35,6 @@ from vit_core.faithfulness import REFERENCES, RESULTS_FILE, read_results, result
 from vit_core.methods import METHOD
 from vit_core.trust import trust_figures
 
-FAITHFULNESS_FILE = RESULTS_FILE
 MAKE_FAITHFULNESS = "python -m vit_core.cli.faithfulness --checkpoint {folder} --data DATA_DIR"
 # Test-set columns: (figure in faithfulness.json, heading, shown as a percentage).
 TEST_SET_COLUMNS = (
@@ -150,7 +149,7 @@ class TestSetTable:
     def markdown(self) -> str:
         """The table, with one sentence on how to read it."""
         over = f"{self.n_images} test images" if self.n_images else "the test set"
-        lines = [f"**Over the test set** ({FAITHFULNESS_FILE}: means over {over}, each map explaining the "
+        lines = [f"**Over the test set** ({RESULTS_FILE}: means over {over}, each map explaining the "
                  "predicted class, a removed patch's token left out). How to read it: ρ says how "
                  "closely a map ranks patches the way removing each one alone changes the prediction (1: "
                  "exactly); \"beats random\" is the chance it orders patches better than a random map "
@@ -246,7 +245,7 @@ class Evidence:
 
     def how_to_measure(self) -> str:
         folder = self.folder if self.folder is not None else "CHECKPOINT_DIR"
-        return f"`{MAKE_FAITHFULNESS.format(folder=folder)}` writes {FAITHFULNESS_FILE} beside the checkpoint"
+        return f"`{MAKE_FAITHFULNESS.format(folder=folder)}` writes {RESULTS_FILE} beside the checkpoint"
 
     def test_set_markdown(self) -> str:
         """The test-set table with how to read it, or how to make it."""

@@ -26,7 +26,7 @@ from PIL import Image
 import demo.app as app
 import demo.session as session_module
 import vit_core.rollout as rollout
-from demo.evidence import FAITHFULNESS_FILE, TRUST_BF16, Evidence, image_trust
+from demo.evidence import TRUST_BF16, Evidence, image_trust
 from demo.handlers import Explorer, export_files, faithfulness, sanity_check
 from demo.panels import (DISPLAY_SIDE, GAP, MATRIX_THUMB, MODEL_FIGURES, PANELS, REDRAWN, SCALE, STRIP_SIDE,
                          clicked_patch, draw, view)
@@ -37,6 +37,7 @@ from toys import (BAD_FILES, image_bytes, local_client, noise, tiny_vit, upload,
 import vit_core
 from vit_core import ViTClassifier, preprocess, to_model_pixels, viz
 from vit_core.checkpoints import host_reachable
+from vit_core.faithfulness import RESULTS_FILE
 from vit_core.explanation import explain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -380,10 +381,10 @@ def test_default_method_and_test_set_table_come_from_faithfulness_json(model, ch
     assert bare.default_method == DEFAULT_METHOD and bare.test_set is None
     assert "not yet measured" in bare.default_text() and "Compare tab" in bare.default_text()
     assert "rollout is one click away" in bare.default_text()
-    assert "not measured" in bare.test_set_markdown() and FAITHFULNESS_FILE in bare.test_set_markdown()
+    assert "not measured" in bare.test_set_markdown() and RESULTS_FILE in bare.test_set_markdown()
     # attention x gradient is the most faithful fast method; occlusion_drop scores higher but is slow.
     spearman = {"lrp_composite": 0.52, "attention_x_gradient": 0.61, "rollout": 0.12, "occlusion_drop": 0.9}
-    (checkpoint_copy / FAITHFULNESS_FILE).write_text(json.dumps(faithfulness_json(spearman)))
+    (checkpoint_copy / RESULTS_FILE).write_text(json.dumps(faithfulness_json(spearman)))
     measured = Evidence.load(model, checkpoint_copy)
     assert measured.default_method == "attention_x_gradient"
     assert measured.default_text() == ("Showing **attention × gradient**: the most faithful of the fast methods on "
@@ -396,7 +397,7 @@ def test_default_method_and_test_set_table_come_from_faithfulness_json(model, ch
     explorer = Explorer(model, evidence=measured)
     assert explorer.settings({"method": None}).method == "attention_x_gradient"  # an API caller's None
     assert explorer.settings({"method": "rollout"}).method == "rollout"
-    (checkpoint_copy / FAITHFULNESS_FILE).write_text("{ not json")
+    (checkpoint_copy / RESULTS_FILE).write_text("{ not json")
     assert Evidence.load(model, checkpoint_copy).default_method == DEFAULT_METHOD
 
 

@@ -106,6 +106,14 @@ def test_drawing_and_metrics_stay_apart_and_only_commands_import_commands():
         assert not {t for t in graph[module] if t.startswith("vit_core.cli")}, module
 
 
+def test_the_maps_read_the_token_layout_not_the_wrappers_and_serving_stands_alone():
+    graph = import_graph()
+    for module in ("vit_core.layout", "vit_core.rollout", "vit_core.attribution"):
+        assert "vit_core.adapters" not in graph[module], module
+    assert graph["vit_core.layout"] == set()  # geometry only
+    assert not {t for t in graph["demo.serving"] if t.startswith("demo")}  # machinery, no part of the app
+
+
 def test_vit_core_never_imports_gradio():
     for module, path in project_modules().items():
         if not module.startswith("vit_core"):

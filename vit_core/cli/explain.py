@@ -49,7 +49,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                             "or a Hub repo id")
     parser.add_argument("--out", required=True, help="output folder (created if needed)")
     parser.add_argument("--target", default=None, help="class to explain, by name or index (default: predicted)")
-    parser.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean")
+    parser.add_argument("--head-fusion", default="mean", help=f"{'|'.join(HEAD_FUSIONS)} (default mean)")
     parser.add_argument("--discard-ratio", type=float, default=0.0, help="in [0, 1); default 0")
     args = parser.parse_args(argv)
     try:

@@ -68,7 +68,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=25, help="images explained and scored together")
     parser.add_argument("--batch-size", type=int, default=512, help="rows per forward pass")
     parser.add_argument("--bf16", action="store_true", help="perturbed inputs under bfloat16 (faster, not exact)")
-    parser.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean")
+    parser.add_argument("--head-fusion", default="mean", help=f"{'|'.join(HEAD_FUSIONS)} (default mean)")
     parser.add_argument("--discard-ratio", type=float, default=0.0)
     parser.add_argument("--out", default=None, help=f"folder for {RESULTS} (default: the checkpoint folder)")
     parser.add_argument("--write-card", action="store_true", help="also rebuild the model card in that folder")
