@@ -95,17 +95,22 @@ class Explanation:
         methods = check_methods(methods)
         self._check_images(images)
         cache = MapCache() if cache is None else cache
-        known = cache.remember(self)
-        missing = [m for m in dict.fromkeys(methods) if m not in self.maps() and m not in known]
+        present, known = self.maps(), cache.remember(self)
+        missing = [m for m in dict.fromkeys(methods) if m not in present and m not in known]
         check_supported(model, missing)
-        batch = Batch(model, images, self.target, self.head_fusion, self.discard_ratio, progress,
-                      spare=cache.spare(self.target))
-        computed = {name: METHOD[name].compute(batch).detach().cpu() for name in missing}
+        computed = self._compute(model, images, missing, cache, progress) if missing else {}
         # A map of these rollout settings only is not kept: the cache serves every setting.
         known.update({name: value for name, value in computed.items() if not METHOD[name].rollout_settings})
-        added = {m: computed[m] if m in computed else known[m] for m in methods if m not in self.maps()}
+        added = {m: computed[m] if m in computed else known[m] for m in methods if m not in present}
         return dataclasses.replace(self, grad_rollout=added.pop("grad_rollout", self.grad_rollout),
                                    extra={**self.extra, **added})
+
+    def _compute(self, model: nn.Module, images: torch.Tensor, methods: list[str], cache: MapCache,
+                 progress: Progress | None) -> dict[str, torch.Tensor]:
+        """The maps of `methods` for this explanation's target and settings, sharing their passes."""
+        batch = Batch(model, images, self.target, self.head_fusion, self.discard_ratio, progress,
+                      spare=cache.spare(self.target))
+        return {name: METHOD[name].compute(batch).detach().cpu() for name in methods}
 
     def with_settings(self, head_fusion: str, discard_ratio: float) -> "Explanation":
         """The same explanation for another head fusion / discard ratio, recomputed from the cached
