@@ -103,6 +103,9 @@ def _from_gradient_pass(name: str) -> Callable[[Batch], torch.Tensor]:
 
 @dataclass(frozen=True)
 class Method:
+    """One explanation method: what it is called, how its map is computed and what that means for
+    the app (cost, class, settings, models, place in the picker)."""
+
     name: str                       # in the library, the command lines and the app's API
     label: str                      # in the app and its figures
     compute: Callable[[Batch], torch.Tensor]  # the map [B, g, g] of the batch's images for its target
