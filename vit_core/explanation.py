@@ -35,7 +35,8 @@ def _key(target: torch.Tensor) -> tuple[int, ...]:
 class MapCache:
     """The class-specific maps computed so far for one batch of images, by target (one class per
     image) and method, and the gradient maps a shared pass gave beside the one asked for (kept apart
-    until asked for, see `methods.Batch`). Maps that depend on the rollout settings are not kept."""
+    until asked for, see `methods.Batch`). Maps that depend on the rollout settings are not kept:
+    one cache serves every setting."""
 
     def __init__(self):
         self._maps: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
@@ -45,21 +46,17 @@ class MapCache:
         """The maps kept for `target` ([B] class indices), by method (a copy)."""
         return dict(self._maps.get(_key(target), {}))
 
-    def entry(self, target) -> dict[str, torch.Tensor]:
-        """The (live) maps kept for `target`: what `Explanation` reads and adds to."""
-        return self._maps.setdefault(_key(target), {})
-
-    def spare(self, target) -> dict[str, torch.Tensor]:
-        """The (live) spare gradient maps for `target`, for a `methods.Batch`."""
-        return self._spare.setdefault(_key(target), {})
-
-    def remember(self, explanation: "Explanation") -> dict[str, torch.Tensor]:
-        """Keeps the class-specific maps `explanation` holds; returns the entry of its target."""
-        entry = self.entry(explanation.target)
-        for name, value in explanation.maps().items():
+    def add(self, target, maps: Mapping[str, torch.Tensor]) -> None:
+        """Keeps those of `maps` (for `target`) that are class-specific and independent of the
+        rollout settings; a map already kept stays."""
+        entry = self._maps.setdefault(_key(target), {})
+        for name, value in maps.items():
             if METHOD[name].class_specific and not METHOD[name].rollout_settings:
                 entry.setdefault(name, value)
-        return entry
+
+    def spare(self, target) -> dict[str, torch.Tensor]:
+        """The spare gradient maps for `target`: a live dict, which a `methods.Batch` takes from and adds to."""
+        return self._spare.setdefault(_key(target), {})
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,12 +92,13 @@ class Explanation:
         methods = check_methods(methods)
         self._check_images(images)
         cache = MapCache() if cache is None else cache
-        present, known = self.maps(), cache.remember(self)
+        present = self.maps()
+        cache.add(self.target, present)
+        known = cache.maps(self.target)
         missing = [m for m in dict.fromkeys(methods) if m not in present and m not in known]
         check_supported(model, missing)
         computed = self._compute(model, images, missing, cache, progress) if missing else {}
-        # A map of these rollout settings only is not kept: the cache serves every setting.
-        known.update({name: value for name, value in computed.items() if not METHOD[name].rollout_settings})
+        cache.add(self.target, computed)
         added = {m: computed[m] if m in computed else known[m] for m in methods if m not in present}
         return dataclasses.replace(self, grad_rollout=added.pop("grad_rollout", self.grad_rollout),
                                    extra={**self.extra, **added})
@@ -142,10 +140,11 @@ class Explanation:
         if _key(wanted) == _key(self.target):
             return self
         cache = MapCache() if cache is None else cache
-        cache.remember(self)
-        known = cache.entry(wanted)
+        cache.add(self.target, self.maps())
+        known = cache.maps(wanted)
         if "grad_rollout" not in known:
             known["grad_rollout"] = Batch(model, images, wanted, spare=cache.spare(wanted)).gradient_map("grad_rollout")
+            cache.add(wanted, known)
         return dataclasses.replace(self, target=wanted.clone(), grad_rollout=known["grad_rollout"],
                                    extra={name: value for name, value in known.items() if name != "grad_rollout"})
 
