@@ -15,7 +15,7 @@ from it, except a new class or a newly picked map, computed once per class and i
 figures follow in a chained event, so the panels never wait for them; the checkpoint's files
 (eval.json, faithfulness.json, anatomy.npz) are read once at start-up (`demo.evidence`).
 
-Named endpoints for `gradio_client`: /predict, /explain, /redraw, /trust, /faithfulness,
+Named endpoints for `gradio_client`: /predict, /explain, /explain_arrays, /redraw, /trust, /faithfulness,
 /sanity_check, /export, /anatomy (README, "Scripting with gradio_client").
 """
 
@@ -52,7 +52,7 @@ from demo.evidence import Evidence  # noqa: E402
 from demo.handlers import FAITHFULNESS_OUTPUTS, NOT_AVAILABLE, TRUST_OUTPUTS, Explorer  # noqa: E402
 from demo.panels import MODEL_FIGURES, PANELS, REDRAWN, draw, image_panel, view  # noqa: E402
 from demo.serving import (GRADIO_DELETE_CACHE, SESSIONS_KEPT, CacheKeeper, answering,  # noqa: E402
-                          limit_heap_arenas, panel_files, wire_arrays)
+                          limit_heap_arenas, panel_files)
 from demo.session import (HEAD_MEAN, PREDICTED, Settings, analyze, example_label, head_choices,  # noqa: E402
                           is_own, methods_for)
 from vit_core import CheckpointError, ViTClassifier, load_checkpoint  # noqa: E402,F401 (load_checkpoint: re-exported)
@@ -251,9 +251,10 @@ def layout(model: ViTClassifier, examples: list[Path], explorer: Explorer) -> di
         ui.update(_model_tab())
         ui.update(_export_tab())
     # Hidden: /predict writes all class probabilities here (the visible label keeps the top 5);
-    # /explain, the upload's answer for scripts, is this button's.
+    # /explain, the upload's answer for scripts, is this button's; /explain_arrays answers in JSON.
     ui["predict_button"], ui["all_probs"] = gr.Button(visible=False), gr.Label(visible=False)
     ui["explain_button"] = gr.Button(visible=False)
+    ui["arrays_button"], ui["arrays"] = gr.Button(visible=False), gr.JSON(visible=False)
     return ui
 
 
@@ -313,7 +314,8 @@ def wire(ui: dict[str, gr.components.Component], explorer: Explorer, workers: in
     _wire_tabs(ui, explorer, out, settings, with_patch, slow)
     ui["predict_button"].click(out(explorer.predict), [image_in], ui["all_probs"], api_name="predict",
                                preprocess=False, **fast)
-    wire_arrays(ui, explorer, out, settings, **fast)
+    ui["arrays_button"].click(out(explorer.explain_arrays), [image_in], [ui["arrays"], ui["session"]],
+                              inputs_kwargs=settings, api_name="explain_arrays", preprocess=False, **fast)
 
 
 def _wire_tabs(ui, explorer: Explorer, out, settings, with_patch, slow) -> None:

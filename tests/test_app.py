@@ -7,6 +7,7 @@ is checked where it matters (offline loading, size, /predict agreeing with the m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -25,18 +26,19 @@ from PIL import Image
 import demo.app as app
 import demo.session as session_module
 import vit_core.rollout as rollout
-from demo.evidence import FAITHFULNESS_FILE, TRUST_BF16, Evidence, image_trust
+from demo.evidence import TRUST_BF16, Evidence, image_trust
 from demo.handlers import Explorer, export_files, faithfulness, sanity_check
 from demo.panels import (DISPLAY_SIDE, GAP, MATRIX_THUMB, MODEL_FIGURES, PANELS, REDRAWN, SCALE, STRIP_SIDE,
                          clicked_patch, draw, view)
-from demo.session import (DEFAULT_METHOD, FAST_METHODS, METHODS, Settings, analyze, current_explanation, label_probs,
-                          read_upload)
+from demo.session import (DEFAULT_METHOD, FAST_METHODS, PICKER_LABELS, Settings, analyze, current_explanation,
+                          label_probs, read_upload)
 from toys import (BAD_FILES, image_bytes, local_client, noise, tiny_vit, upload, write_animated_gif,
                   write_rotated_jpeg)
 import vit_core
 from vit_core import ViTClassifier, preprocess, to_model_pixels, viz
 from vit_core.checkpoints import host_reachable
-from vit_core.rollout import explain
+from vit_core.faithfulness import RESULTS_FILE
+from vit_core.explanation import explain
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "demo" / "examples"
@@ -312,20 +314,21 @@ def checkpoint_copy(checkpoint, tmp_path) -> Path:
 
 
 def test_the_picker_offers_every_method_and_slow_ones_only_on_request(model, monkeypatch):
-    assert list(METHODS)[:7] == ["lrp_composite", "grad_rollout", "attention_x_gradient", "attnlrp",
+    assert list(PICKER_LABELS)[:7] == ["lrp_composite", "grad_rollout", "attention_x_gradient", "attnlrp",
                                  "input_x_gradient", "rollout", "last_layer"]
-    assert set(METHODS) - set(FAST_METHODS) == {"occlusion", "occlusion_drop", "integrated_gradients"}
+    assert set(PICKER_LABELS) - set(FAST_METHODS) == {"occlusion", "occlusion_drop", "integrated_gradients"}
     assert Settings().method == DEFAULT_METHOD == "lrp_composite"
     session = analyzed(model)
     assert set(session.explanation.maps()) == {"rollout", "grad_rollout", "last_layer"}  # nothing else on upload
     panels = draw(view(model, session, Settings().checked(model)))  # the default map, computed for drawing
-    assert "lrp_composite" in session.explanation.maps() and "explaining:**" in panels["summary"]
-    assert not {"occlusion", "integrated_gradients"} & set(session.explanation.maps())
-    import vit_core.attribution as attribution
+    known = session.cache.maps(session.explanation.target)  # what the session computed for its class
+    assert "lrp_composite" in known and "explaining:**" in panels["summary"]
+    assert not {"occlusion", "integrated_gradients"} & set(known)
+    import vit_core.methods as methods
     asked = []
-    original = attribution.ATTRIBUTION_METHODS["integrated_gradients"]
-    monkeypatch.setitem(attribution.ATTRIBUTION_METHODS, "integrated_gradients",
-                        lambda *a, **k: asked.append(1) or original(*a, **k))
+    original = methods.METHOD["integrated_gradients"]
+    monkeypatch.setitem(methods.METHOD, "integrated_gradients", dataclasses.replace(
+        original, compute=lambda *a, **k: asked.append(1) or original.compute(*a, **k)))
     for _ in range(2):
         overlay = draw(view(model, session, Settings(method="integrated_gradients").checked(model)))["overlay"]
     assert asked == [1] and overlay.size == (32 * SCALE,) * 2  # computed when chosen, then cached
@@ -378,10 +381,10 @@ def test_default_method_and_test_set_table_come_from_faithfulness_json(model, ch
     assert bare.default_method == DEFAULT_METHOD and bare.test_set is None
     assert "not yet measured" in bare.default_text() and "Compare tab" in bare.default_text()
     assert "rollout is one click away" in bare.default_text()
-    assert "not measured" in bare.test_set_markdown() and FAITHFULNESS_FILE in bare.test_set_markdown()
+    assert "not measured" in bare.test_set_markdown() and RESULTS_FILE in bare.test_set_markdown()
     # attention x gradient is the most faithful fast method; occlusion_drop scores higher but is slow.
     spearman = {"lrp_composite": 0.52, "attention_x_gradient": 0.61, "rollout": 0.12, "occlusion_drop": 0.9}
-    (checkpoint_copy / FAITHFULNESS_FILE).write_text(json.dumps(faithfulness_json(spearman)))
+    (checkpoint_copy / RESULTS_FILE).write_text(json.dumps(faithfulness_json(spearman)))
     measured = Evidence.load(model, checkpoint_copy)
     assert measured.default_method == "attention_x_gradient"
     assert measured.default_text() == ("Showing **attention × gradient**: the most faithful of the fast methods on "
@@ -394,7 +397,7 @@ def test_default_method_and_test_set_table_come_from_faithfulness_json(model, ch
     explorer = Explorer(model, evidence=measured)
     assert explorer.settings({"method": None}).method == "attention_x_gradient"  # an API caller's None
     assert explorer.settings({"method": "rollout"}).method == "rollout"
-    (checkpoint_copy / FAITHFULNESS_FILE).write_text("{ not json")
+    (checkpoint_copy / RESULTS_FILE).write_text("{ not json")
     assert Evidence.load(model, checkpoint_copy).default_method == DEFAULT_METHOD
 
 
@@ -441,7 +444,7 @@ def test_readme_lists_every_method_value():
     readme = (ROOT / "README.md").read_text()
     documented = re.search(r'method="\w+",\s*#\s*((?:"\w+"[\s|#]*)+)', readme)  # may go on over lines
     assert documented, "README's /explain example documents the method values"
-    assert re.findall(r'"(\w+)"', documented.group(1)) == list(METHODS)
+    assert re.findall(r'"(\w+)"', documented.group(1)) == list(PICKER_LABELS)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,9 +20,12 @@ from vit_core import preprocess
 from vit_core.cli import evaluate as evaluate_cli
 from vit_core.cli import faithfulness as faithfulness_cli
 from vit_core.cli.explain import main
+from vit_core.explanation import HELD_METHODS
+from vit_core.methods import METHOD_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTPUTS = ("patches", "attention", "attention_last", "layers", "rollout", "grad_rollout", "last_layer")
+# The drawings per image: these four, then an overlay of every map an explanation holds.
+OUTPUTS = ("patches", "attention", "attention_last", "layers") + HELD_METHODS
 
 
 # ---------------------------------------------------------------------------------------------- explain
@@ -133,7 +136,7 @@ def test_importing_the_cli_module_keeps_vit_core_explain_callable():
     import importlib
 
     import vit_core
-    from vit_core.rollout import explain as explain_function
+    from vit_core.explanation import explain as explain_function
 
     importlib.import_module("vit_core.cli.explain")  # the command has its own name: nothing is rebound
     assert vit_core.explain is explain_function
@@ -197,7 +200,7 @@ def test_faithfulness_writes_every_method_and_figure_and_the_card(colour_checkpo
     assert result["n"] == 3 and result["seed"] == 1 and result["sanity_images"] == 1
     assert result["command"].startswith("python -m vit_core.cli.faithfulness --checkpoint ")
     assert result["date"][:2] == "20" and result["removals"] == ["mean", "drop"]
-    expected = [m for m in fa.MAP_METHODS if m != "occlusion"]  # occlusion is the mean-fill reference
+    expected = [m for m in METHOD_NAMES if m != "occlusion"]  # occlusion is the mean-fill reference
     assert list(result["methods"]) == expected
     for name, entry in result["methods"].items():
         for removal in ("mean", "drop"):

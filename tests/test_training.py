@@ -498,7 +498,7 @@ def test_the_shipped_teacher_is_the_trained_one_and_classifies_the_shipped_examp
     import numpy as np
     from PIL import Image
 
-    from vit_core.model import normalize
+    from vit_core.preprocessing import normalize
     from vit_core.teacher import ConvTeacher, teacher_logits
 
     folder = ROOT / "checkpoints" / "cnn-teacher"

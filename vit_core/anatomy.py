@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from .images import ImageError, read_image
-from .model import ViTClassifier, preprocess
-from .rollout import explain
+from .model import ViTClassifier
+from .preprocessing import preprocess
+from .explanation import HELD_METHODS, explain
 
 ANATOMY_NAME = "anatomy.npz"  # the cache's file name inside a checkpoint folder
-MAP_METHODS = ("rollout", "grad_rollout", "last_layer")  # `Explanation.maps()` names
 FORMAT_VERSION = 1
 REGENERATE = "python -m vit_core.cli.anatomy --checkpoint DIR"
 EXAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -196,8 +196,8 @@ def class_average_maps(model: ViTClassifier, images: torch.Tensor, labels, metho
     `Explanation.maps()`; each image is explained for its label (what makes it that class), its
     map scaled to sum 1 over the patches, and the maps of a class averaged. Classes without
     images are NaN. `images` come from `vit_core.preprocess`; `labels` are class indices [N]."""
-    if method not in MAP_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {MAP_METHODS}")
+    if method not in HELD_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {HELD_METHODS} (the maps explain gives)")
     labels = _check_images(model, images, labels)
     if labels is None:
         raise ValueError("class_average_maps needs labels")
@@ -259,7 +259,7 @@ def compute_anatomy(model: ViTClassifier, images: torch.Tensor, labels=None, bat
     n_layers, n_heads = model.depth, model.n_heads
     grid, n_classes = model.grid_size, len(model.class_names)
     distance, entropy = np.zeros((n_layers, n_heads)), np.zeros((n_layers, n_heads))
-    sums = {m: torch.zeros(n_classes, grid, grid, dtype=torch.float64) for m in MAP_METHODS}
+    sums = {m: torch.zeros(n_classes, grid, grid, dtype=torch.float64) for m in HELD_METHODS}
     counts = torch.zeros(n_classes, dtype=torch.long)
     for explanation in _explained_batches(model, images, labels, batch_size, progress):
         share = len(explanation.target) / len(images)

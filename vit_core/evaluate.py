@@ -12,7 +12,8 @@ from collections.abc import Callable
 import torch
 
 from .devices import autocast
-from .model import ViTClassifier, eval_mode, normalize
+from .model import ViTClassifier, eval_mode
+from .preprocessing import normalize
 
 
 @torch.no_grad()

@@ -33,7 +33,8 @@ from .config import RESUMABLE_CHANGES, SAME_SPLIT, TrainConfig, TrainError
 from .data import ImageTensors, augment, cutmix, load_split, random_erase, split_validation, validation_count
 from .devices import DeviceError, autocast, pick_device, uses_bf16
 from .evaluate import predict_probs
-from .model import WEIGHTS_NAME, ViTClassifier, mimetic_attention_init_, normalize, sincos_position_init_
+from .model import WEIGHTS_NAME, ViTClassifier, mimetic_attention_init_, sincos_position_init_
+from .preprocessing import normalize
 from .teacher import ConvTeacher, teacher_accuracy, teacher_logits, train_teacher
 
 STATE_NAME = "train_state.pt"

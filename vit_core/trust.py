@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .attribution import occlusion, target_tensor
 from .faithfulness import (PERTURBATION_MODES, auc, check_removal, kept_probabilities, moved_counts, random_maps,
                            ranks, spearman_rows)
-from .model import kept_while_unchanged
+from .memo import kept_while_unchanged
 
 
 @dataclass

@@ -24,7 +24,8 @@ from ..anatomy import ANATOMY_NAME, AnatomyError, compute_anatomy, load_example_
 from ..adapters import load_model
 from ..checkpoints import CheckpointError, looks_like_repo_id
 from ..data import DataError, load_split
-from ..model import ViTClassifier, normalize
+from ..model import ViTClassifier
+from ..preprocessing import normalize
 from . import ArgumentParser, fail, progress_bar
 
 PROG = "python -m vit_core.cli.anatomy"

@@ -29,12 +29,15 @@ from .. import viz
 from ..adapters import load_model
 from ..checkpoints import CheckpointError
 from ..images import ImageError, read_image
-from ..model import ViTClassifier, preprocess, resampling, to_model_pixels
-from ..rollout import HEAD_FUSIONS, Explanation, explain, fuse_heads
+from ..model import ViTClassifier
+from ..preprocessing import preprocess, resampling, to_model_pixels
+from ..explanation import HELD_METHODS, Explanation, explain
+from ..rollout import HEAD_FUSIONS, check_rollout_settings, fuse_heads
 from ..walkthrough import walkthrough_arrays
 from . import CHECKPOINT_HELP, ArgumentParser, fail
 
-OUTPUTS = ("patches", "attention", "attention_last", "layers", "rollout", "grad_rollout", "last_layer")
+# The drawings written per image: these, then an overlay of every map an explanation holds.
+OUTPUTS = ("patches", "attention", "attention_last", "layers") + HELD_METHODS
 
 
 class BadArgument(ValueError):
@@ -48,13 +51,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--out", required=True, help="output folder (created if needed)")
     parser.add_argument("--target", default=None, help="class to explain, by name or index (default: predicted)")
-    parser.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean")
+    parser.add_argument("--head-fusion", default="mean", help=f"{'|'.join(HEAD_FUSIONS)} (default mean)")
     parser.add_argument("--discard-ratio", type=float, default=0.0, help="in [0, 1); default 0")
     parser.add_argument("--walkthrough", action="store_true",
                         help="also write <stem>_walkthrough.npz: logit lens, head knock-outs, what-if curves")
     args = parser.parse_args(argv)
-    if not 0.0 <= args.discard_ratio < 1.0:
-        parser.error(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
+    try:
+        check_rollout_settings(args.head_fusion, args.discard_ratio)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -100,7 +105,7 @@ def _write_one(out: Path, stem: str, i: int, image: Image.Image, model: ViTClass
             fused[-1], title=f"block {len(fused)} attention ({result.head_fusion} of heads)"),
         "layers": viz.map_strip(arrays["layer_maps"][i], view),
     }
-    for method in ("rollout", "grad_rollout", "last_layer"):
+    for method in HELD_METHODS:
         drawings[method] = viz.overlay_map(view, arrays[method][i])
     for kind, drawing in drawings.items():
         drawing.save(out / f"{stem}_{kind}.png")

@@ -50,10 +50,12 @@ from ..adapters import load_model
 from ..checkpoints import CheckpointError
 from ..data import DataError, load_split
 from ..devices import DeviceError, pick_device
-from ..faithfulness import (MAP_METHODS, REFERENCES, REMOVALS, RESULTS_FILE, cascading_randomization,
-                            method_maps, spearman_rows)
-from ..model import ViTClassifier, normalize
-from ..rollout import HEAD_FUSIONS, supported_methods
+from ..faithfulness import (REFERENCES, REMOVALS, RESULTS_FILE, cascading_randomization, method_maps,
+                            spearman_rows)
+from ..methods import METHOD_NAMES, supported_methods
+from ..model import ViTClassifier
+from ..preprocessing import normalize
+from ..rollout import HEAD_FUSIONS, check_rollout_settings
 from ..sharding import Shard, join, leave, local_device
 from ..trust import TrustContext
 from . import BAD_INPUT, CHECKPOINT_HELP, ArgumentParser, fail, progress_bar
@@ -61,7 +63,7 @@ from . import BAD_INPUT, CHECKPOINT_HELP, ArgumentParser, fail, progress_bar
 PROG = "python -m vit_core.cli.faithfulness"
 RESULTS = RESULTS_FILE  # read back by faithfulness.read_results
 # "occlusion" is only ever a reference (faithfulness.REFERENCES), never scored itself.
-METHODS = tuple(m for m in MAP_METHODS if m != "occlusion")
+METHODS = tuple(m for m in METHOD_NAMES if m != "occlusion")
 FIGURES = ("deletion_auc", "insertion_auc", "deletion_win_rate", "insertion_win_rate", "spearman_occlusion")
 
 
@@ -84,7 +86,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=25, help="images explained and scored together")
     parser.add_argument("--batch-size", type=int, default=512, help="rows per forward pass")
     parser.add_argument("--bf16", action="store_true", help="perturbed inputs under bfloat16 (faster, not exact)")
-    parser.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean")
+    parser.add_argument("--head-fusion", default="mean", help=f"{'|'.join(HEAD_FUSIONS)} (default mean)")
     parser.add_argument("--discard-ratio", type=float, default=0.0)
     parser.add_argument("--out", default=None, help=f"folder for {RESULTS} (default: the checkpoint folder)")
     parser.add_argument("--write-card", action="store_true", help="also rebuild the model card in that folder")
@@ -94,8 +96,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.n, args.steps, args.n_random, args.chunk, args.batch_size) < 1 or args.sanity < 0:
         parser.error("-n, --steps, --n-random, --chunk and --batch-size must be at least 1, --sanity at least 0")
-    if not 0.0 <= args.discard_ratio < 1.0:
-        parser.error(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
+    try:
+        check_rollout_settings(args.head_fusion, args.discard_ratio)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
