@@ -16,13 +16,14 @@ after every epoch; `--resume` continues a killed run exactly.
 import shlex
 import sys
 
+from vit_core.cli import ArgumentParser
 from vit_core.config import TrainConfig, TrainError, build_parser, config_from_args
 from vit_core.data import DataError
 from vit_core.training import train
 
 
 def parse_args(argv=None) -> TrainConfig:
-    args = build_parser(__doc__).parse_args(argv)
+    args = build_parser(__doc__, ArgumentParser).parse_args(argv)
     command = "python train.py " + " ".join(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
     return config_from_args(args, command)
 

@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-from .cli import ArgumentParser
 from .data import AUGMENTATIONS
 from .model import PRESETS
 
@@ -204,10 +203,12 @@ def _parse_type(annotation: str):
     return {"int": int, "float": float, "str": str, "list[int]": int}[base]
 
 
-def build_parser(description: str = "") -> argparse.ArgumentParser:
+def build_parser(description: str = "", parser_class: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
     """One flag per `TrainConfig` field, help and choices from its metadata. Defaults are left out of
-    the namespace (argparse.SUPPRESS), so `config_from_args` can tell a given flag from a recipe's."""
-    parser = ArgumentParser(prog="python train.py", description=description, argument_default=argparse.SUPPRESS)
+    the namespace (argparse.SUPPRESS), so `config_from_args` can tell a given flag from a recipe's.
+    `parser_class`: train.py passes the command lines' one-error-line parser (`vit_core.cli`), which
+    this library module may not import."""
+    parser = parser_class(prog="python train.py", description=description, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(TrainConfig):
         meta = dict(f.metadata)
         if meta.pop("cli", True) is False:

@@ -32,11 +32,12 @@ from PIL import Image
 from torch import nn
 
 from . import narration
-from .adapters import HF_CLASSES, HFViT, TimmViT, TokenLayout, capture_attention, cls_patch_map, eager_attention
+from .adapters import HF_CLASSES, HFViT, TimmViT, capture_attention, eager_attention
+from .layout import TokenLayout, cls_patch_map
 from .faithfulness import kept_class_probabilities, moved_counts
 from .model import ViTClassifier, eval_mode, patchify
 from .narration import whatif_sentence  # noqa: F401  (the UI phrases any k with it)
-from .rollout import explain
+from .explanation import explain
 from .trust import bfloat16_copy
 
 PAYLOAD_VERSION = 1
