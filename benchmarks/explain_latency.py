@@ -40,17 +40,18 @@ from PIL import Image
 
 from vit_core import ViTClassifier, explain, fuse_heads, preprocess
 from vit_core import viz
-from vit_core.attribution import ATTRIBUTION_METHODS, occlusion, predicted_class
+from vit_core.attribution import occlusion, predicted_class
 from vit_core.devices import uses_bf16
 from vit_core.faithfulness import auc, perturbation_curve, random_maps, spearman
-from vit_core.model import to_model_pixels
+from vit_core.methods import METHOD, PICKER, attribute
+from vit_core.preprocessing import to_model_pixels
 from vit_core.trust import TrustContext
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The maps the app scores for every image (demo.session.FAST_METHODS beyond explain's three);
+# The class-specific maps the app scores for every image (demo.session.FAST_METHODS but the class-free ones);
 # occlusion and Integrated Gradients wait to be asked for.
-CHEAP_METHODS = ("lrp_composite", "grad_rollout", "attention_x_gradient", "attnlrp", "input_x_gradient")
+CHEAP_METHODS = tuple(m for m in PICKER if METHOD[m].fast and METHOD[m].class_specific)
 
 
 def full_explanation(model: ViTClassifier, image: Image.Image) -> list[Image.Image]:
@@ -112,7 +113,7 @@ def cheap_maps(model: ViTClassifier, batch: torch.Tensor, target: torch.Tensor) 
 def separate_maps(model: ViTClassifier, batch: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """The same maps, each method with its own passes (before they were shared)."""
     maps = explain(model, batch, target=target).maps()
-    maps.update({name: ATTRIBUTION_METHODS[name](model, batch, target) for name in CHEAP_METHODS
+    maps.update({name: attribute(model, batch, name, target) for name in CHEAP_METHODS
                  if name != "grad_rollout"})
     return maps
 

@@ -77,7 +77,7 @@ def main() -> None:
     train_dir, tmp = train_folder(args.data)
     data = load_image_folder(train_dir, limit=2048)
     shipped = TrainConfig(data="", out="")
-    report = TrainConfig(data="", out="", **RECIPES["report"])
+    report = TrainConfig(data="", out="", **RECIPES["report"].settings)
     rates = {
         "shipped, patch dropout": timed(shipped_step(data, shipped, shipped.patch_drop), args.steps, 2, 128),
         "shipped, whole images": timed(shipped_step(data, shipped, 0.0), args.steps, 2, 128),

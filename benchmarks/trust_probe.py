@@ -4,8 +4,7 @@
     python benchmarks/trust_probe.py --data ../shared/cifar10 -n 50              # (a) + (b)
 
 (a) One image (the first test image with --data, else a shipped example): the wall time of every
-map (each `vit_core.attribution` method, plus attention rollout and gradient rollout from one
-`explain` call) and of `vit_core.trust.trust_figures` for all of them; medians over --repeats.
+map (each method of `vit_core.methods`, on its own passes) and of `vit_core.trust.trust_figures` for all of them; medians over --repeats.
 (b) Over n test images (a fixed random subset), per method: the mean Spearman correlation with
 leave-one-patch-out occlusion (dataset-mean fill, drop in the predicted class's log-probability)
 and the deletion/insertion win rate against random maps (the chance that the map's AUC beats one
@@ -36,8 +35,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vit_core import ViTClassifier, explain, normalize, preprocess
-from vit_core.attribution import ATTRIBUTION_METHODS, predicted_class
+from vit_core import ViTClassifier, normalize, preprocess
+from vit_core.attribution import predicted_class
+from vit_core.methods import METHOD_NAMES, attribute, check_methods
 from vit_core.faithfulness import spearman_rows
 from vit_core.trust import trust_figures
 
@@ -55,22 +55,14 @@ class Clock:
         return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-ROLLOUTS = ("rollout", "grad_rollout")
-
-
 def all_maps(model, images, target, methods: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor,
                                                                   dict[str, tuple[float, float]]]:
     """The maps of `methods` for `images`, the occlusion map (computed even when not among them)
-    and the (wall, CPU) seconds each took (rollout and grad_rollout share one call)."""
+    and the (wall, CPU) seconds each took, each method on its own passes."""
     maps, seconds = {}, {}
-    if any(name in ROLLOUTS for name in methods):
+    for name in methods + ([] if "occlusion" in methods else ["occlusion"]):
         clock = Clock()
-        explanation = explain(model, images, target=target)
-        maps.update({name: getattr(explanation, name) for name in ROLLOUTS if name in methods})
-        seconds["rollout + grad_rollout"] = clock.read()
-    for name in [m for m in methods if m not in ROLLOUTS] + ([] if "occlusion" in methods else ["occlusion"]):
-        clock = Clock()
-        maps[name] = ATTRIBUTION_METHODS[name](model, images, target)
+        maps[name] = attribute(model, images, name, target)
         seconds[name] = clock.read()
     loo = maps["occlusion"] if "occlusion" in methods else maps.pop("occlusion")
     return maps, loo, seconds
@@ -80,8 +72,7 @@ def reference(model, images, target, maps, loo, removal: str) -> torch.Tensor:
     """The leave-one-patch-out map that removes patches as `removal` does."""
     if removal == "mean":
         return loo
-    return maps["occlusion_drop"] if "occlusion_drop" in maps else ATTRIBUTION_METHODS["occlusion_drop"](
-        model, images, target)
+    return maps["occlusion_drop"] if "occlusion_drop" in maps else attribute(model, images, "occlusion_drop", target)
 
 
 def time_one_image(model, image: torch.Tensor, args) -> None:
@@ -144,7 +135,7 @@ def reference_shift(model, batch, target, maps, loo, removal) -> dict[str, list[
     """|Spearman(map, reference) - Spearman(map, bf16 reference)| per map and image, and under
     "(reference itself)" the Spearman correlation of the two references."""
     with bf16_blocks(model):
-        low = ATTRIBUTION_METHODS["occlusion" if removal == "mean" else "occlusion_drop"](model, batch, target)
+        low = attribute(model, batch, "occlusion" if removal == "mean" else "occlusion_drop", target)
     low = low.float()
     shifts = {"(reference itself)": spearman_rows(loo, low).tolist()}
     for name, value in maps.items():
@@ -191,8 +182,7 @@ def agreement(model, images: torch.Tensor, args) -> None:
     print(f"{'method':<22} {'Spearman with LOO':<18} {'deletion win rate':<18} {'insertion win rate':<18} "
           f"{'images > median':<16} CPU ms/image")
     for name, row in rows.items():
-        key = "rollout + grad_rollout" if name in ("rollout", "grad_rollout") else name
-        cost = 1000 * spent.get(key, float("nan")) / len(images)
+        cost = 1000 * spent.get(name, float("nan")) / len(images)
         # The share of images on which the map's deletion AUC beats the median random map's.
         beats = float(np.mean(np.array(row["deletion"]) > 0.5))
         print(f"{name:<22} {_mean_sem(np.array(row['spearman'])):<18} {_mean_sem(np.array(row['deletion'])):<18} "
@@ -217,15 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--removal", choices=("mean", "drop"), default="mean",
                         help="how a patch is removed in the curves and the occlusion reference")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--methods", default=",".join(ROLLOUTS + tuple(ATTRIBUTION_METHODS)),
+    parser.add_argument("--methods", default=",".join(METHOD_NAMES),
                         help="comma-separated maps to compute and score (default: all)")
     args = parser.parse_args(argv)
     if args.n < 1 or args.repeats < 1 or args.chunk < 1:
         parser.error("-n, --repeats and --chunk must be at least 1")
     args.methods = [name.strip() for name in args.methods.split(",") if name.strip()]
-    unknown = sorted(set(args.methods) - set(ROLLOUTS) - set(ATTRIBUTION_METHODS))
-    if unknown or not args.methods:
-        parser.error(f"unknown methods {unknown}; choose from {ROLLOUTS + tuple(ATTRIBUTION_METHODS)}")
+    try:
+        check_methods(args.methods or [""])
+    except ValueError as error:
+        parser.error(str(error))
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

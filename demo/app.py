@@ -16,7 +16,7 @@ from it, except a new class or a newly picked map, computed once per class and i
 figures follow in a chained event, so the panels never wait for them; the checkpoint's files
 (eval.json, faithfulness.json, anatomy.npz) are read once at start-up (`demo.evidence`).
 
-Named endpoints for `gradio_client`: /predict, /explain, /redraw, /trust, /faithfulness,
+Named endpoints for `gradio_client`: /predict, /explain, /explain_arrays, /redraw, /trust, /faithfulness,
 /sanity_check, /export, /anatomy (README, "Scripting with gradio_client").
 """
 
@@ -34,9 +34,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "2000")
 
 import argparse
 import dataclasses
+import errno
 import functools
+import socket
 import sys
-import warnings
 from pathlib import Path
 
 import gradio as gr
@@ -52,18 +53,24 @@ from demo.evidence import Evidence  # noqa: E402
 from demo.handlers import FAITHFULNESS_OUTPUTS, NOT_AVAILABLE, TRUST_OUTPUTS, Explorer  # noqa: E402
 from demo.panels import MODEL_FIGURES, PANELS, REDRAWN, draw, image_panel, view  # noqa: E402
 from demo.serving import (GRADIO_DELETE_CACHE, SESSIONS_KEPT, CacheKeeper, answering,  # noqa: E402
-                          limit_heap_arenas, panel_files, wire_arrays)
+                          limit_heap_arenas, panel_files)
 from demo.session import (HEAD_MEAN, PREDICTED, Settings, analyze, example_label, head_choices,  # noqa: E402
                           is_own, methods_for)
 from vit_core import CheckpointError, ViTClassifier, load_checkpoint  # noqa: E402,F401 (load_checkpoint: re-exported)
 from vit_core.adapters import load_model  # noqa: E402
 from vit_core.checkpoints import candidate_folders, host_reachable  # noqa: E402
+from vit_core.cli import ArgumentParser, fail  # noqa: E402
 from vit_core.images import MAX_FILE_BYTES  # noqa: E402
 from vit_core.rollout import HEAD_FUSIONS  # noqa: E402
 
 EXAMPLES_DIR = DEMO_DIR / "examples"
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "vit-cifar10"
 SHARE_SERVER = "api.gradio.app"  # what `--share` connects to
+# gradio_client fills a parameter left out with its control's initial value, so a handler cannot tell
+# "left out" from "the default": every call states its settings, and the API page says so.
+REDRAW_API = ("Redraws the session's image from its cached explanation (no new forward pass) with this call's "
+              "settings. A setting left out takes its control's initial value (the app's default), not the "
+              "previous call's: pass again every setting you chose with /explain, e.g. method.")
 
 # Uploads over vit_core's file-size limit are refused by Gradio at upload (HTTP 413), and again by
 # read_image for files that reach a handler another way; its pixel limit is checked from the header.
@@ -245,9 +252,10 @@ def layout(model: ViTClassifier, examples: list[Path], explorer: Explorer) -> di
         ui.update(_model_tab())
         ui.update(_export_tab())
     # Hidden: /predict writes all class probabilities here (the visible label keeps the top 5);
-    # /explain, the upload's answer for scripts, is this button's.
+    # /explain, the upload's answer for scripts, is this button's; /explain_arrays answers in JSON.
     ui["predict_button"], ui["all_probs"] = gr.Button(visible=False), gr.Label(visible=False)
     ui["explain_button"] = gr.Button(visible=False)
+    ui["arrays_button"], ui["arrays"] = gr.Button(visible=False), gr.JSON(visible=False)
     return ui
 
 
@@ -279,7 +287,7 @@ def wire(ui: dict[str, gr.components.Component], explorer: Explorer, workers: in
     redraw = dict(fn=out(explorer.redraw), inputs=session, inputs_kwargs=with_patch, outputs=redrawn,
                   trigger_mode="always_last", **fast)
     gr.on([c.change for name, c in settings.items() if name != "method"] + [ui["patch"].input], **redraw,
-          api_name="redraw", show_progress="hidden")
+          api_name="redraw", api_description=REDRAW_API, show_progress="hidden")
     # A new method may be a slow one computed on request (occlusion over every patch of a large
     # model): the panels show Gradio's progress bar, moved by the handler, while it runs.
     ui["method"].change(**redraw, api_visibility="private", show_progress="full")
@@ -307,7 +315,8 @@ def wire(ui: dict[str, gr.components.Component], explorer: Explorer, workers: in
     _wire_tabs(ui, explorer, out, settings, with_patch, slow)
     ui["predict_button"].click(out(explorer.predict), [image_in], ui["all_probs"], api_name="predict",
                                preprocess=False, **fast)
-    wire_arrays(ui, explorer, out, settings, **fast)
+    ui["arrays_button"].click(out(explorer.explain_arrays), [image_in], [ui["arrays"], ui["session"]],
+                              inputs_kwargs=settings, api_name="explain_arrays", preprocess=False, **fast)
 
 
 def _wire_tabs(ui, explorer: Explorer, out, settings, with_patch, slow) -> None:
@@ -349,13 +358,12 @@ def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, sh
     """demo.launch with this app's settings: upload cap, examples servable, nothing phoning home,
     a bounded number of sessions kept, and a sweep that keeps Gradio's cache folder within its
     budget (`demo.serving.CacheKeeper`, until the demo closes). With share and no route to the
-    share server, warns and serves locally. With share, this prints the outcome itself (Gradio's
-    own hint "set share=True" would follow the warning as if --share had been ignored) and the
-    page's header shows it (`demo.share_requested`, `demo.share_url`)."""
+    share server, serves locally. With share, this prints the outcome itself in one line or a banner
+    (`share_message`; Gradio's own hint "set share=True" would read as if --share had been ignored)
+    and the page's header shows it (`demo.share_requested`, `demo.share_url`). OSError when the
+    port cannot be bound (`busy_port_message` says what to do)."""
     demo.share_requested = share
     if share and not host_reachable(SHARE_SERVER, 443, timeout=3.0):
-        warnings.warn("--share: Gradio's share server is unreachable (offline?); serving locally only.",
-                      stacklevel=2)
         share = False
     CacheKeeper(demo, panel_files()).start()
     result = demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
@@ -375,8 +383,26 @@ def share_message(local_url: str, share_url: str | None) -> str:
     if share_url:
         rule = "=" * (len(share_url) + 16)
         return f"{rule}\n  Public link:  {share_url}\n{rule}\n(also on {local_url}; the page header shows the link)"
-    return (f"* Running on local URL:  {local_url}\n* --share: no public link is available (Gradio's share "
-            "server cannot be reached); the app serves locally only.")
+    return (f"* Running on local URL:  {local_url} (--share: no public link is available: Gradio's share server "
+            "cannot be reached, so the app serves locally only)")
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether the server could bind `port` on `host` now (as uvicorn binds: address reuse on)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.errno != errno.EADDRINUSE  # another failure (a bad host) is launch's to report
+    return True
+
+
+def busy_port_message(host: str, port: int) -> str:
+    """One line for a port another process holds, naming a free one nearby if there is one."""
+    free = next((p for p in range(port + 1, min(port + 100, 65536)) if port_free(host, p)), None)
+    other = f"--port {free} (free now)" if free is not None else "another --port"
+    return f"port {port} is busy; pass {other}, or stop what is serving on {port}"
 
 
 def anatomy_examples(model) -> Path | None:
@@ -391,7 +417,7 @@ def checkpoint_folder(source: str) -> Path | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python demo/app.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                         help="checkpoint directory or Hugging Face Hub repo id (default: the shipped one); "
                              "also a timm ViT: a folder saved by timm's save_for_hf, or timm/<name>")
@@ -421,19 +447,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     missing = missing_default_checkpoint(args.checkpoint)
     if missing:
-        print(f"error: {missing}", file=sys.stderr)
-        return 2
+        return fail(missing)
+    if not port_free(args.host, args.port):  # before minutes of loading, not after
+        return fail(busy_port_message(args.host, args.port))
     limit_heap_arenas()  # before the server starts its threads
     torch.set_num_threads(max(1, args.threads))
     try:
         model = load_model(args.checkpoint, search_dirs=[ROOT])  # relative paths: cwd, then the repo
     except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(err)
     warm_up(model)
     evidence = Evidence.load(model, checkpoint_folder(args.checkpoint), anatomy_examples(model))
-    launch(build_demo(model, workers=max(1, args.workers), evidence=evidence), host=args.host, port=args.port,
-           share=args.share)
+    demo = build_demo(model, workers=max(1, args.workers), evidence=evidence)
+    try:
+        launch(demo, host=args.host, port=args.port, share=args.share)
+    except OSError as error:  # taken while the model loaded, or a host that cannot be served on
+        demo.close()
+        return fail(busy_port_message(args.host, args.port) if not port_free(args.host, args.port)
+                    else f"cannot serve on {args.host}:{args.port}: {error}")
     return 0
 
 

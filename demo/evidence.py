@@ -25,17 +25,16 @@ from pathlib import Path
 
 import torch
 
-from demo.session import (DEFAULT_METHOD, FAST_METHODS, METHODS, Session, Settings, current_explanation, is_own,
-                          methods_for)
+from demo.session import (DEFAULT_METHOD, FAST_METHODS, PICKER_LABELS, Session, Settings, current_explanation,
+                          is_own, methods_for)
 from vit_core import ViTClassifier
 from vit_core.anatomy import Anatomy, AnatomyError, compute_anatomy, load_anatomy, load_example_images
 from vit_core.card import EVAL_INFO
 from vit_core.devices import uses_bf16
 from vit_core.faithfulness import REFERENCES, RESULTS_FILE, read_results, result_mean
-from vit_core.rollout import SLOW_METHODS
+from vit_core.methods import METHOD
 from vit_core.trust import trust_figures
 
-FAITHFULNESS_FILE = RESULTS_FILE
 MAKE_FAITHFULNESS = "python -m vit_core.cli.faithfulness --checkpoint {folder} --data DATA_DIR"
 # Test-set columns: (figure in faithfulness.json, heading, shown as a percentage).
 TEST_SET_COLUMNS = (
@@ -52,15 +51,13 @@ TEST_SET_REMOVAL = "drop"
 # The perturbed inputs run in bf16 where the CPU has bf16 units (vit_core.devices.uses_bf16), about
 # twice as fast (benchmarks/explain_latency.py); the AUCs move slightly, the occlusion reference not at all.
 TRUST_BF16 = uses_bf16(torch.device("cpu"), "auto")
-# Maps whose values depend on head fusion or discard ratio: their trust figures do too.
-_SETTING_DEPENDENT = ("rollout", "last_layer")
 
 
 # ------------------------------------------------------------------------------------------------
 # Per image
 
 def _trust_key(method: str, target: int, settings: Settings) -> tuple:
-    if method in _SETTING_DEPENDENT:
+    if METHOD[method].rollout_settings:  # its map, and so its figures, depend on them
         return target, method, settings.head_fusion, settings.discard_ratio
     return target, method
 
@@ -68,7 +65,7 @@ def _trust_key(method: str, target: int, settings: Settings) -> tuple:
 def trust_methods(model, settings: Settings) -> list[str]:
     """The maps scored for an image: every fast one the model has, and the chosen one if it is slow."""
     fast = [m for m in FAST_METHODS if m in methods_for(model)]
-    return fast + ([settings.method] if settings.method in SLOW_METHODS else [])
+    return fast + ([] if METHOD[settings.method].fast else [settings.method])
 
 
 def trust_removal(model) -> str:
@@ -86,7 +83,7 @@ def image_trust(model: ViTClassifier, session: Session, settings: Settings) -> d
     methods, removal = trust_methods(model, settings), trust_removal(model)
     reference = REFERENCES[removal]
     explanation = current_explanation(model, session, settings).with_maps(
-        model, session.inputs, methods + [reference])
+        model, session.inputs, methods + [reference], session.cache)
     target = int(explanation.target[0])
     keys = {method: _trust_key(method, target, settings) for method in methods}
     missing = [method for method in methods if keys[method] not in session.trust]
@@ -103,7 +100,7 @@ def trust_sentence(method: str, figures: dict[str, float]) -> str:
     deletion, insertion = figures["deletion_percentile"], figures["insertion_percentile"]
     rho = figures["spearman_occlusion"]
     rho_text = "n/a (a flat map)" if math.isnan(rho) else f"{rho:+.2f}"
-    return (f"**{METHODS[method]}** beats **{min(deletion, insertion):.0f} %** of random maps on this image "
+    return (f"**{PICKER_LABELS[method]}** beats **{min(deletion, insertion):.0f} %** of random maps on this image "
             f"(deletion {deletion:.0f} %, insertion {insertion:.0f} %); Spearman ρ {rho_text} with "
             f"leave-one-patch-out")
 
@@ -112,7 +109,7 @@ def trust_table(figures: dict[str, dict[str, float]], current: str) -> str:
     """Every scored map's figures for this image as a compact markdown table (the chosen one bold)."""
     rows = ["| map | beats random: deletion | insertion | ρ with occlusion |", "|---|---|---|---|"]
     for method, values in figures.items():
-        name = f"**{METHODS[method]}**" if method == current else METHODS[method]
+        name = f"**{PICKER_LABELS[method]}**" if method == current else PICKER_LABELS[method]
         rho = values["spearman_occlusion"]
         rows.append(f"| {name} | {values['deletion_percentile']:.0f} % | {values['insertion_percentile']:.0f} % | "
                     f"{'n/a' if math.isnan(rho) else f'{rho:+.2f}'} |")
@@ -137,7 +134,7 @@ class TestSetTable:
             data = read_results(folder)
         except (OSError, ValueError):
             return None
-        shown = [m for m in METHODS if isinstance(data["methods"].get(m), dict)] if data else []
+        shown = [m for m in PICKER_LABELS if isinstance(data["methods"].get(m), dict)] if data else []
         if not shown:
             return None
         rows = {method: {figure: result_mean(data, method, TEST_SET_REMOVAL, figure)
@@ -152,7 +149,7 @@ class TestSetTable:
     def markdown(self) -> str:
         """The table, with one sentence on how to read it."""
         over = f"{self.n_images} test images" if self.n_images else "the test set"
-        lines = [f"**Over the test set** ({FAITHFULNESS_FILE}: means over {over}, each map explaining the "
+        lines = [f"**Over the test set** ({RESULTS_FILE}: means over {over}, each map explaining the "
                  "predicted class, a removed patch's token left out). How to read it: ρ says how "
                  "closely a map ranks patches the way removing each one alone changes the prediction (1: "
                  "exactly); \"beats random\" is the chance it orders patches better than a random map "
@@ -161,7 +158,7 @@ class TestSetTable:
                  "|---|" + "---|" * len(TEST_SET_COLUMNS)]
         for method, row in self.rows.items():
             cells = [_cell(row[figure], percent) for figure, _, percent in TEST_SET_COLUMNS]
-            lines.append(f"| {METHODS.get(method, 'random map')} | " + " | ".join(cells) + " |")
+            lines.append(f"| {PICKER_LABELS.get(method, 'random map')} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
 
@@ -244,11 +241,11 @@ class Evidence:
         else:
             why = "not yet measured on the test set for this checkpoint (the Compare tab says how)"
         rest = "" if method == "rollout" else "; rollout is one click away"
-        return f"Showing **{METHODS[method]}**: {why}{rest}."
+        return f"Showing **{PICKER_LABELS[method]}**: {why}{rest}."
 
     def how_to_measure(self) -> str:
         folder = self.folder if self.folder is not None else "CHECKPOINT_DIR"
-        return f"`{MAKE_FAITHFULNESS.format(folder=folder)}` writes {FAITHFULNESS_FILE} beside the checkpoint"
+        return f"`{MAKE_FAITHFULNESS.format(folder=folder)}` writes {RESULTS_FILE} beside the checkpoint"
 
     def test_set_markdown(self) -> str:
         """The test-set table with how to read it, or how to make it."""

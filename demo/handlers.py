@@ -5,19 +5,16 @@ keywords named like the `Settings` fields, event data) and answers {output name:
 outputs it changes (an upload's handlers yield such answers in steps); an empty answer changes
 nothing. Output names are panel names (demo.panels) plus "session", "patch", "image_in",
 "deletion", "insertion", "auc", "sanity", "export_files", "all_probs", "trust", "trust_table",
-"compare", "header", "anatomy_info" and the Model tab's figure names (demo.panels.MODEL_FIGURES).
+"compare", "header", "anatomy_info", "arrays" and the Model tab's figure names (demo.panels.MODEL_FIGURES).
 Panel pictures are PIL images (or paths of files written once). The app maps names to its
 components and pictures to served files, so no handler depends on the order of anything.
 """
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import math
-import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,12 +24,14 @@ import numpy as np
 from PIL import Image
 
 from demo.evidence import Evidence, image_trust, trust_sentence, trust_table
-from demo.panels import (FIRST, MODEL_FIGURES, PANELS, REDRAWN, anatomy_text, clicked_patch, compare_strip, draw,
-                          view)
-from demo.session import (ATTENTION_DEFAULT, METHODS, Session, Settings, analyze, current_explanation, is_own,
+from demo.panels import (FIRST, MODEL_FIGURES, PANELS, REDRAWN, View, anatomy_text, clicked_patch, compare_strip,
+                          draw, view)
+from demo.serving import export_dir, static_dir
+from demo.session import (ATTENTION_DEFAULT, PICKER_LABELS, Session, Settings, analyze, current_explanation, is_own,
                           label_probs, methods_for, read_upload, upload_name, upload_path)
 from vit_core import ViTClassifier, viz
 from vit_core import faithfulness as faith
+from vit_core.methods import METHOD
 
 Answer = dict[str, Any]
 FAITHFULNESS_OUTPUTS = ("deletion", "insertion", "auc", "sanity")
@@ -58,7 +57,7 @@ class Explorer:
         anatomy = self.evidence.anatomy
         # Drawn once per checkpoint; written once, so every request serves the same files.
         self.model_figures = {f.name: f.draw(anatomy) for f in MODEL_FIGURES} if anatomy is not None else {}
-        folder = Path(tempfile.mkdtemp(dir=_static_dir())) if self.model_figures else None
+        folder = Path(tempfile.mkdtemp(dir=static_dir())) if self.model_figures else None
         self.model_figure_files = {name: str(_saved(image, folder / f"{name}.png"))
                                    for name, image in self.model_figures.items()}
 
@@ -86,6 +85,14 @@ class Explorer:
         """`explain_steps`' last answer: every panel for the settings."""
         *_, answer = self.explain_steps(image, **controls)
         return answer
+
+    def explain_arrays(self, image, **controls) -> Answer:
+        """/explain for scripts that want numbers: the same parameters, one model run, no pictures
+        drawn; the session too, so /redraw and the other endpoints work on the image afterwards."""
+        settings = self.settings(controls)
+        picture, notes = read_upload(upload_path(image), size=self.model.image_size)
+        session = analyze(self.model, picture, name=upload_name(image), notes=notes, gradients=False)
+        return {"arrays": explanation_arrays(view(self.model, session, settings)), "session": session}
 
     def example(self, evt: gr.SelectData, **controls) -> Iterator[Answer]:
         """A gallery pick: explained as if uploaded (in the same steps), and shown as the input."""
@@ -127,7 +134,7 @@ class Explorer:
 
     def export(self, session: Session | None, **controls) -> Answer:
         """Every panel and the Model tab's figures as PNG, the current explanation as .npz."""
-        paths = export_files(self.model, require(session), self.settings(controls), _export_dir(),
+        paths = export_files(self.model, require(session), self.settings(controls), export_dir(),
                              self.model_figures)
         return {"export_files": paths}
 
@@ -139,7 +146,7 @@ class Explorer:
         settings = self.settings(controls)
         figures = image_trust(self.model, session, settings)
         # Pillow's built-in font draws ASCII only: "x" for "×", "rho" for "ρ".
-        titles = {m: f"{METHODS[m].split(' (slower')[0].replace('×', 'x')}: {_beats(f)}, rho {_rho(f)}"
+        titles = {m: f"{METHOD[m].label.replace('×', 'x')}: {_beats(f)}, rho {_rho(f)}"
                   for m, f in figures.items()}
         table = trust_table(figures, settings.method)
         return {"trust": trust_sentence(settings.method, figures[settings.method]) if settings.method in figures
@@ -165,12 +172,14 @@ class Explorer:
             parts.append(self.evidence.accuracy_text())
         method = method if method in methods_for(model) else self.defaults.method
         if not is_own(model):
-            parts.append(f"Showing **{METHODS[method]}** (LRP and token dropping need the explorer's own ViT)")
+            unavailable = [label for name, label in PICKER_LABELS.items() if name not in methods_for(model)]
+            parts.append(f"Showing **{PICKER_LABELS[method]}**" + (f" ({', '.join(unavailable)}: not for this model)"
+                                                                  if unavailable else ""))
         elif method == self.defaults.method:
             parts.append(self.evidence.default_text())
         else:
-            parts.append(f"Showing **{METHODS[method]}** (the app opens on {METHODS[self.defaults.method]}; "
-                         "each map's trust on this image is beside the picker)")
+            parts.append(f"Showing **{PICKER_LABELS[method]}** (the app opens on "
+                         f"{PICKER_LABELS[self.defaults.method]}; each map's trust on this image is beside the picker)")
         requested, url = self.share()
         if url:
             parts.append(f"Public link: [{url}]({url})")
@@ -230,7 +239,7 @@ def faithfulness(model: ViTClassifier, session: Session, settings: Settings, ste
                                        aucs={k: _scalar(v[f"{mode}_auc"]) for k, v in results.items()})
     rows = ["| map | deletion AUC ↓ | insertion AUC ↑ |", "|---|---|---|"]
     for name, result in results.items():
-        rows.append(f"| {METHODS.get(name, name)} | {_scalar(result['deletion_auc']):.3f} | "
+        rows.append(f"| {PICKER_LABELS.get(name, name)} | {_scalar(result['deletion_auc']):.3f} | "
                     f"{_scalar(result['insertion_auc']):.3f} |")
     return {**answer, "auc": "\n".join(rows)}
 
@@ -242,12 +251,33 @@ def sanity_check(model: ViTClassifier, session: Session, settings: Settings) -> 
     stages = faith.randomization_sanity(
         model, session.inputs, method=settings.method, target=expl.target,
         head_fusion=settings.head_fusion, discard_ratio=settings.discard_ratio, seed=0)
-    rows = [f"Model-randomisation check for **{METHODS[settings.method]}**: Spearman correlation between "
+    rows = [f"Model-randomisation check for **{PICKER_LABELS[settings.method]}**: Spearman correlation between "
             "the trained model's map and the map after randomising the weights cumulatively from the "
             "top. A faithful method's maps should decorrelate (values near 0).", "",
             "| randomised | Spearman ρ |", "|---|---|"]
     rows += [f"| {s['stage']} | {_scalar(s['spearman']):.3f} |" for s in stages]
     return "\n".join(rows)
+
+
+def explanation_arrays(v: View) -> dict[str, Any]:
+    """The numbers behind a view's panels as JSON-ready values: the prediction and every class's
+    probability, the explained class, the chosen method's map (grid × grid, raw values, patches
+    row-major), each layer's CLS attention (layers × grid × grid, heads fused as set) and the
+    chosen layer's attention matrix for the chosen head or the heads' mean (tokens × tokens, CLS
+    first)."""
+    names, expl = v.model.class_names, v.explanation
+    return {
+        "predicted": names[v.session.predicted],
+        "probabilities": {name: float(p) for name, p in zip(names, expl.probs[0])},
+        "method": v.settings.method,
+        "target": names[int(expl.target[0])],
+        "map": expl.maps()[v.settings.method][0].tolist(),
+        "layer_maps": expl.layer_maps[0].tolist(),
+        "layer": v.settings.layer,
+        "head": v.settings.head,
+        "attention": v.matrices[v.settings.layer - 1].tolist(),
+        "notes": list(v.session.notes),
+    }
 
 
 def _scalar(value) -> float:
@@ -278,32 +308,6 @@ def export_files(model: ViTClassifier, session: Session, settings: Settings, out
     return paths
 
 
-_PROCESS_DIRS: dict[str, Path] = {}
-
-
 def _saved(image: Image.Image, path: Path) -> Path:
     image.save(path)
     return path
-
-
-def _process_dir(prefix: str) -> Path:
-    """One temp folder per `prefix` for the whole process, made on first use, removed at exit."""
-    if prefix not in _PROCESS_DIRS:
-        _PROCESS_DIRS[prefix] = Path(tempfile.mkdtemp(prefix=prefix))
-        atexit.register(shutil.rmtree, _PROCESS_DIRS[prefix], True)
-    return _PROCESS_DIRS[prefix]
-
-
-def _static_dir() -> Path:
-    """The folder for files that never change while the app runs."""
-    return _process_dir("vit-explorer-static-")
-
-
-def _export_dir() -> Path:
-    """A fresh folder per export under one per-process temp dir; folders older than an hour go."""
-    root = _process_dir("vit-explorer-export-")
-    now = time.time()
-    for old in root.iterdir():
-        if now - old.stat().st_mtime > 3600:
-            shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(dir=root))

@@ -19,14 +19,12 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from demo.session import METHODS, Session, Settings, current_explanation, example_label
+from demo.session import PICKER_LABELS, Session, Settings, current_explanation, example_label
 from vit_core import ViTClassifier, viz
 from vit_core.anatomy import Anatomy
 from vit_core.attribution import Progress
-from vit_core.rollout import Explanation
-
-# Maps that do not depend on the class explained (the others explain `Explanation.target`).
-CLASS_FREE_METHODS = ("rollout", "last_layer")
+from vit_core.explanation import Explanation
+from vit_core.methods import METHOD
 
 SCALE = 8  # screen pixels per image pixel in the large panels (32 px -> 256 px)
 GAP = 2    # white gap between patches in the patch grid
@@ -154,7 +152,7 @@ def _summary(v: View) -> str:
     true_label = example_label(v.session.name, names)
     if true_label:
         info.append(f"**true label:** {true_label}")
-    if v.settings.method not in CLASS_FREE_METHODS:
+    if METHOD[v.settings.method].class_specific:
         info.append(f"**explaining:** {names[int(v.explanation.target[0])]}")
     info.append(f"**token:** {v.token_text} — where it attends in layer {v.settings.layer}, {v.head_text}")
     return " · ".join(info + v.session.notes)
@@ -256,10 +254,11 @@ def clicked_patch(model: ViTClassifier, panel: str, x: float, y: float) -> int |
 
 def compare_strip(v: View, methods: list[str], titles: dict[str, str] | None = None) -> Image.Image:
     """Every map of `methods` for the view's image and class side by side, each over the image and
-    titled with its label (or `titles`' text), for the Compare view."""
-    maps = v.explanation.maps()
+    titled with its label (or `titles`' text), for the Compare view. Maps not yet computed for this
+    class are computed now, and kept in the session's cache."""
+    maps = v.explanation.with_maps(v.model, v.session.inputs, methods, v.session.cache).maps()
     titles = titles or {}
-    return _strip(v, torch.stack([maps[m][0] for m in methods]), [titles.get(m, METHODS[m]) for m in methods])
+    return _strip(v, torch.stack([maps[m][0] for m in methods]), [titles.get(m, PICKER_LABELS[m]) for m in methods])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@
   cache is over its byte budget; the sweep also forgets deleted files and hands freed heap back to
   the operating system. Gradio's own `delete_cache` (set on the Blocks) is the slow backstop
   and the cleanup at shutdown.
-- `explanation_arrays`: the numbers behind the panels as plain lists, for scripts (/explain_arrays).
+- `static_dir`, `export_dir`: the app's own temp folders (figures drawn once, exports), removed at exit.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import inspect
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -33,9 +34,6 @@ from typing import Any
 import gradio as gr
 import gradio.utils as gr_utils
 from PIL import Image
-
-from demo.panels import View, view
-from demo.session import analyze, read_upload, upload_name, upload_path
 
 # Panel files: at most this many bytes and this old (since last handed out). A file handed out in
 # the last MIN_AGE_S seconds is never removed, whatever the budget: its client may still fetch it.
@@ -53,6 +51,7 @@ GRADIO_DELETE_CACHE = (900, 900)
 # recently used out first: bounds the server's memory however many visitors come and go.
 SESSIONS_KEPT = 200
 PANEL_FOLDER_PREFIX = "vit-explorer-panels-"
+EXPORT_AGE_S = 3600.0  # an export's folder is removed this long after it was written
 
 
 class PanelFiles:
@@ -189,6 +188,32 @@ def _remove(path: str) -> bool:
         return False
 
 
+# One temp folder per kind for the whole process, made on first use, removed at exit.
+_PROCESS_DIRS: dict[str, Path] = {}
+
+
+def _process_dir(prefix: str) -> Path:
+    if prefix not in _PROCESS_DIRS:
+        _PROCESS_DIRS[prefix] = Path(tempfile.mkdtemp(prefix=prefix))
+        atexit.register(shutil.rmtree, _PROCESS_DIRS[prefix], True)
+    return _PROCESS_DIRS[prefix]
+
+
+def static_dir() -> Path:
+    """The folder for files that never change while the app runs (the Model tab's figures)."""
+    return _process_dir("vit-explorer-static-")
+
+
+def export_dir() -> Path:
+    """A fresh folder per export under one per-process temp dir; folders older than an hour go."""
+    root = _process_dir("vit-explorer-export-")
+    now = time.time()
+    for old in root.iterdir():
+        if now - old.stat().st_mtime > EXPORT_AGE_S:
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=root))
+
+
 def answering(handler: Callable[..., dict], ui: dict[str, gr.components.Component],
               files: PanelFiles) -> Callable[..., dict]:
     """`handler` as Gradio wants it: the same signature (so the same API parameters), with its
@@ -211,52 +236,6 @@ def answering(handler: Callable[..., dict], ui: dict[str, gr.components.Componen
     def to_gradio(*args, **kwargs):
         return convert(handler(*args, **kwargs))
     return to_gradio
-
-
-# ------------------------------------------------------------------------------------------------
-# Numbers instead of pictures, for scripts
-
-def explanation_arrays(v: View) -> dict[str, Any]:
-    """The numbers behind a view's panels as JSON-ready values: the prediction and every class's
-    probability, the explained class, the chosen method's map (grid × grid, raw values, patches
-    row-major), each layer's CLS attention (layers × grid × grid, heads fused as set) and the
-    chosen layer's attention matrix for the chosen head or the heads' mean (tokens × tokens, CLS
-    first)."""
-    names, expl = v.model.class_names, v.explanation
-    return {
-        "predicted": names[v.session.predicted],
-        "probabilities": {name: float(p) for name, p in zip(names, expl.probs[0])},
-        "method": v.settings.method,
-        "target": names[int(expl.target[0])],
-        "map": expl.maps()[v.settings.method][0].tolist(),
-        "layer_maps": expl.layer_maps[0].tolist(),
-        "layer": v.settings.layer,
-        "head": v.settings.head,
-        "attention": v.matrices[v.settings.layer - 1].tolist(),
-        "notes": list(v.session.notes),
-    }
-
-
-def arrays_handler(explorer) -> Callable[..., dict]:
-    """/explain_arrays for a `demo.handlers.Explorer`: the parameters of /explain, one model run,
-    no pictures drawn; answers {"arrays": explanation_arrays(...), "session": ...}, so /redraw
-    and the other endpoints work on the image afterwards as after /explain."""
-    def explain_arrays(image, **controls) -> dict:
-        settings = explorer.settings(controls)
-        picture, notes = read_upload(upload_path(image), size=explorer.model.image_size)
-        session = analyze(explorer.model, picture, name=upload_name(image), notes=notes, gradients=False)
-        return {"arrays": explanation_arrays(view(explorer.model, session, settings)), "session": session}
-    return explain_arrays
-
-
-def wire_arrays(ui: dict[str, gr.components.Component], explorer, out: Callable, settings: dict,
-                **concurrency) -> None:
-    """Adds the /explain_arrays endpoint to the open Blocks: the upload and the `settings`
-    controls in (as /explain), a hidden JSON out. `out` turns a handler into an event function
-    (`answering`); `concurrency` is the fast handlers' group."""
-    ui["arrays_button"], ui["arrays"] = gr.Button(visible=False), gr.JSON(visible=False)
-    ui["arrays_button"].click(out(arrays_handler(explorer)), [ui["image_in"]], [ui["arrays"], ui["session"]],
-                              inputs_kwargs=settings, api_name="explain_arrays", preprocess=False, **concurrency)
 
 
 class CacheKeeper:

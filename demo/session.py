@@ -19,25 +19,23 @@ import torch
 from PIL import Image
 
 from vit_core import ViTClassifier, preprocess, to_model_pixels
-from vit_core.model import resampling
+from vit_core.preprocessing import resampling
 from vit_core.images import FRAMES_KEY, FULL_SIZE_KEY, MAX_FILE_BYTES, ImageError, read_image
 from vit_core.attribution import Progress
-from vit_core.rollout import HEAD_FUSIONS, SLOW_METHODS, Explanation, explain, supported_methods
+from vit_core.explanation import Explanation, MapCache, explain
+from vit_core.methods import METHOD, PICKER, supported_methods
+from vit_core.rollout import check_rollout_settings
 
-METHODS = {  # value -> label, in the method picker's order
-    "lrp_composite": "LRP (composite)",
-    "grad_rollout": "gradient rollout",
-    "attention_x_gradient": "attention × gradient",
-    "attnlrp": "AttnLRP",
-    "input_x_gradient": "input × gradient",
-    "rollout": "rollout",
-    "last_layer": "last-layer attention",
-    "occlusion": "occlusion (slower, on request)",
-    "occlusion_drop": "occlusion, token dropped (slower, on request)",
-    "integrated_gradients": "Integrated Gradients (slower, on request)",
-}
+
+def picker_label(method: str) -> str:
+    """How the method picker names a method: its label, and for a slow one that it takes longer."""
+    entry = METHOD[method]
+    return entry.label if entry.fast else f"{entry.label} (slower, on request)"
+
+
+PICKER_LABELS = {method: picker_label(method) for method in PICKER}  # value -> label, in the picker's order
 # At most one forward and one backward pass each: shown with trust figures for every image.
-FAST_METHODS = tuple(m for m in METHODS if m not in SLOW_METHODS)
+FAST_METHODS = tuple(m for m in PICKER if METHOD[m].fast)
 # The picker's default when no test-set measurement says otherwise (see demo.evidence).
 DEFAULT_METHOD = "lrp_composite"
 # Other models (vit_core.adapters) open on this one: one forward and one backward pass.
@@ -52,8 +50,8 @@ def is_own(model) -> bool:
 
 
 def methods_for(model) -> dict[str, str]:
-    """The picker's {value: label} for this model (vit_core.rollout.supported_methods)."""
-    return {m: METHODS[m] for m in METHODS if m in supported_methods(model)}
+    """The picker's {value: label} for this model (vit_core.methods.supported_methods)."""
+    return {m: PICKER_LABELS[m] for m in PICKER_LABELS if m in supported_methods(model)}
 
 
 def model_inputs(model, image: Image.Image) -> tuple[Image.Image, torch.Tensor]:
@@ -99,11 +97,11 @@ class Settings:
             raise gr.Error(f"Unknown method {self.method!r}; choose one of {list(methods_for(model))}.")
         if self.target != PREDICTED and self.target not in model.class_names:
             raise gr.Error(f"Unknown class {self.target!r}; choose {PREDICTED!r} or one of {model.class_names}.")
-        if self.head_fusion not in HEAD_FUSIONS:
-            raise gr.Error(f"Unknown head fusion {self.head_fusion!r}; choose one of {list(HEAD_FUSIONS)}.")
         discard, opacity = _number(self.discard_ratio, "discard ratio"), _number(self.opacity, "opacity")
-        if not 0.0 <= discard < 1.0:
-            raise gr.Error(f"Discard ratio must be in [0, 1), got {discard}.")
+        try:
+            check_rollout_settings(self.head_fusion, discard)
+        except ValueError as error:
+            raise gr.Error(sentence(error)) from None
         if not 0.0 <= opacity <= 1.0:
             raise gr.Error(f"Opacity must be in [0, 1], got {opacity}.")
         layer = int(_number(self.layer, "layer")) or model.depth
@@ -121,6 +119,12 @@ class Settings:
         return None if self.head == HEAD_MEAN else int(self.head.split()[-1]) - 1
 
 
+def sentence(error: Exception) -> str:
+    """vit_core's message for a bad value as a sentence for the page."""
+    text = str(error)
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
 def _number(value, name: str) -> float:
     try:
         number = float(value)
@@ -136,13 +140,15 @@ class Session:
     """One image's cached analysis: the model ran once (mean fusion, no discard); everything
     the settings change is recomputed from `explanation` (see `current_explanation`)."""
 
-    explanation: Explanation              # batch of one; caches other classes' gradient rollouts
+    explanation: Explanation              # batch of one: the predicted class, mean fusion, no discard
     pixels: Image.Image                   # what the model sees, image_size x image_size RGB
     inputs: torch.Tensor                  # [1, 3, S, S] normalised, for re-targeting and faithfulness
     name: str                             # file stem, for export names and the true label
     notes: list[str]                      # about decoding: resized from, first frame of, ...
     # Trust figures already computed for this image (demo.evidence.image_trust), by map.
     trust: dict = dataclasses.field(default_factory=dict, repr=False)
+    # The class-specific maps computed so far for this image, by class (vit_core.explanation).
+    cache: MapCache = dataclasses.field(default_factory=MapCache, repr=False)
 
     @property
     def predicted(self) -> int:
@@ -215,9 +221,10 @@ def current_explanation(model: ViTClassifier, session: Session, settings: Settin
     (the model runs once per new class), rollout and per-layer maps for this head fusion and
     discard ratio from the cached attentions, and the chosen method's map (computed on first use
     for this class, then cached; a slow one reports to `progress(done, total)`)."""
-    retargeted = session.explanation.retarget(model, session.inputs, target_index(model, session, settings))
+    retargeted = session.explanation.retarget(model, session.inputs, target_index(model, session, settings),
+                                              session.cache)
     return retargeted.with_settings(settings.head_fusion, settings.discard_ratio).with_maps(
-        model, session.inputs, [settings.method], progress=progress)
+        model, session.inputs, [settings.method], session.cache, progress)
 
 
 def example_label(name: str, class_names: list[str]) -> str | None:

@@ -16,13 +16,13 @@ from PIL import Image
 from test_rollout import slow_maps
 from toys import tiny_vit
 from vit_core import explain, preprocess
-from vit_core.adapters import TimmViT, TokenLayout, adapt, capture_attention, load_model, token_layout
-from vit_core.attribution import (OWN_MODEL_METHODS, attention_x_gradient, attribute, input_x_gradient,
-                                  integrated_gradients, occlusion)
+from vit_core.adapters import TimmViT, adapt, capture_attention, load_model
+from vit_core.attribution import attention_x_gradient, input_x_gradient, integrated_gradients, occlusion
 from vit_core.checkpoints import CheckpointError
 from vit_core.faithfulness import _cascade, _fresh_weights, cascading_randomization
-from vit_core.model import normalize
-from vit_core.rollout import MAP_METHODS, supported_methods
+from vit_core.layout import TokenLayout, token_layout
+from vit_core.methods import METHOD_NAMES, METHODS, OWN_VIT, attribute, supported_methods
+from vit_core.preprocessing import normalize
 from vit_core.trust import trust_figures
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=2, num_classes=5)
@@ -166,12 +166,13 @@ def test_settings_and_token_attention_follow_the_layout():
 def test_methods_that_read_our_modules_ask_for_our_own_model():
     model = adapt(make_timm("vit_p4"))
     images = images_for(model)
-    assert supported_methods(model) == tuple(m for m in MAP_METHODS if m not in OWN_MODEL_METHODS)
-    assert supported_methods(tiny_vit()) == MAP_METHODS
+    own_model_methods = [method.name for method in METHODS if method.models is OWN_VIT]
+    assert supported_methods(model) == tuple(m for m in METHOD_NAMES if m not in own_model_methods)
+    assert supported_methods(tiny_vit()) == METHOD_NAMES
     result = explain(model, images)
     with pytest.raises(ValueError, match="attnlrp need vit_core's own ViTClassifier; for TimmViT choose from"):
         result.with_maps(model, images, ["input_x_gradient", "attnlrp"])
-    for method in OWN_MODEL_METHODS:
+    for method in own_model_methods:
         with pytest.raises(ValueError, match="reads the modules of vit_core's own ViTClassifier"):
             attribute(model, images, method)
 

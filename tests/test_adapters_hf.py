@@ -15,11 +15,12 @@ from transformers import (DeiTConfig, DeiTForImageClassification, DeiTForImageCl
 
 from test_adapters import assert_matches_slow_loops
 from vit_core import explain, preprocess
-from vit_core.adapters import HFViT, TokenLayout, adapt, load_model
-from vit_core.attribution import attribute, occlusion
+from vit_core.adapters import HFViT, adapt, load_model
+from vit_core.layout import TokenLayout
+from vit_core.attribution import occlusion
 from vit_core.checkpoints import CheckpointError
 from vit_core.faithfulness import _cascade, _fresh_weights, cascading_randomization
-from vit_core.rollout import supported_methods
+from vit_core.methods import attribute, supported_methods
 from vit_core.trust import trust_figures
 
 SMALL = dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -359,3 +359,26 @@ def test_figures_by_depth_are_images(tiny_model):
         assert drawing.mode == "RGB" and drawing.width > 200 and drawing.height > 150
     with pytest.raises(ValueError):
         viz.plot_attention_distance(np.zeros(3))
+
+
+def test_command_refuses_n_without_data_and_names_a_missing_checkpoint(tiny_model, tmp_path, capsys):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        anatomy_main(["--checkpoint", str(tmp_path / "ckpt"), "-n", "10"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: -n and --download") and err.count("\n") == 1
+    assert not (tmp_path / "ckpt" / ANATOMY_NAME).exists()
+    assert anatomy_main(["--checkpoint", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "No checkpoint directory" in err and "--out" not in err and err.count("\n") == 1, err
+
+
+def test_command_says_how_many_images_and_shows_a_bar(tmp_path, capsys):
+    model = tiny_vit(image_size=32, n_classes=2, class_names=("blue", "red"))
+    model.save_pretrained(tmp_path / "ckpt")
+    data = make_image_folder(tmp_path / "data", per_class=8)  # 4 test images per class
+    assert anatomy_main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(data), "-n", "20",
+                         "--batch-size", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "8 test images" in err and "-n 20 asked for more" in err and "anatomy: 100%" in err and "8/8" in err
+    assert load_anatomy(tmp_path / "ckpt" / ANATOMY_NAME).n_images == 8

@@ -7,6 +7,7 @@ is checked where it matters (offline loading, size, /predict agreeing with the m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -25,18 +26,19 @@ from PIL import Image
 import demo.app as app
 import demo.session as session_module
 import vit_core.rollout as rollout
-from demo.evidence import FAITHFULNESS_FILE, TRUST_BF16, Evidence, image_trust
+from demo.evidence import TRUST_BF16, Evidence, image_trust
 from demo.handlers import Explorer, export_files, faithfulness, sanity_check
 from demo.panels import (DISPLAY_SIDE, GAP, MATRIX_THUMB, MODEL_FIGURES, PANELS, REDRAWN, SCALE, STRIP_SIDE,
                          clicked_patch, draw, view)
-from demo.session import (DEFAULT_METHOD, FAST_METHODS, METHODS, Settings, analyze, current_explanation, label_probs,
-                          read_upload)
+from demo.session import (DEFAULT_METHOD, FAST_METHODS, PICKER_LABELS, Settings, analyze, current_explanation,
+                          label_probs, read_upload)
 from toys import (BAD_FILES, image_bytes, local_client, noise, tiny_vit, upload, write_animated_gif,
                   write_rotated_jpeg)
 import vit_core
 from vit_core import ViTClassifier, preprocess, to_model_pixels, viz
 from vit_core.checkpoints import host_reachable
-from vit_core.rollout import explain
+from vit_core.faithfulness import RESULTS_FILE
+from vit_core.explanation import explain
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "demo" / "examples"
@@ -312,20 +314,21 @@ def checkpoint_copy(checkpoint, tmp_path) -> Path:
 
 
 def test_the_picker_offers_every_method_and_slow_ones_only_on_request(model, monkeypatch):
-    assert list(METHODS)[:7] == ["lrp_composite", "grad_rollout", "attention_x_gradient", "attnlrp",
+    assert list(PICKER_LABELS)[:7] == ["lrp_composite", "grad_rollout", "attention_x_gradient", "attnlrp",
                                  "input_x_gradient", "rollout", "last_layer"]
-    assert set(METHODS) - set(FAST_METHODS) == {"occlusion", "occlusion_drop", "integrated_gradients"}
+    assert set(PICKER_LABELS) - set(FAST_METHODS) == {"occlusion", "occlusion_drop", "integrated_gradients"}
     assert Settings().method == DEFAULT_METHOD == "lrp_composite"
     session = analyzed(model)
     assert set(session.explanation.maps()) == {"rollout", "grad_rollout", "last_layer"}  # nothing else on upload
     panels = draw(view(model, session, Settings().checked(model)))  # the default map, computed for drawing
-    assert "lrp_composite" in session.explanation.maps() and "explaining:**" in panels["summary"]
-    assert not {"occlusion", "integrated_gradients"} & set(session.explanation.maps())
-    import vit_core.attribution as attribution
+    known = session.cache.maps(session.explanation.target)  # what the session computed for its class
+    assert "lrp_composite" in known and "explaining:**" in panels["summary"]
+    assert not {"occlusion", "integrated_gradients"} & set(known)
+    import vit_core.methods as methods
     asked = []
-    original = attribution.ATTRIBUTION_METHODS["integrated_gradients"]
-    monkeypatch.setitem(attribution.ATTRIBUTION_METHODS, "integrated_gradients",
-                        lambda *a, **k: asked.append(1) or original(*a, **k))
+    original = methods.METHOD["integrated_gradients"]
+    monkeypatch.setitem(methods.METHOD, "integrated_gradients", dataclasses.replace(
+        original, compute=lambda *a, **k: asked.append(1) or original.compute(*a, **k)))
     for _ in range(2):
         overlay = draw(view(model, session, Settings(method="integrated_gradients").checked(model)))["overlay"]
     assert asked == [1] and overlay.size == (32 * SCALE,) * 2  # computed when chosen, then cached
@@ -378,10 +381,10 @@ def test_default_method_and_test_set_table_come_from_faithfulness_json(model, ch
     assert bare.default_method == DEFAULT_METHOD and bare.test_set is None
     assert "not yet measured" in bare.default_text() and "Compare tab" in bare.default_text()
     assert "rollout is one click away" in bare.default_text()
-    assert "not measured" in bare.test_set_markdown() and FAITHFULNESS_FILE in bare.test_set_markdown()
+    assert "not measured" in bare.test_set_markdown() and RESULTS_FILE in bare.test_set_markdown()
     # attention x gradient is the most faithful fast method; occlusion_drop scores higher but is slow.
     spearman = {"lrp_composite": 0.52, "attention_x_gradient": 0.61, "rollout": 0.12, "occlusion_drop": 0.9}
-    (checkpoint_copy / FAITHFULNESS_FILE).write_text(json.dumps(faithfulness_json(spearman)))
+    (checkpoint_copy / RESULTS_FILE).write_text(json.dumps(faithfulness_json(spearman)))
     measured = Evidence.load(model, checkpoint_copy)
     assert measured.default_method == "attention_x_gradient"
     assert measured.default_text() == ("Showing **attention × gradient**: the most faithful of the fast methods on "
@@ -394,7 +397,7 @@ def test_default_method_and_test_set_table_come_from_faithfulness_json(model, ch
     explorer = Explorer(model, evidence=measured)
     assert explorer.settings({"method": None}).method == "attention_x_gradient"  # an API caller's None
     assert explorer.settings({"method": "rollout"}).method == "rollout"
-    (checkpoint_copy / FAITHFULNESS_FILE).write_text("{ not json")
+    (checkpoint_copy / RESULTS_FILE).write_text("{ not json")
     assert Evidence.load(model, checkpoint_copy).default_method == DEFAULT_METHOD
 
 
@@ -441,7 +444,7 @@ def test_readme_lists_every_method_value():
     readme = (ROOT / "README.md").read_text()
     documented = re.search(r'method="\w+",\s*#\s*((?:"\w+"[\s|#]*)+)', readme)  # may go on over lines
     assert documented, "README's /explain example documents the method values"
-    assert re.findall(r'"(\w+)"', documented.group(1)) == list(METHODS)
+    assert re.findall(r'"(\w+)"', documented.group(1)) == list(PICKER_LABELS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -479,7 +482,12 @@ def test_hub_id_offline_fails_fast_with_advice():
 
 
 def test_main_reports_a_missing_checkpoint(tmp_path, capsys):
-    assert app.main(["--checkpoint", str(tmp_path / "none")]) == 2
+    import socket
+
+    with socket.socket() as probe:  # a free port: another app may hold the default one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert app.main(["--checkpoint", str(tmp_path / "none"), "--port", str(port)]) == 2
     assert "No checkpoint directory" in capsys.readouterr().err
 
 
@@ -581,6 +589,14 @@ def test_explain_with_settings_then_redraw_in_the_same_session(client):
     highlighted = client.predict(patch=10, api_name="/redraw")
     assert "true label:** dog" in highlighted[-1] and "patch 10" in highlighted[-1]
     assert not np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(Image.open(highlighted[0])))
+    # As the endpoint's description says: settings left out are the controls' initial values, not
+    # the previous call's (gradio_client sends those), so a script passes again what it chose.
+    assert "explaining:** dog" in plain[-1] and "mean of heads" in plain[-1]
+    kept = client.predict(method="grad_rollout", target="cat", head_fusion="max", discard_ratio=0.5, opacity=0.8,
+                          layer=1, head="head 2", api_name="/redraw")
+    assert "explaining:** cat" in kept[-1] and "layer 1, head 2" in kept[-1]
+    description = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/redraw"]
+    assert "not the previous call's" in json.dumps(description)
 
 
 def test_sessions_are_isolated(server, tmp_path_factory):
@@ -652,7 +668,7 @@ def test_animated_upload_through_the_client(client, animated_gif):
 
 
 @pytest.mark.slow
-def test_share_offline_warns_and_serves_locally(model):
+def test_share_offline_serves_locally_without_a_warning(model):
     if host_reachable(app.SHARE_SERVER, 443, timeout=2):
         pytest.skip("the share server is reachable from here; this checks the offline path")
     demo = app.build_demo(model)
@@ -663,7 +679,7 @@ def test_share_offline_warns_and_serves_locally(model):
     try:
         elapsed = time.perf_counter() - started
         assert elapsed < 8, f"took {elapsed:.1f} s to serve locally"
-        assert any("share server is unreachable" in str(w.message) for w in caught)
+        assert not [w for w in caught if "share" in str(w.message)]  # share_message's one line says it
         assert demo.share_url is None
         import httpx
         assert httpx.get(demo.local_url, timeout=10).status_code == 200
@@ -680,12 +696,56 @@ def test_share_offline_prints_one_clear_message_not_gradios_hint(model, capfd):
         warnings.simplefilter("ignore")
         app.launch(demo, share=True, block=False)
     try:
-        out = capfd.readouterr().out
+        captured = capfd.readouterr()
+        out = captured.out
         assert "no public link is available" in out and demo.local_url in out
+        lines = [line for line in (captured.out + captured.err).splitlines() if line.strip()]
+        assert len(lines) == 1, lines  # one line, no warning with its source line
         assert "To create a public link" not in out  # Gradio's hint would read as if --share were ignored
         assert demo.share_requested is True and demo.share_url is None  # what the page header reads
     finally:
         demo.close()
+
+
+def test_a_busy_port_is_one_line_naming_a_free_one(capsys):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert not app.port_free("127.0.0.1", port)
+        assert app.main(["--port", str(port), "--host", "127.0.0.1"]) == 2
+        err = capsys.readouterr().err
+    assert err.startswith(f"error: port {port} is busy; pass --port ") and err.count("\n") == 1, err
+    suggested = int(err.split("--port ")[1].split()[0])
+    assert suggested != port and app.port_free("127.0.0.1", suggested)
+    assert "server_port" not in err and "Traceback" not in err
+
+
+def test_a_port_taken_while_the_model_loads_is_the_same_one_line(model, monkeypatch, capsys):
+    import socket
+
+    checks = []
+    real = app.port_free
+    monkeypatch.setattr(app, "port_free", lambda host, port: real(host, port) if checks.append(port) or
+                        len(checks) > 1 else True)  # free at the first look, taken by the time it launches
+    monkeypatch.setattr(app, "load_model", lambda *args, **kwargs: model)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert app.main(["--port", str(port), "--host", "127.0.0.1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: port {port} is busy; pass --port ") and "Traceback" not in err, err
+
+
+def test_the_apps_bad_flags_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        app.parse_args(["--port", "eighty"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: argument --port: invalid int value")
+    assert err.count("\n") == 1 and "usage:" not in err
 
 
 def test_share_message_shows_the_public_link_clearly():
@@ -836,17 +896,20 @@ def test_a_transformers_model_opens_in_the_explorer(tmp_path, monkeypatch):
     assert f"**{folder}** · 2 layers × 2 heads on 4×4 patches of 4 px" in explorer.header()["header"]
     launched = []
     monkeypatch.setattr(app, "launch", lambda demo, **kwargs: launched.append(demo))
+    monkeypatch.setattr(app, "port_free", lambda host, port: True)  # nothing binds; another app may hold 7860
     assert app.main(["--checkpoint", str(folder)]) == 0 and len(launched) == 1
 
 
 def test_main_opens_a_timm_folder(timm_folder, monkeypatch):
     launched = []
     monkeypatch.setattr(app, "launch", lambda demo, **kwargs: launched.append(demo))
+    monkeypatch.setattr(app, "port_free", lambda host, port: True)  # nothing binds; another app may hold 7860
     assert app.main(["--checkpoint", str(timm_folder)]) == 0 and len(launched) == 1
 
 
 def test_main_fails_fast_offline_on_an_uncached_hub_id(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(app, "port_free", lambda host, port: True)  # another app may hold 7860
     start = time.monotonic()
     assert app.main(["--checkpoint", "nowhere/none"]) == 2
     assert time.monotonic() - start < 5

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from vit_core import attribution as at
 from vit_core.attribution import LRPRules
+from vit_core.methods import METHOD_NAMES, attribute
 
 from toys import tiny_vit
 
@@ -302,23 +303,23 @@ def test_lrp_matches_hand_written_relevance_propagation(name, factors):
 # ----------------------------------------------------------------------------------------------
 # Registry, batching, errors and side effects
 
-@pytest.mark.parametrize("method", list(at.ATTRIBUTION_METHODS))
+@pytest.mark.parametrize("method", METHOD_NAMES)
 def test_batch_equals_singles(tiny_model, tiny_images, target, method):
-    batched = at.attribute(tiny_model, tiny_images, method, target)
+    batched = attribute(tiny_model, tiny_images, method, target)
     assert batched.shape == (3, GRID, GRID)
-    singles = torch.cat([at.attribute(tiny_model, tiny_images[b:b + 1], method, target[b:b + 1]) for b in range(3)])
+    singles = torch.cat([attribute(tiny_model, tiny_images[b:b + 1], method, target[b:b + 1]) for b in range(3)])
     torch.testing.assert_close(batched, singles, atol=1e-5, rtol=1e-4)
 
 
 def test_attribute_defaults_to_the_predicted_class(tiny_model, tiny_images):
     predicted = tiny_model(tiny_images).argmax(-1)
-    torch.testing.assert_close(at.attribute(tiny_model, tiny_images, "input_x_gradient"),
+    torch.testing.assert_close(attribute(tiny_model, tiny_images, "input_x_gradient"),
                                at.input_x_gradient(tiny_model, tiny_images, predicted))
 
 
 def test_unknown_method_lists_the_choices(tiny_model, tiny_images):
     with pytest.raises(ValueError, match="unknown attribution method 'nope'.*occlusion.*lrp_composite"):
-        at.attribute(tiny_model, tiny_images, "nope")
+        attribute(tiny_model, tiny_images, "nope")
 
 
 @pytest.mark.parametrize("target, message", [
@@ -328,14 +329,14 @@ def test_unknown_method_lists_the_choices(tiny_model, tiny_images):
 def test_bad_target_is_a_clear_error(tiny_model, tiny_images, target, message):
     for method in ("occlusion", "lrp_composite"):
         with pytest.raises(ValueError, match=message):
-            at.attribute(tiny_model, tiny_images, method, target)
+            attribute(tiny_model, tiny_images, method, target)
 
 
 def test_bad_images_are_a_clear_error(tiny_model, tiny_images):
     with pytest.raises(ValueError, match=r"\[B, C, 16, 16\]"):
-        at.attribute(tiny_model, tiny_images[0], "input_x_gradient", 0)
+        attribute(tiny_model, tiny_images[0], "input_x_gradient", 0)
     with pytest.raises(ValueError, match="normalised floats"):
-        at.attribute(tiny_model, tiny_images.to(torch.uint8), "input_x_gradient", 0)
+        attribute(tiny_model, tiny_images.to(torch.uint8), "input_x_gradient", 0)
 
 
 def test_gradient_methods_leave_the_model_as_they_found_it(tiny_images, target):
@@ -344,7 +345,7 @@ def test_gradient_methods_leave_the_model_as_they_found_it(tiny_images, target):
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for method in ("integrated_gradients", "input_x_gradient", "attention_x_gradient", "attnlrp",
                    "cp_lrp", "lrp_composite", "occlusion"):
-        at.attribute(model, tiny_images, method, target)
+        attribute(model, tiny_images, method, target)
         assert model.training
         assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
         assert all(p.grad is None for p in model.parameters()), method

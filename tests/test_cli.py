@@ -3,6 +3,7 @@ line and writes nothing."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,12 @@ from vit_core import preprocess
 from vit_core.cli import evaluate as evaluate_cli
 from vit_core.cli import faithfulness as faithfulness_cli
 from vit_core.cli.explain import main
+from vit_core.explanation import HELD_METHODS
+from vit_core.methods import METHOD_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTPUTS = ("patches", "attention", "attention_last", "layers", "rollout", "grad_rollout", "last_layer")
+# The drawings per image: these four, then an overlay of every map an explanation holds.
+OUTPUTS = ("patches", "attention", "attention_last", "layers") + HELD_METHODS
 
 
 # ---------------------------------------------------------------------------------------------- explain
@@ -132,7 +136,7 @@ def test_importing_the_cli_module_keeps_vit_core_explain_callable():
     import importlib
 
     import vit_core
-    from vit_core.rollout import explain as explain_function
+    from vit_core.explanation import explain as explain_function
 
     importlib.import_module("vit_core.cli.explain")  # the command has its own name: nothing is rebound
     assert vit_core.explain is explain_function
@@ -196,7 +200,7 @@ def test_faithfulness_writes_every_method_and_figure_and_the_card(colour_checkpo
     assert result["n"] == 3 and result["seed"] == 1 and result["sanity_images"] == 1
     assert result["command"].startswith("python -m vit_core.cli.faithfulness --checkpoint ")
     assert result["date"][:2] == "20" and result["removals"] == ["mean", "drop"]
-    expected = [m for m in fa.MAP_METHODS if m != "occlusion"]  # occlusion is the mean-fill reference
+    expected = [m for m in METHOD_NAMES if m != "occlusion"]  # occlusion is the mean-fill reference
     assert list(result["methods"]) == expected
     for name, entry in result["methods"].items():
         for removal in ("mean", "drop"):
@@ -327,3 +331,208 @@ def test_module_entry_points_report_bad_input_without_a_traceback(tmp_path, comm
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- every tool
+
+def _tool_mains():
+    import train
+    from vit_core.cli import anatomy, space
+    from vit_core.cli import explain as explain_cli
+
+    return {"explain": explain_cli.main, "evaluate": evaluate_cli.main, "faithfulness": faithfulness_cli.main,
+            "anatomy": anatomy.main, "space": space.main, "train": train.main}
+
+
+@pytest.mark.parametrize("tool", ["explain", "evaluate", "faithfulness", "anatomy", "space", "train"])
+@pytest.mark.parametrize("argv", [["--no-such-flag"], ["--checkpoint"]])
+def test_every_tool_answers_a_bad_flag_with_one_error_line(tool, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _tool_mains()[tool](argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and "usage:" not in err and "--help" in err, err
+
+
+@pytest.mark.parametrize("tool", ["explain", "evaluate", "faithfulness", "anatomy", "space", "train"])
+def test_every_tool_shows_its_usage_with_help(tool, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _tool_mains()[tool](["--help"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("usage: ")
+
+
+def test_a_bad_value_is_one_error_line_too(colour_checkpoint, capsys):
+    _, ckpt, data = colour_checkpoint
+    with pytest.raises(SystemExit) as exit_info:
+        faithfulness_cli.main(["--checkpoint", str(ckpt), "--data", str(data), "-n", "many"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "invalid int value: 'many'" in err, err
+
+
+# ---------------------------------------------------------------------------------------------- other models
+
+def save_timm(folder: Path, image_size: int = 32, classes=("blue", "red")) -> Path:
+    """A tiny random timm ViT saved as timm's save_for_hf writes it (offline)."""
+    timm = pytest.importorskip("timm")
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=image_size, patch_size=8,
+                            embed_dim=32, depth=2, num_heads=2, num_classes=len(classes))
+    save_for_hf(vit.eval(), folder, safe_serialization=True)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "label_names": list(classes)}))
+    return folder
+
+
+def save_hf(folder: Path, image_size: int = 32, classes=("blue", "red")) -> Path:
+    """A tiny random transformers ViT saved with save_pretrained (offline)."""
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=len(classes),
+                                    id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)})
+    transformers.ViTForImageClassification(config).eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(params=["timm", "transformers"])
+def other_model(request, tmp_path):
+    """A timm or transformers ViT folder for the two-class toy data; and that data."""
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    save = save_timm if request.param == "timm" else save_hf
+    return save(tmp_path / request.param), data
+
+
+def test_explain_evaluate_and_faithfulness_take_a_timm_or_transformers_folder(other_model, tmp_path, capsys):
+    import json
+
+    from vit_core.adapters import load_model
+    from vit_core.data import load_split
+    from vit_core.evaluate import evaluate
+
+    folder, data = other_model
+    image = next((data / "test" / "red").iterdir())
+    assert main([str(image), "--checkpoint", str(folder), "--out", str(tmp_path / "drawn")]) == 0
+    assert (tmp_path / "drawn" / f"{image.stem}.npz").exists()
+
+    assert evaluate_cli.main(["--checkpoint", str(folder), "--data", str(data), "--device", "cpu"]) == 0
+    test = load_split(data, "test")
+    expected = evaluate(load_model(folder), test.images, test.labels, torch.device("cpu"))
+    assert f"test accuracy: {expected['accuracy'] * 100:.2f} %" in capsys.readouterr().out
+
+    out = tmp_path / "faith"
+    assert faithfulness_cli.main(["--checkpoint", str(folder), "--data", str(data), "-n", "3", "--sanity", "1",
+                                  "--out", str(out)]) == 0, capsys.readouterr().err
+    result = json.loads((out / "faithfulness.json").read_text())
+    assert result["removals"] == ["mean"] and "rollout" in result["methods"]
+    assert not {"attnlrp", "lrp_composite", "occlusion_drop"} & set(result["methods"])  # need our own ViT
+    capsys.readouterr()
+    assert faithfulness_cli.main(["--checkpoint", str(folder), "--data", str(data), "--methods", "attnlrp",
+                                  "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "attnlrp need this project's own ViT" in err
+
+
+def test_anatomy_refuses_another_model_in_one_line(other_model, capsys):
+    from vit_core.cli.anatomy import main as anatomy_main
+
+    folder, _ = other_model
+    assert anatomy_main(["--checkpoint", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "only this project's checkpoints" in err
+    assert not (folder / "anatomy.npz").exists()
+
+
+def test_a_model_of_another_size_is_refused_in_one_line(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    folder = save_timm(tmp_path / "m16", image_size=16)
+    assert evaluate_cli.main(["--checkpoint", str(folder), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the model takes 16x16" in err
+
+
+# ---------------------------------------------------------------------------------------------- long runs
+
+def test_faithfulness_says_how_many_images_and_shows_a_bar(colour_checkpoint, tmp_path, capsys):
+    import json
+
+    _, ckpt, data = colour_checkpoint  # 4 test images per class
+    assert faithfulness_cli.main(["--checkpoint", str(ckpt), "--data", str(data), "-n", "50", "--sanity", "0",
+                                  "--methods", "rollout", "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "scoring 1 map on 8 test images" in err and "-n 50 asked for more, so all of them" in err
+    assert "faithfulness: 100%" in err and "8/8" in err  # the tqdm bar, finished
+    assert json.loads((tmp_path / "o" / "faithfulness.json").read_text())["n"] == 8
+
+
+def test_evaluate_shows_a_bar_and_says_how_many_images(colour_checkpoint, capsys):
+    _, ckpt, data = colour_checkpoint
+    assert evaluate_cli.main(["--checkpoint", str(ckpt), "--data", str(data)]) == 0
+    err = capsys.readouterr().err
+    assert "evaluating on 8 test images" in err and "evaluate: 100%" in err and "8/8" in err
+
+
+# ---------------------------------------------------------------------------------------------- sharding
+
+def test_shards_take_contiguous_runs_that_cover_every_piece_once():
+    from vit_core.sharding import Shard
+
+    for world in (1, 2, 3, 5):
+        for n in (0, 1, 4, 7, 12):
+            runs = [list(Shard(rank, world).pieces(n)) for rank in range(world)]
+            assert [i for run in runs for i in run] == list(range(n))
+            assert max(map(len, runs)) - min(map(len, runs)) <= 1
+
+
+@pytest.mark.slow
+def test_faithfulness_under_torchrun_writes_what_one_process_writes(colour_checkpoint, tmp_path):
+    _, ckpt, data = colour_checkpoint  # 8 test images: chunks of 3 split 1 + 2 over two ranks
+    args = ["--checkpoint", str(ckpt), "--data", str(data), "-n", "8", "--chunk", "3", "--sanity", "2",
+            "--methods", "rollout,attnlrp,occlusion_drop", "--steps", "4", "--n-random", "5", "--device", "cpu"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "vit_core.cli.faithfulness", *args, "--out", str(tmp_path / "one")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert single.returncode == 0, single.stderr
+    sharded = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              "-m", "vit_core.cli.faithfulness", *args, "--out", str(tmp_path / "two")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert sharded.returncode == 0, sharded.stderr
+    assert "split over 2 processes" in sharded.stderr
+    one, two = (json.loads((tmp_path / name / "faithfulness.json").read_text()) for name in ("one", "two"))
+    for results in (one, two):
+        del results["date"], results["seconds"]  # when and how long: the only fields that may differ
+    two["command"] = two["command"].replace("--out two", "--out one")  # recorded by name (vit_core.records)
+    assert one["n"] == 8 and one["methods"]["rollout"]["mean"]["deletion_auc"]["n"] == 8
+    assert one == two
+    refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              "-m", "vit_core.cli.faithfulness", *args, "--methods", "blur"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert refused.returncode != 0 and len(errors) == 1 and "unknown method blur" in errors[0], refused.stderr
+
+
+def test_every_tool_that_reads_data_offers_the_download_its_missing_data_error_names(colour_checkpoint,
+                                                                                     monkeypatch, capsys):
+    from vit_core.cli import anatomy
+    from vit_core.data import DataError, load_split
+
+    _, ckpt, data = colour_checkpoint
+    asked = []
+
+    def spy(*args, download=False, **kwargs):
+        asked.append(download)
+        raise DataError("no CIFAR-10 found (spied)")
+
+    for module in (evaluate_cli, faithfulness_cli, anatomy):
+        monkeypatch.setattr(module, "load_split", spy)
+    for tool in (evaluate_cli.main, faithfulness_cli.main, anatomy.main):
+        assert tool(["--checkpoint", str(ckpt), "--data", str(data), "--download"]) == 2
+    assert asked == [True, True, True] and capsys.readouterr().err.count("error: no CIFAR-10 found") == 3
+    message = ""
+    try:
+        load_split(ckpt / "nowhere", "test")
+    except DataError as error:
+        message = str(error)
+    assert "add --download" in message  # true now for every tool above, train.py included

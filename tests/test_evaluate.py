@@ -9,7 +9,7 @@ from toys import tiny_vit
 from vit_core import devices
 from vit_core.devices import DeviceError, pick_device, uses_bf16
 from vit_core.evaluate import evaluate, predict_probs
-from vit_core.model import normalize
+from vit_core.preprocessing import normalize
 
 CPU = torch.device("cpu")
 

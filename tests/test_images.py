@@ -11,7 +11,7 @@ from PIL import Image
 
 from toys import BAD_FILES, write_animated_gif, write_rotated_jpeg
 from vit_core.images import FRAMES_KEY, FULL_SIZE_KEY, ImageError, decode_rgb, read_image, to_rgb
-from vit_core.model import to_model_pixels
+from vit_core.preprocessing import to_model_pixels
 
 ROOT = Path(__file__).resolve().parents[1]
 CAT = ROOT / "demo" / "examples" / "cat_0000.jpg"

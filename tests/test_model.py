@@ -9,8 +9,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from toys import tiny_vit
 from vit_core import CheckpointMismatchError, ViTClassifier, normalize, patchify, preprocess
-from vit_core.model import (PRESETS, drop_patch_tokens, eval_mode, kept_while_unchanged, mimetic_attention_init_,
-                            sincos_position_init_)
+from vit_core.memo import kept_while_unchanged
+from vit_core.model import PRESETS, drop_patch_tokens, eval_mode, mimetic_attention_init_, sincos_position_init_
 
 
 def test_patchify_matches_a_naive_loop():

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vit_core import (Explanation, attention_rollout, cls_patch_map, discard_weakest, explain, fuse_heads,
+from vit_core import (Explanation, MapCache, attention_rollout, cls_patch_map, discard_weakest, explain, fuse_heads,
                       gradient_rollout, patchify, token_map)
 
 from toys import tiny_vit
@@ -417,8 +417,6 @@ def test_token_map_bad_arguments(kwargs, message):
 def test_with_settings_equals_a_fresh_explanation_without_a_forward_pass(tiny_model):
     import torch
 
-    from vit_core.rollout import explain
-
     images = torch.randn(2, 3, tiny_model.image_size, tiny_model.image_size)
     cached = explain(tiny_model, images)
     calls = []
@@ -480,9 +478,9 @@ def test_token_attention_is_token_map_for_every_image(tiny_model, tiny_images):
 
 
 def test_retarget_equals_a_fresh_explanation_and_runs_the_model_once_per_target(tiny_model, tiny_images):
-    base = explain(tiny_model, tiny_images)
+    base, cache = explain(tiny_model, tiny_images), MapCache()
     for target in (3, torch.tensor([1, 5, 9])):
-        retargeted, forwards = count_forwards(tiny_model, lambda: base.retarget(tiny_model, tiny_images, target))
+        retargeted, forwards = count_forwards(tiny_model, lambda: base.retarget(tiny_model, tiny_images, target, cache))
         fresh = explain(tiny_model, tiny_images, target=target)
         assert forwards == 1
         torch.testing.assert_close(retargeted.grad_rollout, fresh.grad_rollout)
@@ -492,10 +490,10 @@ def test_retarget_equals_a_fresh_explanation_and_runs_the_model_once_per_target(
         assert not torch.allclose(retargeted.grad_rollout, base.grad_rollout)
         # Asked again, from the original or from anything derived from it: no model run.
         again, forwards = count_forwards(tiny_model, lambda: base.with_settings("min", 0.3).retarget(
-            tiny_model, tiny_images, target))
+            tiny_model, tiny_images, target, cache))
         assert forwards == 0 and torch.equal(again.grad_rollout, retargeted.grad_rollout)
-    back, forwards = count_forwards(tiny_model, lambda: base.retarget(tiny_model, tiny_images, 3).retarget(
-        tiny_model, tiny_images, base.target))
+    back, forwards = count_forwards(tiny_model, lambda: base.retarget(tiny_model, tiny_images, 3, cache).retarget(
+        tiny_model, tiny_images, base.target, cache))
     assert forwards == 0 and torch.equal(back.grad_rollout, base.grad_rollout)
     assert base.retarget(tiny_model, tiny_images, base.target) is base
 
@@ -526,7 +524,7 @@ def test_retarget_bad_arguments(tiny_model, tiny_images, target, images, message
 # Attribution maps through explain / Explanation.maps (vit_core.attribution does the computing)
 
 def test_explain_offers_attribution_maps_equal_to_attribute(tiny_model, tiny_images):
-    from vit_core.attribution import attribute
+    from vit_core.methods import attribute
 
     result = explain(tiny_model, tiny_images, methods=["lrp_composite", "attention_x_gradient"])
     assert list(result.maps()) == ["rollout", "grad_rollout", "last_layer", "lrp_composite", "attention_x_gradient"]
@@ -539,20 +537,21 @@ def test_explain_offers_attribution_maps_equal_to_attribute(tiny_model, tiny_ima
 
 
 def test_with_maps_computes_once_per_target_and_follows_retarget(tiny_model, tiny_images):
-    from vit_core.attribution import attribute
+    from vit_core.methods import attribute
 
-    base = explain(tiny_model, tiny_images)
-    _, forwards = count_forwards(tiny_model, lambda: base.with_maps(tiny_model, tiny_images, ["occlusion"]))
+    base, cache = explain(tiny_model, tiny_images), MapCache()
+    _, forwards = count_forwards(tiny_model, lambda: base.with_maps(tiny_model, tiny_images, ["occlusion"], cache))
     assert forwards > 0
     derived = base.with_settings("max", 0.2)
-    _, forwards = count_forwards(tiny_model, lambda: derived.with_maps(tiny_model, tiny_images, ["occlusion", "rollout"]))
+    derived, forwards = count_forwards(tiny_model, lambda: derived.with_maps(tiny_model, tiny_images,
+                                                                             ["occlusion", "rollout"], cache))
     assert forwards == 0 and "occlusion" in derived.maps()  # shared with everything derived
-    other = base.retarget(tiny_model, tiny_images, 7)
+    other = base.retarget(tiny_model, tiny_images, 7, cache)
     assert "occlusion" not in other.maps()  # a class-specific map belongs to its target
-    other.with_maps(tiny_model, tiny_images, ["occlusion"])
+    other = other.with_maps(tiny_model, tiny_images, ["occlusion"], cache)
     torch.testing.assert_close(other.maps()["occlusion"], attribute(tiny_model, tiny_images, "occlusion", 7))
-    assert not torch.allclose(other.maps()["occlusion"], base.maps()["occlusion"])
-    assert base.retarget(tiny_model, tiny_images, 7).maps().keys() == other.maps().keys()
+    assert not torch.allclose(other.maps()["occlusion"], derived.maps()["occlusion"])
+    assert base.retarget(tiny_model, tiny_images, 7, cache).maps().keys() == other.maps().keys()
     with pytest.raises(ValueError, match="images must be the 3"):
         base.with_maps(tiny_model, tiny_images[:1], ["attnlrp"])
     with pytest.raises(ValueError, match="unknown method"):
@@ -561,9 +560,11 @@ def test_with_maps_computes_once_per_target_and_follows_retarget(tiny_model, tin
 
 
 def test_slow_methods_are_registered_methods():
-    from vit_core.rollout import ATTENTION_METHODS, MAP_METHODS, SLOW_METHODS
+    from vit_core.explanation import HELD_METHODS
+    from vit_core.methods import METHOD_NAMES, METHODS
 
-    assert set(SLOW_METHODS) <= set(MAP_METHODS) and not set(SLOW_METHODS) & set(ATTENTION_METHODS)
+    slow = {method.name for method in METHODS if not method.fast}
+    assert slow and slow <= set(METHOD_NAMES) and not slow & set(HELD_METHODS)
 
 
 def test_the_three_gradient_maps_come_from_one_pass_and_equal_their_own_methods(tiny_model, tiny_images, monkeypatch):
@@ -572,7 +573,8 @@ def test_the_three_gradient_maps_come_from_one_pass_and_equal_their_own_methods(
     explanation = explain(tiny_model, tiny_images, target=torch.tensor([1, 0, 2]), gradients=False)
     forward, calls = tiny_model.forward, []
     monkeypatch.setattr(tiny_model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
-    explanation.with_maps(tiny_model, tiny_images, ["input_x_gradient", "attention_x_gradient", "grad_rollout"])
+    explanation = explanation.with_maps(tiny_model, tiny_images, ["input_x_gradient", "attention_x_gradient",
+                                                                  "grad_rollout"])
     assert len(calls) == 1
     monkeypatch.undo()
     maps = explanation.maps()

@@ -89,7 +89,8 @@ def test_readme_must_configure_a_gradio_space_whose_app_is_uploaded(working_copy
     assert "'app.py'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [([], "Space's id"), (["not a space"], "not a Space id")])
+@pytest.mark.parametrize("argv, message", [([], "Space's id"), (["not a space"], "not a Space id"),
+                                           (["--dry-run", "--root", "/nope"], "--root /nope: no such folder")])
 def test_bad_arguments_are_one_line_and_status_2(argv, message, capsys):
     assert space.main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -106,6 +106,14 @@ def test_drawing_and_metrics_stay_apart_and_only_commands_import_commands():
         assert not {t for t in graph[module] if t.startswith("vit_core.cli")}, module
 
 
+def test_the_maps_read_the_token_layout_not_the_wrappers_and_serving_stands_alone():
+    graph = import_graph()
+    for module in ("vit_core.layout", "vit_core.rollout", "vit_core.attribution"):
+        assert "vit_core.adapters" not in graph[module], module
+    assert graph["vit_core.layout"] == set()  # geometry only
+    assert not {t for t in graph["demo.serving"] if t.startswith("demo")}  # machinery, no part of the app
+
+
 def test_vit_core_never_imports_gradio():
     for module, path in project_modules().items():
         if not module.startswith("vit_core"):
@@ -128,3 +136,49 @@ def test_functions_fit_on_a_screen():
                 if lines > MAX_FUNCTION_LINES:
                     too_long.append(f"{name}:{node.lineno} {node.name} ({lines} lines)")
     assert not too_long, f"functions over {MAX_FUNCTION_LINES} lines: {too_long}; covered: {covered}"
+
+
+# ------------------------------------------------------------------------------------------------
+# One list of explanation methods: vit_core.methods.METHODS
+
+REGISTRY = "vit_core/methods.py"
+
+
+def _method_lists(tree: ast.AST, names: set[str]) -> list[ast.AST]:
+    """The tuple, list and set literals of `tree` holding two or more of `names` as strings."""
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.Tuple, ast.List, ast.Set))
+            and sum(isinstance(e, ast.Constant) and e.value in names for e in node.elts) >= 2]
+
+
+def method_lists_outside_the_registry(root: Path = ROOT) -> list[str]:
+    """Every literal list of two or more registered method names in the project's code (vit_core,
+    demo, benchmarks, train.py) outside REGISTRY, as file:line. Tests are not held to it: they pick
+    methods as inputs and state what they expect, and deriving an expectation from the registry
+    would only check the registry against itself; a test that means every method reads the registry
+    (test_attribution, test_faithfulness)."""
+    from vit_core.methods import METHOD_NAMES
+
+    files = [p for folder in ("vit_core", "demo", "benchmarks") for p in (root / folder).rglob("*.py")]
+    found = []
+    for path in sorted(files + [root / "train.py"]):
+        name = str(path.relative_to(root))
+        if name != REGISTRY:
+            found += [f"{name}:{node.lineno}" for node in _method_lists(ast.parse(path.read_text(), name),
+                                                                          set(METHOD_NAMES))]
+    return found
+
+
+def test_the_method_list_check_sees_every_kind_of_list(tmp_path):
+    for folder in ("vit_core", "demo", "benchmarks"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "train.py").write_text('for m in {"occlusion", "cp_lrp"}:\n    pass\n')
+    (tmp_path / "vit_core" / "methods.py").write_text('NAMES = ("rollout", "grad_rollout")\n')
+    (tmp_path / "demo" / "app.py").write_text('ok = ("rollout", "the rest")\n\nPICKER = ["rollout", "attnlrp"]\n')
+    (tmp_path / "benchmarks" / "b.py").write_text('def f():\n    return g(("last_layer", "lrp_composite"))\n')
+    assert method_lists_outside_the_registry(tmp_path) == ["benchmarks/b.py:2", "demo/app.py:3", "train.py:1"]
+
+
+def test_method_names_are_listed_in_the_registry_only():
+    found = method_lists_outside_the_registry()
+    assert not found, (f"lists of method names outside {REGISTRY}: {found}; derive them from "
+                       f"vit_core.methods.METHODS (its fields say cost, class, settings, models, picker)")

@@ -307,8 +307,20 @@ def test_every_setting_has_one_flag_with_its_help_and_defaults_are_the_shipped_r
     cfg = parse_args(["--data", "d", "--out", "o"])
     defaults = TrainConfig(data="d", out="o")
     assert dataclasses.replace(cfg, command="") == defaults
-    assert RECIPES["shipped"] == {}
+    assert RECIPES["default"].settings == {} and list(RECIPES)[0] == "default"
     assert (cfg.teacher, cfg.cutmix, cfg.patch_drop, cfg.attn_init) == ("auto", 0.5, 0.5, "mimetic")
+
+
+def test_help_names_what_each_recipe_is_and_a_warm_restart_needs_its_weights(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "shipped checkpoint's recipe" not in text and "default: these defaults" in text
+    assert "wide-v10: the shipped weights' last run" in text
+    assert train_main(["--data", "d", "--out", "o", "--recipe", "wide-v10"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: bad settings: --recipe wide-v10 is a warm restart: give --init-from") and \
+        err.count("\n") == 1
 
 
 def test_a_named_recipe_sets_its_settings_and_flags_override_it():
@@ -363,6 +375,49 @@ def test_resume_reuses_the_trained_teacher(toy_data, tmp_path, monkeypatch):
     monkeypatch.setattr(training_module, "train_teacher", lambda *a, **k: pytest.fail("teacher retrained"))
     train(tiny_config(toy_data, tmp_path / "run", epochs=2, teacher="auto", teacher_epochs=1, resume=True))
     assert weights.read_bytes() == before
+
+
+def test_auto_reuses_the_shipped_teacher_only_where_it_fits(toy_data, tmp_path, monkeypatch, capsys):
+    import vit_core.training as training_module
+
+    train(tiny_config(toy_data, tmp_path / "first", epochs=1, teacher="auto", teacher_epochs=1))
+    assert "teacher: training a CNN teacher into" in capsys.readouterr().out
+    shipped = tmp_path / "first" / "teacher"  # stands in for checkpoints/cnn-teacher
+    recorded = json.loads((shipped / "teacher_info.json").read_text())["split"]
+    assert recorded["classes"] == ["blue", "red"] and recorded["val_images"] == 16
+    monkeypatch.setattr(training_module, "SHIPPED_TEACHER", shipped)
+    trained = []
+    real = training_module.train_teacher
+    monkeypatch.setattr(training_module, "train_teacher", lambda *a, **k: trained.append(1) or real(*a, **k))
+    # The same data, seed and split: the shipped teacher is copied in, none is trained.
+    train(tiny_config(toy_data, tmp_path / "same", epochs=1, teacher="auto", teacher_epochs=1))
+    assert not trained and "teacher: the shipped one" in capsys.readouterr().out
+    copied = tmp_path / "same" / "teacher"
+    assert (copied / "model.safetensors").read_bytes() == (shipped / "model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "same" / "train_info.json").read_text())["teacher"]["reused_from"]
+    assert "reused from `checkpoints/cnn-teacher` by `--teacher auto`" in (tmp_path / "same" / "README.md").read_text()
+    # Another seed holds out other images, which the shipped teacher has trained on: it trains its own.
+    train(tiny_config(toy_data, tmp_path / "other", epochs=1, teacher="auto", teacher_epochs=1, seed=3))
+    out = capsys.readouterr().out
+    assert trained and "the shipped one does not fit: it was trained with other validation images held out" in out
+    assert out.index("teacher: training") < out.index("parameters;")  # said before the student starts
+
+
+def test_a_teacher_for_other_classes_does_not_fit(toy_data, tmp_path):
+    from vit_core.data import load_split, split_validation
+    from vit_core.training import held_out_digest, teacher_misfit
+
+    train_set, val_set = split_validation(load_split(toy_data, "train"), 16, seed=0)
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    split = {"classes": ["cat", "dog"], "held_out_sha256": held_out_digest(val_set)}
+    (folder / "teacher_info.json").write_text(json.dumps({"split": split}))
+    assert teacher_misfit(folder, train_set, val_set) == "it knows other classes"
+    split["classes"] = ["blue", "red"]
+    (folder / "teacher_info.json").write_text(json.dumps({"split": split}))
+    assert teacher_misfit(folder, train_set, val_set) is None
+    assert "holds no trained teacher" in teacher_misfit(tmp_path / "nowhere", train_set, val_set)
 
 
 def test_a_teacher_from_another_run_counts_in_the_cards_compute(toy_data, tmp_path):
@@ -444,7 +499,7 @@ def test_the_shipped_teacher_is_the_trained_one_and_classifies_the_shipped_examp
     import numpy as np
     from PIL import Image
 
-    from vit_core.model import normalize
+    from vit_core.preprocessing import normalize
     from vit_core.teacher import ConvTeacher, teacher_logits
 
     folder = ROOT / "checkpoints" / "cnn-teacher"
@@ -528,8 +583,8 @@ def test_the_shipped_checkpoints_recipe_reproduces_its_recorded_settings():
 
     info = json.loads((ROOT / "checkpoints" / "vit-cifar10" / "train_info.json").read_text())
     recorded = info["config"]
-    recipe = "wide-v10"  # README names it; the flags were spelled out, so the run records "shipped"
-    rebuilt = dataclasses_asdict(TrainConfig(data="d", out="o", **RECIPES[recipe]))
+    recipe = "wide-v10"  # README names it; the flags were spelled out, so the run records the default recipe
+    rebuilt = dataclasses_asdict(TrainConfig(data="d", out="o", **RECIPES[recipe].settings))
     ignore = {"data", "out", "command", "recipe", "device", "num_threads", "adaptive_threads", "resume",
               "download", "push_to_hub", "patience", "val_size", "amp", "teacher", "init_from"}
     differing = {k: (recorded[k], rebuilt[k]) for k in recorded if k in rebuilt and k not in ignore
@@ -541,6 +596,6 @@ def test_the_shipped_checkpoints_recipe_reproduces_its_recorded_settings():
     # and the starting weights were wide-v7's, whose settings its record keeps.
     assert recorded["teacher"] == "checkpoints/cnn-teacher" and info["teacher"]["epochs"] == rebuilt["teacher_epochs"]
     base = info["init"]["command"]
-    v7 = dataclasses_asdict(TrainConfig(data="d", out="o", **RECIPES["wide-v7"]))
+    v7 = dataclasses_asdict(TrainConfig(data="d", out="o", **RECIPES["wide-v7"].settings))
     assert f"--time-budget {v7['time_budget_min']:g}" in base and f"--epochs {v7['epochs']}" in base
     assert "--init-from" not in base and info["init"]["init"] is None

@@ -10,6 +10,7 @@ from torch import nn
 
 from vit_core import attribution as at
 from vit_core import faithfulness as fa
+from vit_core.methods import attribute
 from vit_core.trust import TrustContext, TrustFigures, trust_figures
 
 from toys import tiny_vit
@@ -93,7 +94,7 @@ def test_tiny_vit_figures_batch_equals_singles_and_seed_is_fixed():
     model = tiny_vit(image_size=16, sharpen=True)
     images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     target = torch.tensor([2, 5, 8])
-    maps = {name: at.attribute(model, images, name, target) for name in ("input_x_gradient", "lrp_composite")}
+    maps = {name: attribute(model, images, name, target) for name in ("input_x_gradient", "lrp_composite")}
     loo = at.occlusion(model, images, target)
     batched = trust_figures(model, images, maps, target, occlusion_map=loo)
     again = trust_figures(model, images, maps, target)  # computes the occlusion map itself
@@ -193,7 +194,7 @@ def test_drop_removal_figures_are_the_drop_curves():
     model = tiny_vit(image_size=16, sharpen=True)
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     target = torch.tensor([1, 6])
-    maps = {name: at.attribute(model, images, name, target) for name in ("attnlrp", "attention_x_gradient")}
+    maps = {name: attribute(model, images, name, target) for name in ("attnlrp", "attention_x_gradient")}
     figures = trust_figures(model, images, maps, target, steps=4, n_random=5, removal="drop")
     loo = at.occlusion(model, images, target, mode="drop")
     for name, entry in figures.items():

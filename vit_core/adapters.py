@@ -30,11 +30,9 @@ checkpoints, and returns it adapted. timm and transformers are imported only whe
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,6 +44,7 @@ from torch import nn
 
 from .checkpoints import (CONFIG_NAME, CheckpointError, candidate_folders, hub_file, load_checkpoint,
                           looks_like_repo_id)
+from .layout import TokenLayout
 from .model import WEIGHTS_NAME, ViTClassifier
 
 SUPPORTED = ("vit_core ViTClassifier; a timm VisionTransformer (ViT, DeiT incl. distilled, register "
@@ -54,56 +53,6 @@ SUPPORTED = ("vit_core ViTClassifier; a timm VisionTransformer (ViT, DeiT incl. 
              "ViTForImageClassification, DeiTForImageClassification or DeiTForImageClassificationWithTeacher")
 _INTERPOLATIONS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                    "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where an explanation looks in the token sequence: `n_prefix_tokens` tokens (CLS, distillation,
-    registers) come first and the patch tokens after them, row-major. `explained_tokens` are the
-    prefix tokens whose rows are read (averaged when more than one); None reads the mean of the
-    patch tokens' rows (models that average their patch tokens)."""
-
-    n_prefix_tokens: int = 1
-    explained_tokens: tuple[int, ...] | None = (0,)
-
-    def __post_init__(self):
-        if self.n_prefix_tokens < 0:
-            raise ValueError(f"n_prefix_tokens must be >= 0, got {self.n_prefix_tokens}")
-        if self.explained_tokens is not None and (
-                not self.explained_tokens or not all(0 <= t < self.n_prefix_tokens for t in self.explained_tokens)):
-            raise ValueError(f"explained_tokens {self.explained_tokens} must be prefix tokens "
-                             f"in [0, {self.n_prefix_tokens}), or None for the mean of the patch tokens")
-
-
-def token_layout(model: nn.Module) -> TokenLayout:
-    """The layout of an adapted model; ViTClassifier's is one CLS token, read."""
-    if isinstance(model, ViTClassifier):
-        return TokenLayout()
-    if isinstance(model, (TimmViT, HFViT)):
-        return model.layout
-    raise TypeError(f"cannot explain a {type(model).__name__}; pass it through vit_core.adapters.adapt "
-                    f"first (supported: {SUPPORTED})")
-
-
-def cls_patch_map(matrix: torch.Tensor, layout: TokenLayout = TokenLayout()) -> torch.Tensor:
-    """The explained row, patch columns of [..., T, T] as a square grid [..., g, g] (row-major
-    patches). The default layout reads the CLS row (token 0) and the columns after it."""
-    prefix, explained = layout.n_prefix_tokens, layout.explained_tokens
-    if explained is None:  # a model that averages its patch tokens
-        row = matrix[..., prefix:, :].mean(dim=-2)
-    elif len(explained) == 1:
-        row = matrix[..., explained[0], :]
-    else:
-        row = matrix[..., list(explained), :].mean(dim=-2)
-    return patch_grid(row[..., prefix:])
-
-
-def patch_grid(row: torch.Tensor) -> torch.Tensor:
-    """Patch columns [..., N] -> [..., g, g]."""
-    grid = math.isqrt(row.shape[-1])
-    if grid * grid != row.shape[-1]:
-        raise ValueError(f"{row.shape[-1]} patches do not form a square grid")
-    return row.reshape(*row.shape[:-1], grid, grid)
 
 
 def _why_unsupported(vit: nn.Module) -> str | None:
@@ -375,11 +324,16 @@ def _build_hf(config: dict, folder: Path, where: str) -> HFViT:
     if not (folder / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"{where}: it holds no {WEIGHTS_NAME} (only safetensors weights are read; "
                               f"save with save_pretrained(..., safe_serialization=True)).")
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a tiny load needs no bar; the tools print their own
     try:
         model, info = getattr(transformers, kind).from_pretrained(folder, use_safetensors=True,
                                                                    output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{where}: {' '.join(str(error).split())[:400]}") from error
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     wrong = {key: sorted(names)[:5] for key, names in info.items() if names}
     if wrong:  # missing, unexpected or mismatched keys: the weights are not this model's
         raise CheckpointError(f"{where}: the weights do not fit {kind} ({wrong}).")

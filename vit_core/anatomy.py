@@ -20,7 +20,7 @@ import hashlib
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from .images import ImageError, read_image
-from .model import ViTClassifier, preprocess
-from .rollout import explain
+from .model import ViTClassifier
+from .preprocessing import preprocess
+from .explanation import HELD_METHODS, explain
 
 ANATOMY_NAME = "anatomy.npz"  # the cache's file name inside a checkpoint folder
-MAP_METHODS = ("rollout", "grad_rollout", "last_layer")  # `Explanation.maps()` names
 FORMAT_VERSION = 1
 REGENERATE = "python -m vit_core.cli.anatomy --checkpoint DIR"
 EXAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -163,13 +163,17 @@ def _check_images(model: ViTClassifier, images: torch.Tensor, labels) -> torch.T
 
 
 def _explained_batches(model: ViTClassifier, images: torch.Tensor, labels: torch.Tensor | None,
-                       batch_size: int):
-    """`explain` over the images in batches, each explaining its label (or the predicted class)."""
+                       batch_size: int, progress: Callable[[int], None] | None = None):
+    """`explain` over the images in batches, each explaining its label (or the predicted class);
+    `progress`, if given, is called with each batch's image count once it is explained."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for start in range(0, len(images), batch_size):
         target = None if labels is None else labels[start:start + batch_size]
-        yield explain(model, images[start:start + batch_size], target=target)
+        explanation = explain(model, images[start:start + batch_size], target=target)
+        if progress is not None:
+            progress(len(explanation.target))
+        yield explanation
 
 
 def _add_class_maps(sums: torch.Tensor, maps: torch.Tensor, classes: torch.Tensor) -> None:
@@ -192,8 +196,8 @@ def class_average_maps(model: ViTClassifier, images: torch.Tensor, labels, metho
     `Explanation.maps()`; each image is explained for its label (what makes it that class), its
     map scaled to sum 1 over the patches, and the maps of a class averaged. Classes without
     images are NaN. `images` come from `vit_core.preprocess`; `labels` are class indices [N]."""
-    if method not in MAP_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {MAP_METHODS}")
+    if method not in HELD_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {HELD_METHODS} (the maps explain gives)")
     labels = _check_images(model, images, labels)
     if labels is None:
         raise ValueError("class_average_maps needs labels")
@@ -245,17 +249,19 @@ class Anatomy:
 
 
 def compute_anatomy(model: ViTClassifier, images: torch.Tensor, labels=None, batch_size: int = 100,
-                    n_filters: int = 28, image_source: str = "") -> Anatomy:
+                    n_filters: int = 28, image_source: str = "",
+                    progress: Callable[[int], None] | None = None) -> Anatomy:
     """All of the anatomy from one `explain` pass over `images` (normalised, [N, 3, S, S]) in
     batches. With `labels`, each image is explained for its label and counted in its class;
-    without, for and in its predicted class."""
+    without, for and in its predicted class. `progress`, if given, is called with each batch's
+    image count."""
     labels = _check_images(model, images, labels)
     n_layers, n_heads = model.depth, model.n_heads
     grid, n_classes = model.grid_size, len(model.class_names)
     distance, entropy = np.zeros((n_layers, n_heads)), np.zeros((n_layers, n_heads))
-    sums = {m: torch.zeros(n_classes, grid, grid, dtype=torch.float64) for m in MAP_METHODS}
+    sums = {m: torch.zeros(n_classes, grid, grid, dtype=torch.float64) for m in HELD_METHODS}
     counts = torch.zeros(n_classes, dtype=torch.long)
-    for explanation in _explained_batches(model, images, labels, batch_size):
+    for explanation in _explained_batches(model, images, labels, batch_size, progress):
         share = len(explanation.target) / len(images)
         distance += share * mean_attention_distance(explanation.attentions, grid, model.patch_size)
         entropy += share * attention_entropy(explanation.attentions)

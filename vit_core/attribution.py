@@ -3,10 +3,10 @@
 Every method has the signature `fn(model, images, target) -> [B, g, g]`: `images` are normalised
 [B, C, S, S] (as from `vit_core.preprocess`), `target` is the class explained for each image (an int
 or a LongTensor [B]), and the map holds raw values, one per patch, in row-major order (the order of
-`vit_core.patchify`), positive where the patch supports the target. `attribute(model, images,
-method)` looks a method up by name in `ATTRIBUTION_METHODS` and defaults the target to the
-predicted class. `model` is our ViTClassifier or any model from `vit_core.adapters.adapt`,
-except for `OWN_MODEL_METHODS`, which read our ViTClassifier's modules.
+`vit_core.patchify`), positive where the patch supports the target. `vit_core.methods` names them
+(its `attribute(model, images, method)` computes one by name, for the predicted class by default).
+`model` is our ViTClassifier or any model from `vit_core.adapters.adapt`, except where a method
+reads our ViTClassifier's modules (token dropping, LRP's rules per layer), which says so.
 
 The gradient methods take gradients with respect to the input only (`torch.autograd.grad`), so
 parameters keep their `requires_grad` flags and get no `.grad`; the model runs in eval mode and is
@@ -18,15 +18,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .adapters import cls_patch_map, token_layout
-from .model import ViTClassifier, eval_mode, kept_while_unchanged, patchify
+from .layout import cls_patch_map, token_layout
+from .memo import kept_while_unchanged
+from .model import ViTClassifier, eval_mode, patchify
 
 OCCLUSION_MODES = ("mean", "drop")
 OBJECTIVES = ("logit", "logprob")
@@ -44,7 +44,7 @@ PROGRESS_STEPS = 8
 # ----------------------------------------------------------------------------------------------
 # Shared helpers
 
-def _check_images(model: ViTClassifier, images: torch.Tensor) -> torch.Tensor:
+def check_images(model: ViTClassifier, images: torch.Tensor) -> torch.Tensor:
     size = model.image_size
     if not torch.is_tensor(images) or images.ndim != 4 or images.shape[-2:] != (size, size):
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
@@ -57,11 +57,11 @@ def _check_images(model: ViTClassifier, images: torch.Tensor) -> torch.Tensor:
 
 
 def _require_own(model: nn.Module, method: str) -> None:
-    """ValueError unless `model` is our ViTClassifier: `method` reads its modules (`OWN_MODEL_METHODS`)."""
+    """ValueError unless `model` is our ViTClassifier: `method` reads its modules."""
     if not isinstance(model, ViTClassifier):
         raise ValueError(f"{method} reads the modules of vit_core's own ViTClassifier and cannot explain a "
-                         f"{type(model).__name__}; methods for any adapted model: "
-                         f"{', '.join(m for m in ATTRIBUTION_METHODS if m not in OWN_MODEL_METHODS)}")
+                         f"{type(model).__name__}; vit_core.methods.supported_methods(model) lists the methods "
+                         f"that can")
 
 
 def target_tensor(target, batch: int, n_classes: int) -> torch.Tensor:
@@ -135,7 +135,7 @@ def occlusion(model: ViTClassifier, images: torch.Tensor, target, mode: str = "m
         raise ValueError(f"unknown occlusion mode {mode!r}; choose one of {OCCLUSION_MODES}")
     if mode == "drop":
         _require_own(model, "occlusion with mode 'drop'")
-    images = _check_images(model, images)
+    images = check_images(model, images)
     target = target_tensor(target, len(images), _n_classes(model))
     n_patches = model.grid_size ** 2
     per_pass = _rows_per_pass(model, progress)
@@ -197,7 +197,7 @@ def input_x_gradient(model: ViTClassifier, images: torch.Tensor, target, objecti
     change; exact only for a model linear in its input. Class-specific; one forward + one
     backward pass.
     """
-    images = _check_images(model, images)
+    images = check_images(model, images)
     target = target_tensor(target, len(images), _n_classes(model))
     with eval_mode(model):
         gradient = _input_gradient(model, images, target, objective)
@@ -207,13 +207,13 @@ def input_x_gradient(model: ViTClassifier, images: torch.Tensor, target, objecti
 def attention_x_gradient(model: ViTClassifier, images: torch.Tensor, target, objective: str = "logit") -> torch.Tensor:
     """Attention x gradient (Grad-SAM, Barkan et al. 2021; the "GradCAM" baseline of Chefer et
     al. 2021): per block, ReLU(dScore/dA * A) averaged over heads; summed over blocks; the
-    explained row (CLS for our ViT; see `adapters.TokenLayout`), patch columns.
+    explained row (CLS for our ViT; see `layout.TokenLayout`), patch columns.
 
     Class-specific through the gradient; no completeness promise (the values are not in logit
     units). One forward + one backward pass, the attentions being the ones the model's own
     forward pass multiplies the values by (`forward(..., return_attention=True)`).
     """
-    images = _check_images(model, images)
+    images = check_images(model, images)
     target = target_tensor(target, len(images), _n_classes(model))
     with eval_mode(model), torch.enable_grad():
         inputs = images.clone().requires_grad_(True)  # so a graph exists even with frozen weights
@@ -243,7 +243,7 @@ def integrated_gradients(model: ViTClassifier, images: torch.Tensor, target, ste
         raise ValueError(f"steps must be >= 1, got {steps}")
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
-    images = _check_images(model, images)
+    images = check_images(model, images)
     target = target_tensor(target, len(images), _n_classes(model))
 
     total, done = steps * len(images), [0]
@@ -476,7 +476,7 @@ def lrp(model: ViTClassifier, images: torch.Tensor, target, rules: str | LRPRule
     """
     _require_own(model, "LRP")
     rules = _lrp_rules(rules)
-    images = _check_images(model, images)
+    images = check_images(model, images)
     target = target_tensor(target, len(images), _n_classes(model))
     with eval_mode(model):
         gradient = _input_gradient(model, images, target, objective,
@@ -484,38 +484,8 @@ def lrp(model: ViTClassifier, images: torch.Tensor, target, rules: str | LRPRule
     return patch_sums(images * gradient, model.patch_size)
 
 
-# ----------------------------------------------------------------------------------------------
-# Registry
-
-ATTRIBUTION_METHODS: dict[str, Callable[..., torch.Tensor]] = {
-    "occlusion": occlusion,
-    "occlusion_drop": occlusion_drop,
-    "integrated_gradients": integrated_gradients,
-    "input_x_gradient": input_x_gradient,
-    "attention_x_gradient": attention_x_gradient,
-    "attnlrp": partial(lrp, rules="attnlrp"),
-    "cp_lrp": partial(lrp, rules="cp_lrp"),
-    "lrp_composite": partial(lrp, rules="lrp_composite", objective="logprob"),
-}
-# The methods that read our ViTClassifier's own modules (token dropping, LRP's rules per layer);
-# the others need only the model's forward pass, its attentions and its token layout, so they
-# explain any model from `vit_core.adapters.adapt`.
-OWN_MODEL_METHODS = ("occlusion_drop", "attnlrp", "cp_lrp", "lrp_composite")
-
-
 @torch.no_grad()
 def predicted_class(model: ViTClassifier, images: torch.Tensor) -> torch.Tensor:
     """The model's predicted class [B] (eval mode)."""
     with eval_mode(model):
-        return model(_check_images(model, images)).argmax(dim=-1)
-
-
-def attribute(model: ViTClassifier, images: torch.Tensor, method: str, target=None) -> torch.Tensor:
-    """The `method` map [B, g, g] from `ATTRIBUTION_METHODS` for `target` (an int or [B]; default:
-    the predicted class)."""
-    if method not in ATTRIBUTION_METHODS:
-        raise ValueError(f"unknown attribution method {method!r}; choose one of {tuple(ATTRIBUTION_METHODS)}")
-    images = _check_images(model, images)
-    if target is None:
-        target = predicted_class(model, images)
-    return ATTRIBUTION_METHODS[method](model, images, target_tensor(target, len(images), _n_classes(model)))
+        return model(check_images(model, images)).argmax(dim=-1)

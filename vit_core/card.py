@@ -77,6 +77,9 @@ def _teacher_lines(info: dict) -> list[str]:
     teacher = info["teacher"]
     given = info["config"].get("teacher", "auto")
     by = "first by the same command" if given == "auto" else f"by an earlier run (given as `--teacher {given}`)"
+    if teacher.get("reused_from"):
+        by = (f"by an earlier run and reused from `{teacher['reused_from']}` by `--teacher auto`, as it held out "
+              f"the same validation images,")
     return [f"Teacher: the `ConvTeacher` CNN (`vit_core/teacher.py`), trained {by} for "
             f"{teacher['epochs']} epochs in {teacher['minutes']:.1f} min on the same training images; "
             f"validation accuracy {teacher['val_acc'] * 100:.2f} %. It only supplies training targets."]

@@ -1,8 +1,9 @@
 """Every training setting, named once: a `TrainConfig` field carries its default and its help text,
 and `train.py`'s command line is built from those fields.
 
-The defaults are the recipe of the shipped checkpoint (its model card has the measured result);
-`RECIPES` holds other named recipes, applied under whatever flags a command gives.
+The defaults (recipe `default`) train the wide ViT from scratch with distillation, as the run behind
+the shipped weights began (`wide-v7`, then the warm restart `wide-v10` that made them; the model card
+has the measured result). `RECIPES` holds the named recipes, applied under whatever flags a command gives.
 """
 
 from __future__ import annotations
@@ -27,31 +28,47 @@ RESUMABLE_CHANGES = {"resume", "device", "num_threads", "push_to_hub", "patience
 SAME_SPLIT = "val_size"
 
 
-# Named recipes: the settings in which each differs from the defaults (the shipped recipe).
-RECIPES: dict[str, dict] = {
-    "shipped": {},
-    # The checkpoint shipped before distillation (79.71 % test): the 128-wide network, no
-    # teacher, fp32, the cosine on a 146-minute wall-clock budget.
-    "cpu-v5": dict(preset="cpu", epochs=200, time_budget_min=146.0, teacher="none", amp="off"),
-    # The checkpoint shipped before this one (83.24 % test): the 128-wide network with these
-    # settings, the cosine on a 530-minute wall-clock budget, as its last segment ran it (it got there
-    # in seven segments and three cosine cycles; its card, kept in git history, lists them).
-    "cpu-v6": dict(preset="cpu", epochs=400, time_budget_min=530.0, amp="bf16"),
-    # The checkpoint behind the shipped one (84.34 % test): these defaults with bf16 spelled out, as its last
-    # segment ran them: one cosine on a 540-minute wall-clock budget (the epoch count only a cap),
-    # re-planned once from 600 minutes while it ran; its card lists every segment.
-    "wide-v7": dict(epochs=400, time_budget_min=540.0, amp="bf16"),
+@dataclass(frozen=True)
+class Recipe:
+    """A named set of settings that differ from the defaults, applied under whatever flags a
+    command gives; a warm restart starts from trained weights, so it needs --init-from."""
+    summary: str
+    settings: dict
+    warm_restart: bool = False
+
+
+RECIPES: dict[str, Recipe] = {
+    # The defaults themselves: the distillation recipe the shipped weights' training began with.
+    "default": Recipe("these defaults: the wide ViT from scratch, distilled from a CNN teacher", {}),
     # The shipped checkpoint: a warm restart of wide-v7's weights (give them with --init-from and the
     # teacher with --teacher checkpoints/cnn-teacher): a 115-minute cosine from a fifth of the peak
     # learning rate, patch dropout for its first 60 %.
-    "wide-v10": dict(epochs=200, time_budget_min=115.0, amp="bf16", lr=2e-4, warmup_epochs=1.0,
-                     patch_drop_end=0.6),
+    "wide-v10": Recipe("the shipped weights' last run: a 115-min warm restart from wide-v7's weights "
+                       "(needs --init-from)",
+                       dict(epochs=200, time_budget_min=115.0, amp="bf16", lr=2e-4, warmup_epochs=1.0,
+                            patch_drop_end=0.6), warm_restart=True),
+    # The checkpoint behind the shipped one (84.34 % test): these defaults with bf16 spelled out, as its last
+    # segment ran them: one cosine on a 540-minute wall-clock budget (the epoch count only a cap),
+    # re-planned once from 600 minutes while it ran; its card lists every segment.
+    "wide-v7": Recipe("the defaults on a 540-min budget: the from-scratch run wide-v10 started from",
+                      dict(epochs=400, time_budget_min=540.0, amp="bf16")),
+    # The checkpoint shipped before this one (83.24 % test): the 128-wide network with these
+    # settings, the cosine on a 530-minute wall-clock budget, as its last segment ran it (it got there
+    # in seven segments and three cosine cycles; its card, kept in git history, lists them).
+    "cpu-v6": Recipe("the 128-wide checkpoint before wide-v7", dict(preset="cpu", epochs=400, time_budget_min=530.0,
+                                                                      amp="bf16")),
+    # The checkpoint shipped before distillation (79.71 % test): the 128-wide network, no
+    # teacher, fp32, the cosine on a 146-minute wall-clock budget.
+    "cpu-v5": Recipe("the 128-wide checkpoint without a teacher",
+                     dict(preset="cpu", epochs=200, time_budget_min=146.0, teacher="none", amp="off")),
     # The 2022 report's training as far as its text and code give it: its 256-wide network, batch 64,
     # RandomResizedCrop + flip, plain cross-entropy, MultiStepLR over 160 epochs, no teacher.
-    "report": dict(preset="seed", epochs=160, batch_size=64, schedule="multistep", augment="rrc",
-                   label_smoothing=0.0, cutmix=0.0, patch_drop=0.0, attn_init="default", pos_init="random",
-                   teacher="none", amp="off"),
+    "report": Recipe("the 2022 report's settings", dict(
+        preset="seed", epochs=160, batch_size=64, schedule="multistep", augment="rrc", label_smoothing=0.0,
+        cutmix=0.0, patch_drop=0.0, attn_init="default", pos_init="random", teacher="none", amp="off")),
 }
+RECIPE_HELP = "named recipe whose settings the other flags override: " + "; ".join(
+    f"{name}: {recipe.summary}" for name, recipe in RECIPES.items())
 
 
 class TrainError(RuntimeError):
@@ -70,7 +87,7 @@ def setting(default, help: str, **cli):
 class TrainConfig:
     data: str = setting("", "ImageFolder root with train/ and test/, or a torchvision CIFAR-10 root", required=True)
     out: str = setting("", "folder for the exported model, its card, history and train_state.pt", required=True)
-    recipe: str = setting("shipped", "named recipe whose settings the other flags override", choices=tuple(RECIPES))
+    recipe: str = setting("default", RECIPE_HELP, choices=tuple(RECIPES))
     preset: str = setting("wide", "model size ('seed': the 2022 report's network; 'wide': the shipped one, 192 "
                                    "wide with 6 heads; 'cpu': 128 wide with 4 heads, the checkpoints before it)",
                           choices=sorted(PRESETS))
@@ -97,8 +114,10 @@ class TrainConfig:
     patch_drop: float = setting(0.5, "leave a random share P of each training image's patch tokens out "
                                 "(PatchDropout): faster steps, more epochs per hour", metavar="P")
     patch_drop_end: float = setting(0.85, "train on whole images after this fraction of the schedule", metavar="F")
-    teacher: str = setting("auto", "knowledge distillation: 'none', 'auto' (train a CNN teacher into OUT/teacher "
-                           "first, reused on --resume) or a teacher folder")
+    teacher: str = setting("auto", "knowledge distillation: 'none', 'auto' (OUT/teacher: the shipped "
+                           "checkpoints/cnn-teacher copied there when it knows the data's classes and held out the "
+                           "same validation images, else a CNN teacher trained there first; reused on --resume) "
+                           "or a teacher folder")
     teacher_epochs: int = setting(10, "epochs for --teacher auto")
     distill: str = setting("hard", "hard = learn the teacher's top class (DeiT), soft = its probabilities",
                            choices=DISTILL_MODES)
@@ -156,7 +175,8 @@ def _choice(name: str, allowed) -> callable:
 
 INF = float("inf")
 _CHECKS = [
-    _choice("preset", PRESETS), _choice("schedule", SCHEDULES), _choice("augment", AUGMENTATIONS),
+    _choice("recipe", RECIPES), _choice("preset", PRESETS), _choice("schedule", SCHEDULES),
+    _choice("augment", AUGMENTATIONS),
     _choice("attn_init", ATTN_INITS), _choice("pos_init", POS_INITS), _choice("distill", DISTILL_MODES),
     _choice("amp", AMP_MODES),
     _range("epochs", 1, INF), _range("batch_size", 1, INF), _range("lr", 0, INF, low_open=True),
@@ -165,6 +185,9 @@ _CHECKS = [
     _range("patch_drop", 0, 1, high_open=True), _range("patch_drop_end", 0, 1), _range("distill_weight", 0, 1),
     _range("teacher_epochs", 1, INF), _range("dropout", 0, 1, high_open=True), _range("val_size", 0, INF, low_open=True),
     _range("patience", 1, INF), _range("time_budget_min", 0, INF, low_open=True), _range("gamma", 0, 1, low_open=True),
+    lambda c: (None if c.recipe not in RECIPES or not RECIPES[c.recipe].warm_restart or c.init_from else
+               f"--recipe {c.recipe} is a warm restart: give --init-from FOLDER with the weights it starts from "
+               f"(the shipped ones started from wide-v7's), or train from scratch with --recipe wide-v7"),
     lambda c: (None if c.time_budget_min is None or c.schedule == "cosine"
                else "--time-budget needs --schedule cosine"),
     lambda c: (None if all(1 <= m < c.epochs for m in c.milestones)
@@ -180,11 +203,13 @@ def _parse_type(annotation: str):
     return {"int": int, "float": float, "str": str, "list[int]": int}[base]
 
 
-def build_parser(description: str = "") -> argparse.ArgumentParser:
+def build_parser(description: str = "", parser_class: type = argparse.ArgumentParser,
+                 prog: str = "python train.py") -> argparse.ArgumentParser:
     """One flag per `TrainConfig` field, help and choices from its metadata. Defaults are left out of
-    the namespace (argparse.SUPPRESS), so `config_from_args` can tell a given flag from a recipe's."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)
+    the namespace (argparse.SUPPRESS), so `config_from_args` can tell a given flag from a recipe's.
+    `parser_class`: the training command passes the command lines' one-error-line parser
+    (`vit_core.cli`), which this library module may not import; `prog`: how it was called."""
+    parser = parser_class(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(TrainConfig):
         meta = dict(f.metadata)
         if meta.pop("cli", True) is False:
@@ -204,4 +229,4 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace, command: str = "") -> TrainConfig:
     """The recipe's settings, then every flag that was given."""
     given = vars(args)
-    return TrainConfig(**{**RECIPES[given.get("recipe", "shipped")], **given, "command": command})
+    return TrainConfig(**{**RECIPES[given.get("recipe", "default")].settings, **given, "command": command})

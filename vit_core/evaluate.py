@@ -7,19 +7,23 @@ per-class accuracy and the confusion matrix.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .devices import autocast
-from .model import ViTClassifier, eval_mode, normalize
+from .model import ViTClassifier, eval_mode
+from .preprocessing import normalize
 
 
 @torch.no_grad()
 def predict_probs(model: ViTClassifier, images_uint8: torch.Tensor, device: torch.device,
-                  batch_size: int = 500, mirror: bool = True, amp: str = "off") -> torch.Tensor:
+                  batch_size: int = 500, mirror: bool = True, amp: str = "off",
+                  progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Class probabilities [N, classes] on the CPU for uint8 images [N, C, H, W], `batch_size` at a
     time on `device`; with `mirror`, each averaged with its horizontally flipped image's. `amp` is
     "off", "bf16" or "auto" (see `devices.uses_bf16`). The model runs in eval mode and is left in
-    the mode it came in."""
+    the mode it came in. `progress`, if given, is called with each batch's image count."""
     if len(images_uint8) == 0:
         raise ValueError("predict_probs needs at least one image")
     out = []
@@ -31,14 +35,17 @@ def predict_probs(model: ViTClassifier, images_uint8: torch.Tensor, device: torc
                 if mirror:
                     probs = (probs + model(x.flip(-1)).float().softmax(-1)) / 2
             out.append(probs.cpu())
+            if progress is not None:
+                progress(len(probs))
     return torch.cat(out)
 
 
 def evaluate(model: ViTClassifier, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-             mirror: bool = True) -> dict:
+             mirror: bool = True, progress: Callable[[int], None] | None = None) -> dict:
     """Accuracy, per-class accuracy (by class name), confusion matrix (rows: true class) and the
-    number of images, for uint8 `images` [N, C, H, W] with int64 `labels` [N]."""
-    probs = predict_probs(model, images, device, mirror=mirror)
+    number of images, for uint8 `images` [N, C, H, W] with int64 `labels` [N]; `progress` as in
+    `predict_probs`."""
+    probs = predict_probs(model, images, device, mirror=mirror, progress=progress)
     predicted = probs.argmax(-1)
     n_classes = probs.shape[-1]
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.int64)

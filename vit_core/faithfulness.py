@@ -28,17 +28,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attribution import ATTRIBUTION_METHODS, OCCLUSION_MODES, predicted_class, target_tensor
+from .attribution import OCCLUSION_MODES, predicted_class, target_tensor
 from .model import ViTClassifier, eval_mode
-from .rollout import ATTENTION_METHODS, MAP_METHODS, check_methods, explain
+from .methods import check_methods, method_maps
 
 PERTURBATION_MODES = ("deletion", "insertion")
 # A patch is removed the way occlusion removes it: filled with the dataset mean, or its token dropped.
 REMOVALS = OCCLUSION_MODES
 # The leave-one-patch-out map that removes patches each way: the reference a map is compared with.
 REFERENCES = {"mean": "occlusion", "drop": "occlusion_drop"}
-# Maps that one `explain` call gives; `method_maps` knows every name in rollout's MAP_METHODS.
-EXPLAIN_METHODS = ATTENTION_METHODS
 # What `python -m vit_core.cli.faithfulness` writes beside a checkpoint (`read_results`).
 RESULTS_FILE = "faithfulness.json"
 
@@ -111,18 +109,18 @@ def _token_passes(lengths: torch.Tensor, budget: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def kept_probabilities(model: nn.Module, images: torch.Tensor, keep: torch.Tensor, image_index: torch.Tensor,
-                       target: torch.Tensor, removal: str = "mean", batch_size: int = 256) -> torch.Tensor:
-    """Target probability [R] of R perturbed inputs: row r is image `image_index[r]` of normalised
+def kept_class_probabilities(model: nn.Module, images: torch.Tensor, keep: torch.Tensor, image_index: torch.Tensor,
+                             removal: str = "mean", batch_size: int = 256) -> torch.Tensor:
+    """Class probabilities [R, C] of R perturbed inputs: row r is image `image_index[r]` of normalised
     `images` [B, C, S, S] with only the patches `keep[r]` ([R, n] bool, row-major) kept and the
-    others removed by `removal`, scored for class `target[image_index[r]]` ([B]). Forward passes
-    of at most `batch_size` rows (for "drop", as many rows' tokens: rows keeping fewer patches go
-    more at a time, packed whatever their lengths). Eval mode; the model's mode is restored."""
+    others removed by `removal`. Forward passes of at most `batch_size` rows (for "drop", as many
+    rows' tokens: rows keeping fewer patches go more at a time, packed whatever their lengths).
+    Eval mode; the model's mode is restored."""
     check_removal(model, removal)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     keep, image_index = keep.cpu(), image_index.cpu()
-    probs = torch.empty(len(keep))
+    probs = torch.empty(len(keep), len(model.class_names))
     if not len(keep):
         return probs
     with eval_mode(model):
@@ -135,9 +133,17 @@ def kept_probabilities(model: nn.Module, images: torch.Tensor, keep: torch.Tenso
         for part in passes:
             logits = (_mean_fill_pass(model, images, keep[part], image_index[part], patch_size)
                       if removal == "mean" else _drop_pass(model, tokens, keep[part], image_index[part]))
-            wanted = target[image_index[part]].to(logits.device)
-            probs[part] = logits.float().softmax(dim=-1).gather(1, wanted[:, None]).squeeze(1).cpu()
+            probs[part] = logits.float().softmax(dim=-1).cpu()
     return probs
+
+
+def kept_probabilities(model: nn.Module, images: torch.Tensor, keep: torch.Tensor, image_index: torch.Tensor,
+                       target: torch.Tensor, removal: str = "mean", batch_size: int = 256) -> torch.Tensor:
+    """Target probability [R] of the perturbed inputs of `kept_class_probabilities`, row r scored
+    for class `target[image_index[r]]` ([B])."""
+    probs = kept_class_probabilities(model, images, keep, image_index, removal, batch_size)
+    wanted = torch.as_tensor(target).cpu()[image_index.cpu()]
+    return probs.gather(1, wanted[:, None]).squeeze(1) if len(probs) else probs[:, 0]
 
 
 def perturbation_curve(model: nn.Module, images: torch.Tensor, patch_maps: torch.Tensor, target,
@@ -225,34 +231,6 @@ def spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.tensor([spearman(x, y) for x, y in zip(a, b)], dtype=torch.float64)
 
 
-def _some_methods(methods: Sequence[str]) -> list[str]:
-    """`rollout.check_methods` of `methods` as a list (so a bare string is refused), and at least one."""
-    methods = check_methods(list(methods))
-    if not methods:
-        raise ValueError(f"no method given; choose from {', '.join(MAP_METHODS)}")
-    return methods
-
-
-def method_maps(model: ViTClassifier, images: torch.Tensor, methods: Sequence[str], target=None,
-                head_fusion: str = "mean", discard_ratio: float = 0.0) -> dict[str, torch.Tensor]:
-    """The maps [B, g, g] of `methods` (names in `MAP_METHODS`) for normalised `images`, explaining
-    `target` (an int or [B]; default: the predicted class). The three attention maps come from one
-    `explain` call (rollout and last-layer attention ignore the target); the others from
-    `attribution.ATTRIBUTION_METHODS`."""
-    methods = _some_methods(methods)
-    if target is None:
-        target = predicted_class(model, images)
-    maps = {}
-    if any(m in EXPLAIN_METHODS for m in methods):
-        explained = explain(model, images, target=target, head_fusion=head_fusion,
-                            discard_ratio=discard_ratio).maps()
-        maps.update({m: explained[m] for m in methods if m in EXPLAIN_METHODS})
-    for name in methods:
-        if name not in EXPLAIN_METHODS:
-            maps[name] = ATTRIBUTION_METHODS[name](model, images, target).detach()
-    return {name: maps[name].detach().cpu() for name in methods}
-
-
 def _fresh_weights(model: ViTClassifier, seed: int) -> dict[str, torch.Tensor]:
     """The state of a CPU copy of `model` re-initialised by its own `reset_parameters`, drawn from
     `seed` (on the CPU, so any device gives the same draw); the global RNG is left as it was."""
@@ -295,14 +273,14 @@ def cascading_randomization(model: ViTClassifier, images: torch.Tensor, methods:
     embedding (patch projection, CLS token, position embedding), each step keeping the earlier
     ones. After each step, the Spearman correlation between the trained model's map and the
     randomised one, per image, for the same target class (default: the trained model's
-    prediction). Per method in `methods` (`MAP_METHODS`): [{"stage": "head" | "block L" | ... |
+    prediction). Per method in `methods` (names in `methods.METHODS`): [{"stage": "head" | "block L" | ... |
     "embedding", "spearman": mean over images, "spearman_std": their standard deviation}] in
     cascade order (NaN where every image's map went constant)."""
-    methods = _some_methods(methods)
     work = copy.deepcopy(model)
     target = predicted_class(work, images) if target is None else target
     settings = dict(target=target, head_fusion=head_fusion, discard_ratio=discard_ratio)
     reference = method_maps(work, images, methods, **settings)
+    methods = list(reference)
     fresh = _fresh_weights(work, seed)
     results: dict[str, list[dict]] = {name: [] for name in methods}
     for stage, prefixes in _cascade(work):
@@ -318,8 +296,7 @@ def cascading_randomization(model: ViTClassifier, images: torch.Tensor, methods:
 def randomization_sanity(model: ViTClassifier, images: torch.Tensor, method: str = "rollout", target=None,
                          head_fusion: str = "mean", discard_ratio: float = 0.0, seed: int = 0) -> list[dict]:
     """`cascading_randomization` of one method: its list of stages."""
-    if method not in MAP_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {MAP_METHODS}")
+    check_methods([method])
     return cascading_randomization(model, images, [method], target, head_fusion, discard_ratio, seed)[method]
 
 

@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
-from PIL import Image
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
-from .images import to_rgb
+from .layout import TokenLayout
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -252,6 +250,8 @@ class ViTClassifier(
 ):
     """ViT for small images. Constructor arguments are saved to `config.json` by `save_pretrained`."""
 
+    layout = TokenLayout()  # one CLS token, the row explanations read (vit_core.layout)
+
     def __init__(
         self,
         image_size: int = 32,
@@ -414,10 +414,6 @@ class CheckpointMismatchError(ValueError):
     """The weights file does not match the architecture described by config.json."""
 
 
-# The name vit_core has always exported for this; the conversion lives with the image reader.
-load_image = to_rgb
-
-
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Inside, `model` is in eval mode; after, in the mode it came in (even on an error)."""
@@ -430,57 +426,3 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-def kept_while_unchanged(cache: WeakIdKeyDictionary, owner, tensors, build: Callable):
-    """`build()` for `owner`, kept in `cache` while `tensors` are the same tensors, unchanged in
-    place (their version counters) and holding the same storage (a `.data` swap, as `model.half()`
-    makes, leaves the counter as it was): for values derived from weights, rebuilt when they change."""
-    state = tuple((id(t), t._version, t.data_ptr(), t.dtype) for t in tensors)
-    cached = cache.get(owner)
-    if cached is None or cached[0] != state:
-        cached = (state, build())
-        cache[owner] = cached
-    return cached[1]
-
-
-def normalize(batch_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [B, C, H, W] -> float32 normalised; the one place pixels become model inputs."""
-    mean_t = torch.tensor(mean, device=batch_uint8.device).view(1, -1, 1, 1) * 255
-    std_t = torch.tensor(std, device=batch_uint8.device).view(1, -1, 1, 1) * 255
-    return (batch_uint8.float() - mean_t) / std_t
-
-
-def to_model_pixels(image: Image.Image, image_size: int,
-                    resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
-    """The RGB image the model actually sees: upright, alpha on white, resized to image_size with
-    `resample` (a model's own is `resampling(model)`)."""
-    image = to_rgb(image)
-    if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), resample, reducing_gap=3.0)
-    return image
-
-
-def resampling(model: nn.Module) -> Image.Resampling:
-    """How images are resized for `model`: its own `resample` (an adapted model's pretrained
-    config names one), else bicubic, as in our evaluation."""
-    return getattr(model, "resample", Image.Resampling.BICUBIC)
-
-
-def preprocess(images: Image.Image | Sequence[Image.Image], model: nn.Module) -> torch.Tensor:
-    """One PIL image or a list -> normalised float tensor [B, 3, S, S], as in evaluation: resized
-    whole (no crop) to the model's input size with its resampling, normalised with its mean and
-    std. Any model with `image_size`, `mean` and `std` (ours, or one from `vit_core.adapters`)."""
-    if isinstance(images, Image.Image):
-        images = [images]
-    if len(images) == 0:
-        raise ValueError("preprocess needs at least one image")
-    arrays = []
-    for image in images:
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"expected PIL images, got {type(image).__name__}")
-        pixels = to_model_pixels(image, model.image_size, resampling(model))
-        arrays.append(torch.frombuffer(bytearray(pixels.tobytes()), dtype=torch.uint8)
-                      .view(model.image_size, model.image_size, 3))
-    batch = torch.stack(arrays).permute(0, 3, 1, 2)
-    return normalize(batch, model.mean, model.std)

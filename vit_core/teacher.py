@@ -26,7 +26,8 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from .data import ImageTensors, augment
-from .model import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, WEIGHTS_NAME, CheckpointMismatchError, normalize
+from .model import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, WEIGHTS_NAME, CheckpointMismatchError
+from .preprocessing import normalize
 
 
 def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:

@@ -11,10 +11,12 @@ then `finish`. The settings live in `config.py`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,7 +33,8 @@ from .config import RESUMABLE_CHANGES, SAME_SPLIT, TrainConfig, TrainError
 from .data import ImageTensors, augment, cutmix, load_split, random_erase, split_validation, validation_count
 from .devices import DeviceError, autocast, pick_device, uses_bf16
 from .evaluate import predict_probs
-from .model import WEIGHTS_NAME, ViTClassifier, mimetic_attention_init_, normalize, sincos_position_init_
+from .model import WEIGHTS_NAME, ViTClassifier, mimetic_attention_init_, sincos_position_init_
+from .preprocessing import normalize
 from .records import portable_path
 from .teacher import ConvTeacher, teacher_accuracy, teacher_logits, train_teacher
 
@@ -39,6 +42,10 @@ STATE_NAME = "train_state.pt"
 HISTORY_NAME = "history.json"
 TEACHER_INFO_NAME = "teacher_info.json"  # beside a trained teacher's weights: its epochs, minutes, accuracy
 INFO_NAME = "train_info.json"
+# The teacher `--teacher auto` copies instead of training one where it fits the run (a clone has it;
+# an installed package does not, and then trains its own). Recorded by its name in the project.
+SHIPPED_TEACHER_NAME = "checkpoints/cnn-teacher"
+SHIPPED_TEACHER = Path(__file__).resolve().parents[1] / SHIPPED_TEACHER_NAME
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,22 +248,92 @@ def require_teacher_weights(cfg: TrainConfig, folder: Path) -> None:
                          f"pass 'auto' to train one, 'none' to train without, or the folder of a trained one")
 
 
+def held_out_digest(val_set: ImageTensors) -> str:
+    """SHA-256 of the validation images and labels: equal digests, the same held-out images."""
+    digest = hashlib.sha256(val_set.images.contiguous().numpy().tobytes())
+    digest.update(val_set.labels.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def split_record(train_set: ImageTensors, val_set: ImageTensors) -> dict:
+    """What a teacher's info records of the split it was trained on, so a later run can tell whether
+    the teacher has seen that run's validation images (`teacher_misfit`)."""
+    return {"classes": list(train_set.classes), "train_images": len(train_set), "val_images": len(val_set),
+            "held_out_sha256": held_out_digest(val_set)}
+
+
+def teacher_misfit(folder: Path, train_set: ImageTensors, val_set: ImageTensors) -> str | None:
+    """Why the trained teacher in `folder` cannot stand in for this run's (None: it can): it must
+    know the same classes and have held out exactly this run's validation images."""
+    info = folder / TEACHER_INFO_NAME
+    if not (folder / WEIGHTS_NAME).is_file() or not info.is_file():
+        return f"{folder} holds no trained teacher"
+    split = json.loads(info.read_text()).get("split") or {}
+    if split.get("classes") != list(train_set.classes):
+        return "it knows other classes"
+    if split.get("held_out_sha256") != held_out_digest(val_set):
+        return "it was trained with other validation images held out (another --data, --seed or --val-size)"
+    return None
+
+
+def _teacher_estimate(cfg: TrainConfig, n_images: int) -> str:
+    """Roughly how long `--teacher auto` will train, scaled from the shipped teacher's record."""
+    info = SHIPPED_TEACHER / TEACHER_INFO_NAME
+    if not info.is_file():
+        return ""
+    shipped = json.loads(info.read_text())
+    images = shipped.get("split", {}).get("train_images")
+    if not images:
+        return ""
+    minutes = shipped["minutes"] * cfg.teacher_epochs / shipped["epochs"] * n_images / images
+    return (f"; roughly {minutes:.0f} min on a machine like the shipped teacher's ({shipped['machine']}), "
+            f"much less on a GPU")
+
+
+def _provide_teacher(cfg: TrainConfig, folder: Path, train_set: ImageTensors, val_set: ImageTensors,
+                     device: torch.device) -> None:
+    """Say which teacher the run uses and, for 'auto' without one in OUT/teacher, copy the shipped
+    teacher there when it fits (`teacher_misfit`), else train one there."""
+    if cfg.teacher != "auto":
+        print(f"teacher: {folder} (given with --teacher)", flush=True)
+        return
+    if (folder / WEIGHTS_NAME).exists():
+        print(f"teacher: {folder}, from this run's start", flush=True)
+        return
+    misfit = teacher_misfit(SHIPPED_TEACHER, train_set, val_set)
+    if misfit is None:
+        shutil.copytree(SHIPPED_TEACHER, folder, dirs_exist_ok=True)
+        info = json.loads((folder / TEACHER_INFO_NAME).read_text())
+        info["reused_from"] = SHIPPED_TEACHER_NAME
+        atomic_write_text(folder / TEACHER_INFO_NAME, json.dumps(info, indent=2))
+        print(f"teacher: the shipped one ({SHIPPED_TEACHER_NAME}, copied into {folder}): it knows these classes "
+              f"and held out these same validation images, so no teacher is trained", flush=True)
+        return
+    print(f"teacher: training a CNN teacher into {folder} first, {cfg.teacher_epochs} epochs on {len(train_set)} "
+          f"images{_teacher_estimate(cfg, len(train_set))} (the shipped one does not fit: {misfit}; "
+          f"--teacher none trains without)", flush=True)
+    start = time.perf_counter()
+    teacher = train_teacher(train_set, val_set, folder, epochs=cfg.teacher_epochs, seed=cfg.seed,
+                            device=device, log=lambda line: print(line, flush=True))
+    info = {"epochs": cfg.teacher_epochs, "minutes": (time.perf_counter() - start) / 60,
+            "val_acc": teacher_accuracy(teacher, val_set, device), "machine": machine_description(device),
+            "split": split_record(train_set, val_set)}
+    atomic_write_text(folder / TEACHER_INFO_NAME, json.dumps(info, indent=2))
+
+
 def prepare_teacher(cfg: TrainConfig, train_set: ImageTensors, val_set: ImageTensors, out: Path,
                     device: torch.device, rank: int = 0, world: int = 1) -> ConvTeacher | None:
-    """The distillation teacher: none, a trained folder, or ("auto") one trained now into
-    OUT/teacher on the same training images (kept there, so a resumed run reuses it). Under
-    torchrun rank 0 trains it while the others wait."""
+    """The distillation teacher: none, a trained folder, or ("auto") OUT/teacher: the shipped one
+    copied there when it fits the run, else one trained now on the same training images (kept
+    there, so a resumed run reuses it). Says which before anything starts. Under torchrun rank 0
+    provides it while the others wait."""
     if cfg.teacher == "none":
+        if rank == 0:
+            print("teacher: none (no distillation)", flush=True)
         return None
     folder = teacher_folder(cfg, out)
-    if cfg.teacher == "auto" and rank == 0 and not (folder / WEIGHTS_NAME).exists():
-        print(f"training the CNN teacher into {folder} ({cfg.teacher_epochs} epochs)", flush=True)
-        start = time.perf_counter()
-        teacher = train_teacher(train_set, val_set, folder, epochs=cfg.teacher_epochs, seed=cfg.seed,
-                                device=device, log=lambda line: print(line, flush=True))
-        info = {"epochs": cfg.teacher_epochs, "minutes": (time.perf_counter() - start) / 60,
-                "val_acc": teacher_accuracy(teacher, val_set, device), "machine": machine_description(device)}
-        atomic_write_text(folder / TEACHER_INFO_NAME, json.dumps(info, indent=2))
+    if rank == 0:
+        _provide_teacher(cfg, folder, train_set, val_set, device)
     if world > 1:
         dist.barrier()
     require_teacher_weights(cfg, folder)

@@ -2,10 +2,10 @@
 
 The hot-path helpers (everything the app redraws per click) use only numpy, PIL and matplotlib's
 colormap lookup tables, never a matplotlib Figure, so a whole explanation draws in a few ms.
-Maps come in raw from `vit_core.rollout`; normalising for display happens here.
+Maps come in raw from `vit_core.methods` (and `vit_core.explain`); normalising for display happens here.
 
 Patch order everywhere is row-major (patch i sits at row i // g, column i % g), the order of
-`vit_core.patchify` and of every map in `vit_core.rollout`.
+`vit_core.patchify` and of every map of `vit_core.methods`.
 """
 
 from __future__ import annotations

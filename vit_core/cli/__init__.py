@@ -10,13 +10,17 @@
 Installed (`pip install -e .`), each is also a command: vit-explain, vit-evaluate, vit-faithfulness,
 vit-anatomy, vit-space, vit-train (and vit-explorer, the app).
 
-Bad input (an unreadable image or checkpoint, missing data, a `--device` that is not here) prints
-one `error: ...` line on stderr and returns status 2, like argparse's own usage errors.
+Bad input (a flag or value argparse refuses, an unreadable image or checkpoint, missing data, a
+`--device` that is not here) prints one `error: ...` line on stderr and returns status 2. Every
+tool's parser, train.py's and the app's are `ArgumentParser`s from here, so they all fail alike;
+the usage block appears only with `--help`.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+from typing import NoReturn
 
 BAD_INPUT = 2  # exit status for input the command cannot use (argparse uses 2 for usage errors too)
 
@@ -25,3 +29,28 @@ def fail(message: object) -> int:
     """Print `error: message` on stderr; returns the exit status for bad input."""
     print(f"error: {message}", file=sys.stderr)
     return BAD_INPUT
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one `error: ...` line (naming --help) instead of the usage block on a bad
+    flag or value; the exit status stays 2. Keeps the module docstring's layout in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {self.prog} --help)")
+        sys.exit(BAD_INPUT)
+
+
+# What every tool that reads a model accepts (`vit_core.adapters.load_model`, as the app does).
+CHECKPOINT_HELP = ("our checkpoint folder (save_pretrained), a timm ViT folder (save_for_hf), a transformers "
+                   "ViT/DeiT folder (save_pretrained), or the Hub repo id of any of them")
+
+
+def progress_bar(total: int, description: str):
+    """A tqdm bar on stderr counting images; `update(n)` after each batch, close (or `with`) at the end."""
+    from tqdm import tqdm  # imported here: parsing and bad-input paths never need it
+
+    return tqdm(total=total, desc=description, unit="image", file=sys.stderr, dynamic_ncols=True)

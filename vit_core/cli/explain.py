@@ -10,6 +10,7 @@ For each image, writes into DIR (file names start with the image's stem):
   <stem>_rollout.png, <stem>_grad_rollout.png, <stem>_last_layer.png   map overlays
   <stem>_layers.png         each block's CLS -> patch attention over the image
   <stem>.npz                attentions [L, H, T, T], raw maps, probabilities and the settings used
+  <stem>_walkthrough.npz    with --walkthrough: every Walkthrough step's numbers (vit_core.walkthrough)
 Every input is checked before anything is written: an unreadable image or checkpoint prints an
 error and exits with status 2, leaving DIR untouched. Images are read as the app reads uploads
 (`vit_core.images.read_image`, with its size limits).
@@ -25,13 +26,18 @@ import numpy as np
 from PIL import Image
 
 from .. import viz
-from ..checkpoints import CheckpointError, load_checkpoint
+from ..adapters import load_model
+from ..checkpoints import CheckpointError
 from ..images import ImageError, read_image
-from ..model import ViTClassifier, preprocess, resampling, to_model_pixels
-from ..rollout import HEAD_FUSIONS, Explanation, explain, fuse_heads
-from . import fail
+from ..model import ViTClassifier
+from ..preprocessing import preprocess, resampling, to_model_pixels
+from ..explanation import HELD_METHODS, Explanation, explain
+from ..rollout import HEAD_FUSIONS, check_rollout_settings, fuse_heads
+from ..walkthrough import walkthrough_arrays
+from . import CHECKPOINT_HELP, ArgumentParser, fail
 
-OUTPUTS = ("patches", "attention", "attention_last", "layers", "rollout", "grad_rollout", "last_layer")
+# The drawings written per image: these, then an overlay of every map an explanation holds.
+OUTPUTS = ("patches", "attention", "attention_last", "layers") + HELD_METHODS
 
 
 class BadArgument(ValueError):
@@ -39,18 +45,21 @@ class BadArgument(ValueError):
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vit_core.cli.explain",
+    parser = ArgumentParser(prog="python -m vit_core.cli.explain",
                                      description="Draw attention explanations of a ViT's predictions.")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size; resized to the model's)")
-    parser.add_argument("--checkpoint", required=True, help="folder with config.json and model.safetensors, "
-                                                            "or a Hub repo id")
+    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--out", required=True, help="output folder (created if needed)")
     parser.add_argument("--target", default=None, help="class to explain, by name or index (default: predicted)")
-    parser.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean")
+    parser.add_argument("--head-fusion", default="mean", help=f"{'|'.join(HEAD_FUSIONS)} (default mean)")
     parser.add_argument("--discard-ratio", type=float, default=0.0, help="in [0, 1); default 0")
+    parser.add_argument("--walkthrough", action="store_true",
+                        help="also write <stem>_walkthrough.npz: logit lens, head knock-outs, what-if curves")
     args = parser.parse_args(argv)
-    if not 0.0 <= args.discard_ratio < 1.0:
-        parser.error(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
+    try:
+        check_rollout_settings(args.head_fusion, args.discard_ratio)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -96,7 +105,7 @@ def _write_one(out: Path, stem: str, i: int, image: Image.Image, model: ViTClass
             fused[-1], title=f"block {len(fused)} attention ({result.head_fusion} of heads)"),
         "layers": viz.map_strip(arrays["layer_maps"][i], view),
     }
-    for method in ("rollout", "grad_rollout", "last_layer"):
+    for method in HELD_METHODS:
         drawings[method] = viz.overlay_map(view, arrays[method][i])
     for kind, drawing in drawings.items():
         drawing.save(out / f"{stem}_{kind}.png")
@@ -108,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         images = _read_images(args.images)
-        model = load_checkpoint(args.checkpoint)
+        model = load_model(args.checkpoint)
         target = parse_target(args.target, model.class_names)
         out = Path(args.out)
         if out.exists() and not out.is_dir():
@@ -116,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ImageError, CheckpointError, BadArgument) as error:
         return fail(error)
 
-    result = explain(model, preprocess(images, model), target=target, head_fusion=args.head_fusion,
-                     discard_ratio=args.discard_ratio)
+    batch = preprocess(images, model)
+    result = explain(model, batch, target=target, head_fusion=args.head_fusion, discard_ratio=args.discard_ratio)
     arrays = result.as_numpy()
     out.mkdir(parents=True, exist_ok=True)
     names = model.class_names
@@ -128,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                      class_names=np.array(names), image_size=np.array(model.image_size),
                      patch_size=np.array(model.patch_size))
         _write_one(out, stem, i, images[i], model, result, arrays, extra)
+        if args.walkthrough:  # the what-if order follows the gradient rollout drawn beside it
+            np.savez_compressed(out / f"{stem}_walkthrough.npz",
+                                **walkthrough_arrays(model, batch[i], arrays["grad_rollout"][i]))
         predicted, explained = int(arrays["probs"][i].argmax()), int(arrays["target"][i])
         print(f"{path}: predicted {names[predicted]} ({arrays['probs'][i][predicted]:.2f}); explained "
               f"{names[explained]}; wrote {out / stem}_*.png and {stem}.npz")

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from ..checkpoints import hub_offline_reason, looks_like_repo_id
-from . import fail
+from . import ArgumentParser, fail
 
 PROG = "python -m vit_core.cli.space"
 
@@ -149,8 +149,7 @@ def upload(root: Path, files: list[str], space: str, keep_others: bool = False) 
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("space", nargs="?", help="the Space's id, user/name (optional with --dry-run)")
     parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded; send nothing")
     parser.add_argument("--keep-others", action="store_true",
@@ -167,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.space is None and not args.dry_run:
         return fail("pass the Space's id, e.g. `make space SPACE=user/name` (or --dry-run to only list files)")
     root = Path(args.root)
+    if not root.is_dir():
+        return fail(f"--root {args.root}: no such folder (give the folder of a clone of this project)")
     try:
         files = space_files(root)
         check_front_matter(root, files)

@@ -1,13 +1,17 @@
 """Train the ViT on CIFAR-10 and export the best validation weights.
 
-    python train.py --data ../shared/cifar10 --out runs/mine                  # the shipped checkpoint's recipe
+    python train.py --data ../shared/cifar10 --out runs/mine                  # the default recipe, from scratch
     python train.py --data ../shared/cifar10 --out runs/quick --epochs 30     # the same recipe, shorter
     python train.py --data ~/data --download --recipe report --out runs/rep   # the 2022 report's settings
     torchrun --nproc_per_node 2 train.py --data ... --out ...                 # data parallel
 
-The defaults are the recipe of the shipped checkpoint; `--recipe` picks another named recipe, and
-any flag overrides either. A run writes `train_state.pt` after every epoch; `--resume` continues a
-killed run exactly. Installed, `vit-train` is the same command as `python train.py`.
+The defaults (`--recipe default`) train the wide ViT from scratch, distilled from a CNN teacher: the
+recipe the shipped weights' training began with (`wide-v7`); the shipped weights themselves are its
+warm restart, `--recipe wide-v10 --init-from FOLDER`. `--recipe` picks a named recipe and any flag
+overrides it. Before training, the run says which teacher it uses: with CIFAR-10's default split
+the shipped one (checkpoints/cnn-teacher), else one it trains first. A run writes `train_state.pt`
+after every epoch; `--resume` continues a killed run exactly. Installed, `vit-train` is the same
+command as `python train.py`.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from ..config import TrainConfig, TrainError, build_parser, config_from_args
 from ..data import DataError
 from ..records import portable_command
 from ..training import train
+from . import ArgumentParser
 
 PROG = "vit-train"
 
 
 def parse_args(argv: list[str] | None = None, prog: str = PROG) -> TrainConfig:
-    args = build_parser(__doc__).parse_args(argv)
+    args = build_parser(__doc__, ArgumentParser, prog=prog).parse_args(argv)
     # The command goes into train_info.json and the model card: no path of this machine in it.
     return config_from_args(args, portable_command(prog, sys.argv[1:] if argv is None else argv))
 
