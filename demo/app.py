@@ -52,7 +52,7 @@ from demo.handlers import FAITHFULNESS_OUTPUTS, NOT_AVAILABLE, TRUST_OUTPUTS, Ex
 from demo.panels import MODEL_FIGURES, PANELS, REDRAWN, draw, image_panel, view  # noqa: E402
 from demo.serving import (GRADIO_DELETE_CACHE, SESSIONS_KEPT, CacheKeeper, answering,  # noqa: E402
                           limit_heap_arenas, panel_files, wire_arrays)
-from demo.walkthrough import own_upload, walkthrough_tab, wire_walkthrough  # noqa: E402
+from demo.walkthrough import CSS as WALKTHROUGH_CSS, own_upload, walkthrough_tab, wire_walkthrough  # noqa: E402
 from demo.session import (HEAD_MEAN, PREDICTED, Settings, analyze, example_label, head_choices,  # noqa: E402
                           is_own, methods_for)
 from vit_core import CheckpointError, ViTClassifier, load_checkpoint  # noqa: E402,F401 (load_checkpoint: re-exported)
@@ -370,7 +370,7 @@ def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, sh
     CacheKeeper(demo, panel_files()).start()
     result = demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
                          quiet=quiet or demo.share_requested, max_file_size=MAX_FILE_SIZE,
-                         allowed_paths=[str(EXAMPLES_DIR)], css=CSS, show_error=False, run_history=False,
+                         allowed_paths=[str(EXAMPLES_DIR)], css=CSS + WALKTHROUGH_CSS, show_error=False, run_history=False,
                          enable_monitoring=False, ssr_mode=False, state_session_capacity=SESSIONS_KEPT,
                          max_threads=16)
     if demo.share_requested and not quiet:

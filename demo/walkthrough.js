@@ -22,7 +22,7 @@ function heat(v, alpha = 1) {  // 0..1 -> a colour of the map
 function canvas(parent, w, h, caption) {
   const fig = el('figure', 'wt-fig'), c = el('canvas');
   c.width = w; c.height = h; fig.appendChild(c);
-  if (caption) fig.appendChild(el('figcaption', null, caption));
+  if (caption) fig.appendChild(el('figcaption', null, caption)).style.maxWidth = `${Math.max(w, 150)}px`;
   parent.appendChild(fig);
   const ctx = c.getContext('2d'); ctx.imageSmoothingEnabled = false;
   return ctx;
@@ -65,7 +65,7 @@ function lineChart(ctx, series, { xLabel = '', xTicks = [], mark = null, upto = 
       for (let i = from; i <= to; i++) (i === from ? ctx.moveTo : ctx.lineTo).call(ctx, X(i), Y(values[i]));
       ctx.stroke();
     }
-    ctx.globalAlpha = 1; ctx.fillStyle = colour; ctx.fillText(`${label} ${pct(values[last])}`, W - R + 6, 14 + 15 * s);
+    ctx.globalAlpha = 1; ctx.fillStyle = colour; ctx.fillText(`${label} ${pct(values[mark == null ? last : mark])}`, W - R + 6, 14 + 15 * s);
   });
 }
 function bars(ctx, probs, classes, { top = 10, highlight = null } = {}) {  // the top classes, largest first
@@ -97,14 +97,16 @@ function patchNumbers(i, p) {  // patch i's pixels, flattened the way the embedd
   return out;
 }
 function drawTokens(fig, p) {
-  const i = S.patch, nums = patchNumbers(i, p), cols = Math.min(48, nums.length), rows = Math.ceil(nums.length / cols);
-  const pick = canvas(fig, 220, 220, 'click a patch');
+  const i = S.patch, P = p.patch_size, nums = patchNumbers(i, p), cols = 3 * P, cell = Math.max(4, Math.min(20, Math.floor(300 / cols)));
+  const pick = canvas(fig, 200, 200, 'click a patch');
   picture(pick, p, { outline: j => j === i ? '#ff0' : null });
   pick.canvas.onclick = ev => { const j = cellAt(pick, p, ev); if (j != null) { S.patch = j; render(); } };
-  const flat = canvas(fig, 8 * cols, Math.max(24, 8 * rows), `patch ${i} flattened: ${p.patch_dim} numbers (R, G, B of each pixel)`);
+  const zoom = canvas(fig, 120, 120, `patch ${i}: ${P}×${P} pixels`), gw = p.grid[1];
+  zoom.drawImage(S.img, (i % gw) * P, Math.floor(i / gw) * P, P, P, 0, 0, 120, 120);
+  const flat = canvas(fig, cell * cols, cell * P, `flattened: ${p.patch_dim} numbers, one row of R, G, B per pixel row`);
   nums.forEach((v, j) => { const c = j % 3; flat.fillStyle = `rgb(${c === 0 ? v : 0},${c === 1 ? v : 0},${c === 2 ? v : 0})`;
-    flat.fillRect((j % cols) * 8, Math.floor(j / cols) * 8, 7, 7); });
-  const pca = canvas(fig, 220, 220, `each patch's ${p.embed_dim}-number token, as colour (3-component PCA)`);
+    flat.fillRect((j % cols) * cell, Math.floor(j / cols) * cell, cell - 1, cell - 1); });
+  const pca = canvas(fig, 200, 200, `each patch's ${p.embed_dim}-number token, as colour (3-component PCA)`);
   picture(pca, p, { image: false, fill: j => `rgb(${p.token_pca[j].map(v => Math.round(255 * v)).join(',')})`, outline: j => j === i ? '#ff0' : null });
 }
 function drawPosition(fig, p) {
@@ -124,18 +126,18 @@ function drawCls(fig, p) {
 function drawBlock(fig, p, l) {
   const att = p.cls_attention[l], H = att.length, T = att[0].length;
   const mean = Array.from({ length: T }, (_, j) => att.reduce((s, h) => s + h[j], 0) / H), top = Math.max(...mean);
-  picture(canvas(fig, 220, 220, `block ${l + 1}: where the CLS token looks (mean of ${H} heads)`), p, { fill: j => heat(mean[j] / top, 0.6) });
+  picture(canvas(fig, 190, 190, `block ${l + 1}: where the CLS token looks (mean of ${H} heads)`), p, { fill: j => heat(mean[j] / top, 0.6) });
   const heads = el('div', 'wt-heads'); fig.appendChild(heads);
-  att.forEach((h, k) => { const hmax = Math.max(...h); picture(canvas(heads, 80, 80, `head ${k + 1}`), p, { fill: j => heat(h[j] / hmax, 0.65) }); });
+  att.forEach((h, k) => { const hmax = Math.max(...h); picture(canvas(heads, 58, 58, `head ${k + 1}`), p, { fill: j => heat(h[j] / hmax, 0.65) }); });
   if (!p.lens) { fig.appendChild(el('p', 'wt-note', p.lens_note || 'No logit lens for this model.')); return; }
   const pred = p.predicted, cls = p.lens.cls, shown = classesOfLens(p);
-  lineChart(canvas(fig, 360, 200, `logit lens: ${p.reads} after each block → class probabilities`),
+  lineChart(canvas(fig, 290, 190, `logit lens: ${p.reads} after each block → class probabilities`),
     shown.map(c => ({ values: cls.map(row => row[c]), colour: classColour(c), label: p.classes[c].slice(0, 10) })),
     { xLabel: 'after block', xTicks: cls.map((_, i) => [i, String(i + 1)]), mark: l, upto: l });
-  const tops = p.lens.patch_top[l], probs = p.lens.patch_top_prob[l];
-  picture(canvas(fig, 180, 180, `each patch token's top class after block ${l + 1}`), p,
+  const tops = p.lens.patch_top[l], probs = p.lens.patch_top_prob[l], pair = el('div', 'wt-pair'); fig.appendChild(pair);
+  picture(canvas(pair, 160, 160, `each patch token's top class after block ${l + 1} (paler: less sure)`), p,
     { image: false, fill: j => classColour(tops[j]) + Math.round(64 + 191 * probs[j]).toString(16).padStart(2, '0'), outline: () => null });
-  legend(fig, p.classes, new Set([pred, ...tops]));
+  legend(pair, p.classes, new Set([pred, ...tops]));
 }
 function classesOfLens(p) {  // the predicted class and the two others the lens rates highest at any block
   const best = p.classes.map((_, c) => Math.max(...p.lens.cls.map(row => row[c])));
@@ -144,10 +146,11 @@ function classesOfLens(p) {  // the predicted class and the two others the lens 
 function drawHeads(fig, p) {
   const ko = p.knockout, L = ko.prob.length, H = ko.prob[0].length, base = p.probs[p.predicted], cell = Math.min(44, Math.floor(300 / Math.max(L, H)));
   const drops = ko.prob.map(row => row.map(q => base - q)), worst = Math.max(1e-6, ...drops.flat());
-  const ctx = canvas(fig, 40 + H * cell, 20 + L * cell, `drop in ${p.classes[p.predicted]} when one head is knocked out (rows: blocks, columns: heads; click a cell)`);
+  const ctx = canvas(fig, 40 + H * cell, 20 + L * cell, `change in ${p.classes[p.predicted]} (percentage points) with one head knocked out; rows: blocks, columns: heads`);
   ctx.font = '11px sans-serif';
   drops.forEach((row, l) => row.forEach((d, h) => {
     ctx.fillStyle = heat(Math.max(0, d) / worst); ctx.fillRect(40 + h * cell, 20 + l * cell, cell - 2, cell - 2);
+    if (Math.abs(d) >= 0.01) { ctx.fillStyle = d / worst > 0.6 ? '#000' : '#fff'; ctx.fillText(`${d > 0 ? '−' : '+'}${Math.abs(100 * d).toFixed(0)}`, 44 + h * cell, 20 + l * cell + cell / 2 + 4); }
     if (S.head && S.head[0] === l && S.head[1] === h) { ctx.strokeStyle = '#0f0'; ctx.lineWidth = 3; ctx.strokeRect(41 + h * cell, 21 + l * cell, cell - 4, cell - 4); }
   }));
   ctx.fillStyle = '#222'; for (let l = 0; l < L; l++) ctx.fillText(`B${l + 1}`, 4, 20 + l * cell + cell / 2 + 4);
@@ -167,7 +170,7 @@ function drawDecision(fig, p) {
   if (p.map) { const v = p.map.values, hi = Math.max(...v) || 1;
     picture(canvas(fig, 220, 220, `where it looked: ${p.map.label}`), p, { fill: j => heat(v[j] / hi, 0.6) }); }
   const t = props.trust, info = el('p', 'wt-info');
-  if (t && t.key === p.key) info.innerHTML = bold(t.sentence); else info.textContent = p.map ? 'Measuring how far to trust this map on this image…' : '';
+  if (t && t.key === p.key) info.innerHTML = 'Trust on this image: ' + bold(t.sentence) + '.'; else info.textContent = p.map ? 'Measuring how far to trust this map on this image…' : '';
   fig.appendChild(info);
 }
 function removedSet(order, k) { return new Set(order.slice(0, k)); }
@@ -180,17 +183,18 @@ function drawWhatIf(fig, p) {
   row.append(slider, label);
   const hidden = s => j => s.has(j) ? 'rgba(128,128,128,0.93)' : null;
   const side = (probs, s, caption) => { const q = probs[S.k], top = argmax(q);
-    picture(canvas(fig, 200, 200, `${caption}: ${p.classes[top]} ${pct(q[top])} · ${name} ${pct(q[pred])}`), p, { fill: hidden(s) }); };
+    const says = `${p.classes[top]} ${pct(q[top])}` + (top === pred ? '' : ` · ${name} ${pct(q[pred])}`);
+    picture(canvas(fig, 190, 190, `${caption}: ${says}`), p, { fill: hidden(s) }); };
   side(w.relevant, removedSet(w.order, S.k), `${S.k} most relevant removed`);
   side(w.random, removedSet(w.random_order, S.k), `${S.k} random removed`);
   const byHand = new Set(removedSet(w.order, S.k)); S.toggled.forEach(j => byHand.has(j) ? byHand.delete(j) : byHand.add(j));
   const m = props.manual, mine = m && m.key === p.key && m.k === S.k && sameSet(m.toggled, S.toggled);
-  const hand = canvas(fig, 200, 200, S.toggled.size === 0 ? 'click patches to remove or restore them' : mine ? m.caption : 'asking the model…');
+  const hand = canvas(fig, 190, 190, S.toggled.size === 0 ? 'click patches to remove or restore them' : mine ? m.caption : 'asking the model…');
   picture(hand, p, { fill: hidden(byHand), outline: j => S.toggled.has(j) ? '#0f0' : null });
   hand.canvas.onclick = ev => { const j = cellAt(hand, p, ev); if (j == null) return;
     S.toggled.has(j) ? S.toggled.delete(j) : S.toggled.add(j); render();
     if (S.toggled.size) trigger('whatif', { key: p.key, k: S.k, toggled: [...S.toggled] }); };
-  lineChart(canvas(fig, 340, 200, `${name} as patches are removed`),
+  lineChart(canvas(fig, 330, 190, `${name} as patches are removed`),
     [{ values: w.relevant.map(q => q[pred]), colour: '#d62728', label: 'relevant' }, { values: w.random.map(q => q[pred]), colour: '#7f7f7f', label: 'random' }],
     { xLabel: 'patches removed (k)', xTicks: [[0, '0'], [T, String(T)]], mark: S.k });
 }
@@ -228,10 +232,11 @@ const CSS = `
 .wt-figure { display: flex; flex-wrap: wrap; gap: 10px 16px; align-items: flex-start; }
 .wt-fig { margin: 0; display: flex; flex-direction: column; align-items: center; max-width: 100%; }
 .wt-fig canvas { image-rendering: pixelated; border: 1px solid #ddd; max-width: 100%; }
-.wt-fig figcaption { font-size: 12px; color: var(--body-text-color-subdued); text-align: center; max-width: 260px; }
+.wt-fig figcaption { font-size: 12px; color: #555; text-align: center; }
 .wt-heads { display: grid; grid-template-columns: repeat(3, auto); gap: 0 6px; }
 .wt-heads figcaption { font-size: 10px; }
-.wt-legend { display: flex; flex-direction: column; gap: 2px; font-size: 12px; }
+.wt-pair { display: flex; gap: 6px; align-items: flex-start; }
+.wt-legend { display: grid; grid-template-columns: auto; gap: 1px; font-size: 11px; }
 .wt-legend span { padding-left: 5px; }
 .wt-row { flex-basis: 100%; display: flex; gap: 12px; align-items: center; }
 .wt-k { width: 420px; }

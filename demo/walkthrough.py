@@ -15,7 +15,9 @@ the prediction, from the payload).
 
 from __future__ import annotations
 
+import copy
 import json
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -35,21 +38,31 @@ from vit_core.walkthrough import default_k, walkthrough_payload, what_if, whatif
 
 Answer = dict[str, Any]
 JS = (Path(__file__).resolve().parent / "walkthrough.js").read_text()
+# The tab's example gallery: small square thumbnails, two a row (the page's CSS, demo.app.launch).
+CSS = """
+#wt-examples .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important;
+  grid-auto-rows: min-content !important; align-content: start !important; gap: 4px !important; }
+#wt-examples .thumbnail-item { width: 100% !important; height: auto !important; aspect-ratio: 1 / 1; }
+#wt-examples .thumbnail-item img { width: 100% !important; height: 100% !important; object-fit: cover; }
+#wt-examples .caption-label { font-size: 11px; padding: 0 3px; }
+"""
 
 
 # ------------------------------------------------------------------------------------------------
 # The numbers
 
-def session_payload(explorer: Explorer, session: Session) -> dict:
-    """The walkthrough payload of the session's image, computed once and kept on the session. Its
+def session_payload(explorer: Explorer, session: Session, model=None) -> dict:
+    """The walkthrough payload of the session's image, computed once and kept on the session (on
+    `model`, by default the Explorer's: see `Walkthrough`). Its
     map is the one the Explorer opens on (the most faithful fast map by the checkpoint's
     faithfulness.json) for the predicted class; "key" names this image for the later props,
     "k" is the what-if step's first k and "whatif_sentences" phrase every k (so the slider needs
     no round-trip)."""
     if session.walkthrough is None:
-        model, method = explorer.model, explorer.defaults.method
-        settings = Settings(method=method, target=PREDICTED).checked(model)
-        relevance = current_explanation(model, session, settings).maps()[method][0]
+        method = explorer.defaults.method
+        settings = Settings(method=method, target=PREDICTED).checked(explorer.model)
+        relevance = current_explanation(explorer.model, session, settings).maps()[method][0]
+        model = model or explorer.model
         payload = walkthrough_payload(model, session.inputs, model.class_names, relevance=relevance, method=method,
                                       label=METHODS[method])
         n_patches = model.grid_size ** 2
@@ -92,11 +105,10 @@ def _integer(value, name: str) -> int:
     return int(number)
 
 
-def whatif_answer(explorer: Explorer, session: Session, k, patches) -> dict:
+def whatif_answer(payload: dict, model, inputs: torch.Tensor, k, patches) -> dict:
     """The prediction with `removed_patches(...)` taken away (one model run)."""
-    payload = session_payload(explorer, session)
     removed = removed_patches(payload, k, patches)
-    probs = what_if(explorer.model, session.inputs, removed).tolist()
+    probs = what_if(model, inputs, removed).tolist()
     classes, predicted = payload["classes"], payload["predicted"]
     top = int(np.argmax(probs))
     says = f"{classes[top]} {percent(probs[top])}"
@@ -146,19 +158,36 @@ def lens_figure(payload: dict) -> Image.Image | None:
 # The handlers ({output name: value}, as demo.handlers')
 
 class Walkthrough:
+    """The tab's handlers around the Explorer's. The head knock-outs hook the model's attention
+    while they run, which a request running beside them on the same model would meet: the
+    walkthrough runs on a copy of its own, one request at a time."""
+
     def __init__(self, explorer: Explorer):
         self.explorer = explorer
+        self.model = copy.deepcopy(explorer.model).eval()
+        self.lock = threading.Lock()
+
+    def payload(self, session: Session) -> dict:
+        if session.walkthrough is None:
+            with self.lock:
+                session_payload(self.explorer, session, self.model)
+        return session.walkthrough
+
+    def _whatif(self, session: Session, k, patches) -> dict:
+        payload = self.payload(session)
+        with self.lock:
+            return whatif_answer(payload, self.model, session.inputs, k, patches)
 
     def show(self, session: Session | None) -> Answer:
         """The page's walkthrough for the session's image (none: the empty walkthrough)."""
-        return {"walkthrough": None if session is None else session_payload(self.explorer, session)}
+        return {"walkthrough": None if session is None else self.payload(session)}
 
     def trust(self, session: Session | None) -> Answer:
         """The decision map's trust figures on this image (demo.evidence.image_trust: computed by the
         Explorer's chained trust event just before, so usually already in the session)."""
         if session is None:
             return {}
-        payload = session_payload(self.explorer, session)
+        payload = self.payload(session)
         model, method = self.explorer.model, payload["map"]["method"]
         figures = image_trust(model, session, Settings(method=method, target=PREDICTED).checked(model))[method]
         return {"walkthrough": gr.update(trust={"key": payload["key"], "sentence": trust_sentence(method, figures),
@@ -169,7 +198,7 @@ class Walkthrough:
         data = getattr(evt, "_data", None) or {}
         if session is None or session.walkthrough is None or data.get("key") != session.walkthrough["key"]:
             return {}  # another image's click: nothing to say about this one
-        answer = whatif_answer(self.explorer, session, data.get("k"), data.get("toggled"))
+        answer = self._whatif(session, data.get("k"), data.get("toggled"))
         return {"walkthrough": gr.update(manual={**answer, "key": data["key"], "k": data["k"],
                                                  "toggled": list(data.get("toggled") or [])})}
 
@@ -178,20 +207,20 @@ class Walkthrough:
         model = self.explorer.model
         picture, notes = read_upload(upload_path(image), size=model.image_size)
         session = analyze(model, picture, name=upload_name(image), notes=notes, gradients=False)
-        return {"walkthrough_json": session_payload(self.explorer, session), "session": session}
+        return {"walkthrough_json": self.payload(session), "session": session}
 
     def whatif(self, session: Session | None, k: float = 0, patches: str = "") -> Answer:
         """/whatif: the k most relevant patches removed, then `patches` ("3, 10") toggled."""
-        return {"whatif_json": whatif_answer(self.explorer, require(session), k, patches)}
+        return {"whatif_json": self._whatif(require(session), k, patches)}
 
     def knockout(self, session: Session | None, layer: float = 1, head: float = 1) -> Answer:
         """/knockout: head `head` of block `layer` (1-based) knocked out, from the payload."""
-        return {"knockout_json": knockout_answer(session_payload(self.explorer, require(session)), layer, head)}
+        return {"knockout_json": knockout_answer(self.payload(require(session)), layer, head)}
 
     def export(self, session: Session | None, **controls) -> Answer:
         """The Explorer's export, plus the walkthrough's numbers (.json) and its logit lens (.png)."""
         paths = self.explorer.export(session, **controls)["export_files"]
-        payload = session_payload(self.explorer, require(session))
+        payload = self.payload(require(session))
         folder = Path(paths[-1]).parent
         stem = Path(paths[-1]).name.removesuffix("_explanation.npz")
         numbers = folder / f"{stem}_walkthrough.json"
@@ -218,7 +247,7 @@ def walkthrough_tab(model, examples: list[Path], land: bool = False) -> dict[str
                 ui["wt_upload"] = gr.UploadButton("Upload an image", file_types=["image"], elem_id="wt-upload")
                 items = [(str(p), example_label(p.stem, model.class_names) or p.stem) if is_own(model) else str(p)
                          for p in examples]
-                ui["wt_gallery"] = gr.Gallery(items, label="…or pick one", columns=3, height=420, allow_preview=False,
+                ui["wt_gallery"] = gr.Gallery(items, label="…or pick one", columns=2, height=440, allow_preview=False,
                                               interactive=False, object_fit="contain", elem_id="wt-examples",
                                               elem_classes="pixelated")
             with gr.Column(scale=8, min_width=320):
