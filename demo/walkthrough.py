@@ -33,6 +33,7 @@ from demo.evidence import image_trust, trust_sentence
 from demo.handlers import Explorer, require
 from demo.session import (METHODS, PREDICTED, Session, Settings, analyze, current_explanation, example_label, is_own,
                           read_upload, upload_name, upload_path)
+from vit_core import viz
 from vit_core.narration import percent
 from vit_core.walkthrough import default_k, walkthrough_payload, what_if, whatif_sentence
 
@@ -149,9 +150,7 @@ def lens_figure(payload: dict) -> Image.Image | None:
     ax.set(xlabel="after block", ylabel="probability", ylim=(0, 1), xticks=blocks,
            title=f"logit lens: {payload['reads']}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.canvas.draw()
-    return Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
+    return viz.figure_to_image(fig)
 
 
 # ------------------------------------------------------------------------------------------------
