@@ -268,7 +268,7 @@ function render() {
   }
   S.drawn += 1; element.dataset.drawn = S.drawn; window.__wtDrawnAt = performance.now();
 }
-function go(delta) { S.step += delta; render(); }
+function go(delta) { if (payload()) S.step += delta; render(); }  // before any image: the message again
 element.querySelector('.wt-back').onclick = () => go(-1);
 element.querySelector('.wt-next').onclick = () => go(1);
 element.querySelector('.wt-free').onchange = ev => { S.free = ev.target.checked; render(); };
