@@ -12,6 +12,10 @@ from collections.abc import Sequence
 import numpy as np
 
 SAME = 0.02  # cosine similarities closer than this are "about as alike"
+# Who attends, for each thing a prediction can read (`walkthrough.reads_what`).
+ATTENDS = {"the CLS token": "The CLS token attends",
+           "the mean of the CLS and distillation tokens": "The CLS and distillation tokens, averaged, attend",
+           "the mean of the patch tokens": "The patch tokens, averaged, attend"}
 
 
 def percent(p: float) -> str:
@@ -52,8 +56,11 @@ def position_sentence(similarity, grid: int) -> str:
     if similarity is None:
         return "This model has no position embedding of its own to show."
     near, far = neighbour_similarity(similarity, grid)
-    if np.isnan(far) or np.isnan(near):
-        return f"A position embedding is added to each token; side-by-side patches' embeddings have cosine similarity {near:.2f}."
+    if np.isnan(near):
+        return "A position embedding is added to each token."
+    if np.isnan(far):
+        return (f"A position embedding is added to each token; side-by-side patches' embeddings have "
+                f"mean cosine similarity {near:.2f}.")
     compare = ("more alike than" if near > far + SAME else "less alike than" if near < far - SAME
                else "about as alike as")
     return (f"A position embedding is added to each token: side-by-side patches' embeddings are {compare} "
@@ -73,13 +80,13 @@ def cls_sentence(prefix_names: Sequence[str], n_patches: int, reads: str) -> str
 
 def block_sentence(block: int, reads: str, lens_probs, final: int, classes: Sequence[str],
                    attention, grid: int, heads: int, last: bool = False) -> str:
-    """Block `block` (1-based; `last` if no block follows): what the lens on the read token(s) says there (`lens_probs` [C], or
-    None without a lens) against the final class, and the patch the read row attends to most
-    (`attention` [T], the mean over heads)."""
+    """Block `block` (1-based; `last` if no block follows): what the lens on the read token(s) says
+    there (`lens_probs` [C], or None without a lens) against the final class, and the patch the
+    read row attends to most (`attention` [T], the mean over heads)."""
     attention = np.asarray(attention, dtype=np.float64)
     top_patch = int(attention.argmax())
-    looks = (f"{reads[0].upper()}{reads[1:]} attends most to {_place(top_patch, grid)}: "
-             f"{percent(attention[top_patch])} of its attention, averaged over the {heads} heads.")
+    looks = (f"{ATTENDS.get(reads, reads[0].upper() + reads[1:] + ' attends')} most to {_place(top_patch, grid)}: "
+             f"{percent(attention[top_patch])} of the attention, averaged over the {heads} heads.")
     if lens_probs is None:
         return looks
     lens = np.asarray(lens_probs, dtype=np.float64)
@@ -135,24 +142,28 @@ def decision_sentence(probs, classes: Sequence[str], map_label: str | None, valu
 
 
 def whatif_sentence(payload: dict, k: int) -> str:
-    """The what-if step for k removed patches, from a payload's "whatif", "predicted" and "classes"
-    (or any dict with those keys). ValueError for a k outside 0 .. T."""
+    """The what-if step for k removed patches, from a payload's "whatif" (its rows at the counts
+    "ks", default 0, 1, 2, ...), "predicted" and "classes" (or any dict with those keys).
+    ValueError for a k that is not one of the rows' counts."""
     whatif = payload.get("whatif")
     if not whatif:
         raise ValueError("this payload has no what-if curves")
     relevant, random = whatif["relevant"], whatif["random"]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < len(relevant):
-        raise ValueError(f"k must be an integer in [0, {len(relevant) - 1}], got {k!r}")
+    ks = list(whatif.get("ks", range(len(relevant))))
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k not in ks:
+        allowed = f"[0, {ks[-1]}]" if ks == list(range(len(ks))) else f"one of {ks}"
+        raise ValueError(f"k must be an integer in {allowed}, got {k!r}")
     classes, predicted = payload["classes"], int(payload["predicted"])
-    name, before = classes[predicted], relevant[0][predicted]
+    name, before = classes[predicted], relevant[ks.index(0)][predicted]
     if k == 0:
         return f"With no patch removed the model says {name} at {percent(before)}."
-    after, chance = relevant[k][predicted], random[k][predicted]
+    row = ks.index(k)
+    after, chance = relevant[row][predicted], random[row][predicted]
     verb = ("leaves" if percent(after) == percent(before) else "drops" if after < before else "raises")
     moved = f"{name} at {percent(before)}" if verb == "leaves" else f"{name} from {percent(before)} to {percent(after)}"
     these = "this patch" if k == 1 else f"these {k} patches"
     sentence = f"Removing {these} {verb} {moved}; {k} random patch{'es' if k > 1 else ''}: {percent(chance)}."
-    now = int(np.argmax(relevant[k]))
+    now = int(np.argmax(relevant[row]))
     if now != predicted:
-        sentence += f" The prediction becomes {classes[now]} ({percent(relevant[k][now])})."
+        sentence += f" The prediction becomes {classes[now]} ({percent(relevant[row][now])})."
     return sentence

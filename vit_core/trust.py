@@ -70,7 +70,8 @@ def _check_maps(maps: dict[str, torch.Tensor], batch: int, grid: int) -> tuple[l
 _BFLOAT16_COPIES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _bfloat16_copy(model: torch.nn.Module) -> torch.nn.Module:
+def bfloat16_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A bfloat16 deep copy of `model`, made once and kept while its weights stay as they are."""
     return kept_while_unchanged(_BFLOAT16_COPIES, model, tuple(model.parameters()),
                                 lambda: copy.deepcopy(model).to(torch.bfloat16))
 
@@ -109,7 +110,7 @@ class TrustContext:
         self.counts = moved_counts(self.grid ** 2, steps)
         self.batch_size, self.bf16 = batch_size, bf16
         # bf16: a bfloat16 copy of the weights, so autocast has no weights to cast in every layer.
-        self._scorer = _bfloat16_copy(model) if bf16 else model
+        self._scorer = bfloat16_copy(model) if bf16 else model
         if occlusion_map is not None and tuple(occlusion_map.shape) != (self.batch, self.grid, self.grid):
             raise ValueError(f"occlusion_map must be {(self.batch, self.grid, self.grid)}, "
                              f"got {tuple(occlusion_map.shape)}")

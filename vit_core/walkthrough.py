@@ -33,10 +33,11 @@ from torch import nn
 
 from . import narration
 from .adapters import HF_CLASSES, HFViT, TimmViT, TokenLayout, capture_attention, cls_patch_map, eager_attention
-from .faithfulness import kept_class_probabilities
+from .faithfulness import kept_class_probabilities, moved_counts
 from .model import ViTClassifier, eval_mode, patchify
 from .narration import whatif_sentence  # noqa: F401  (the UI phrases any k with it)
 from .rollout import explain
+from .trust import bfloat16_copy
 
 PAYLOAD_VERSION = 1
 REMOVAL_NAMES = {"drop": "token drop", "mean": "mean fill"}
@@ -64,9 +65,12 @@ class _OwnStack:
         return self.model.pos_embed[0, 1:]
 
     def step(self, layer: int, x, weights: bool = False):
+        """Block `layer` on tokens x; without `weights` the last block runs for the CLS query
+        alone (the only token the head reads)."""
         block = self.model.blocks[layer]
-        out, attention = block.attend(block.project(block.norm1(x)), weights=weights)
-        x = x + out
+        cls_only = not weights and layer == self.depth - 1
+        out, attention = block.attend(block.project(block.norm1(x)), cls_only=cls_only, weights=weights)
+        x = (x[:, :1] if cls_only else x) + out
         x = x + block.mlp(block.norm2(x))
         return (x, attention) if weights else x
 
@@ -316,17 +320,30 @@ def position_similarity(positions: torch.Tensor | None) -> torch.Tensor | None:
     return (unit @ unit.T).float().cpu()
 
 
+def _knockout_probs(model: nn.Module, hidden: list[torch.Tensor], bf16: bool) -> torch.Tensor:
+    """`_knockout_logits` as probabilities; with `bf16` on the model's bfloat16 copy under autocast."""
+    if not bf16:
+        return _knockout_logits(_stack(model), hidden).softmax(dim=-1)
+    scorer = bfloat16_copy(model)
+    with eval_mode(scorer), torch.autocast(hidden[0].device.type, dtype=torch.bfloat16):
+        logits = _knockout_logits(_stack(scorer), [h.to(torch.bfloat16) for h in hidden])
+    return logits.float().softmax(dim=-1)
+
+
 @torch.no_grad()
-def walkthrough(model: nn.Module, images: torch.Tensor) -> Walkthrough:
+def walkthrough(model: nn.Module, images: torch.Tensor, bf16: bool = False) -> Walkthrough:
     """Every step's numbers for normalised `images` [B, 3, S, S] (`vit_core.preprocess`) and our
     ViTClassifier or a model from `vit_core.adapters.adapt` / `load_model`: one forward pass keeping
-    the hidden states, then one batch of all L x H head knock-outs (see the module docstring)."""
+    the hidden states, then one batch of all L x H head knock-outs (see the module docstring).
+    `bf16` runs the knock-outs on a bfloat16 copy of the model: faster on CPUs with bf16 units
+    (`vit_core.devices.uses_bf16`; benchmarks/walkthrough_latency.py times both), less exact
+    (bfloat16 keeps 8 bits of mantissa); everything else stays float32."""
     stack = _stack(model)
     images = check_images(model, images)
     with eval_mode(model):
         hidden, attentions = stack.trace(stack.embed(images))
         logits = stack.readout(hidden[-1])
-        knocked = _knockout_logits(stack, hidden).softmax(dim=-1)
+        knocked = _knockout_probs(model, hidden, bf16)
         cls_lens, patch_lens = _lens(stack, hidden)
         pca, share = token_pca(stack.patch_tokens(images))
         similarity = position_similarity(stack.positions())
@@ -362,6 +379,8 @@ def _one_image(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
 def _patch_indices(indices, n_patches: int, what: str) -> torch.Tensor:
     """Distinct patch indices as a long tensor, else ValueError naming the allowed range."""
     values = torch.as_tensor(list(indices) if isinstance(indices, (set, frozenset)) else indices)
+    if values.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
     if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
         raise ValueError(f"{what} must be integer patch indices in [0, {n_patches}), got dtype {values.dtype}")
     values = values.long().flatten()
@@ -382,10 +401,12 @@ def what_if(model: nn.Module, image: torch.Tensor, removed) -> torch.Tensor:
     return kept_class_probabilities(model, image, keep, torch.zeros(1, dtype=torch.long), removal_for(model))[0]
 
 
-def what_if_curves(model: nn.Module, image: torch.Tensor, order, ks: Sequence[int] | None = None) -> torch.Tensor:
+def what_if_curves(model: nn.Module, image: torch.Tensor, order, ks: Sequence[int] | None = None,
+                   bf16: bool = False) -> torch.Tensor:
     """Class probabilities after removing the first k patches of `order` for every k in `ks`
     (default 0 .. len(order)), all in one batch: [K, C] for one order [N], [M, K, C] for M orders
-    [M, N]. k = 0 is the untouched image."""
+    [M, N]. k = 0 is the untouched image. `bf16` scores the rows with a bfloat16 copy of the model
+    under autocast, as `trust.TrustContext` can (faster on CPUs with bf16 units, less exact)."""
     image = _one_image(model, image)
     n_patches = model.grid_size ** 2
     orders = torch.as_tensor(order)
@@ -398,8 +419,10 @@ def what_if_curves(model: nn.Module, image: torch.Tensor, order, ks: Sequence[in
     keep = torch.ones(len(orders), len(ks), n_patches, dtype=torch.bool)
     for i, k in enumerate(ks):
         keep[torch.arange(len(orders))[:, None], i, orders[:, :k]] = False
-    probs = kept_class_probabilities(model, image, keep.flatten(0, 1), torch.zeros(keep[..., 0].numel(), dtype=torch.long),
-                                     removal_for(model))
+    rows = torch.zeros(keep[..., 0].numel(), dtype=torch.long)
+    scorer = bfloat16_copy(model) if bf16 else model
+    with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=bf16):
+        probs = kept_class_probabilities(scorer, image, keep.flatten(0, 1), rows, removal_for(model))
     probs = probs.view(len(orders), len(ks), -1)
     return probs[0] if single else probs
 
@@ -431,7 +454,7 @@ def default_relevance(model: nn.Module, image: torch.Tensor) -> tuple[torch.Tens
     """The map the decision step shows when the caller gives none: gradient rollout of the
     predicted class (one forward and one backward pass; any adapted model has it)."""
     explanation = explain(model, image, gradients=True)
-    return explanation.grad_rollout[0].flatten(), "grad_rollout", "gradient rollout"
+    return explanation.grad_rollout[0].flatten().float().cpu(), "grad_rollout", "gradient rollout"
 
 
 def _unit(values: torch.Tensor) -> torch.Tensor:
@@ -444,7 +467,8 @@ def _relevance(model, image, relevance, method, label) -> tuple[torch.Tensor, st
     n_patches = model.grid_size ** 2
     if relevance is None:
         return default_relevance(model, image)
-    values = torch.as_tensor(np.asarray(relevance, dtype=np.float64)).flatten().float()
+    values = (relevance.detach().cpu() if torch.is_tensor(relevance)
+              else torch.as_tensor(np.asarray(relevance, dtype=np.float64))).flatten().float()
     if values.numel() != n_patches:
         raise ValueError(f"relevance must hold one value per patch ({n_patches}, or a "
                          f"{model.grid_size} x {model.grid_size} grid), got shape {tuple(np.shape(relevance))}")
@@ -454,12 +478,26 @@ def _relevance(model, image, relevance, method, label) -> tuple[torch.Tensor, st
     return values, method, label or method.replace("_", " ")
 
 
-def _whatif(model, image, values: torch.Tensor, seed: int) -> dict:
+def _whatif(model, image, values: torch.Tensor, seed: int, bf16: bool, ks: Sequence[int] | None = None) -> dict:
+    """The what-if curves along the map's order and a random one, at every k of `ks` (default
+    0..T; k = 0 is always included: the sentences compare with it)."""
     order = values.argsort(descending=True, stable=True)  # ties keep row-major order, as faithfulness.ranks
     random_order = torch.randperm(len(values), generator=torch.Generator().manual_seed(seed))
-    curves = what_if_curves(model, image, torch.stack([order, random_order]))
-    return {"order": order.tolist(), "relevant": _rounded(curves[0]), "random": _rounded(curves[1]),
+    ks = list(range(len(values) + 1)) if ks is None else sorted({0, *(int(k) for k in ks)})
+    curves = what_if_curves(model, image, torch.stack([order, random_order]), ks, bf16=bf16)
+    return {"order": order.tolist(), "ks": ks, "relevant": _rounded(curves[0]), "random": _rounded(curves[1]),
             "random_order": random_order.tolist(), "removal": REMOVAL_NAMES[removal_for(model)]}
+
+
+def coarse_ks(n_patches: int, steps: int) -> list[int]:
+    """What-if ks for a large model: `steps` + 1 evenly spaced counts (as the faithfulness curves
+    move patches) and the default k, so each curve costs steps + 2 forward rows instead of T + 1."""
+    return sorted({*moved_counts(n_patches, steps).tolist(), default_k(n_patches)})
+
+
+def _finite_or_none(value) -> float | None:
+    """A plain float, or None for a missing or non-finite figure (JSON has no NaN)."""
+    return None if value is None or not np.isfinite(float(value)) else float(value)
 
 
 def _lens_payload(w: Walkthrough) -> dict | None:
@@ -474,42 +512,46 @@ def _knockout_payload(w: Walkthrough) -> dict:
     return {"prob": _rounded(w.head_knockout[0]), "top": top.tolist(), "top_prob": _rounded(top_prob)}
 
 
-def _narration(model, w: Walkthrough, payload: dict, trust: dict | None) -> dict[str, str]:
+def _narration(model, w: Walkthrough, payload: dict) -> dict[str, str]:
     """Every step's sentences, from the numbers in `payload` and `w` (image 0)."""
     grid, classes, predicted = model.grid_size, payload["classes"], payload["predicted"]
     text = {"pixels": narration.pixels_sentence(model.image_size, model.patch_size),
             "tokens": narration.tokens_sentence(model.patch_size, w.embed_dim, w.token_pca_share[0].tolist()),
             "position": narration.position_sentence(payload["position_similarity"], grid),
             "cls": narration.cls_sentence(w.prefix_names, grid * grid, w.reads)}
-    mean_attention = w.cls_attention[0].mean(dim=1)  # [L, T]
-    for layer in range(mean_attention.shape[0]):
-        lens = None if w.cls_lens is None else w.cls_lens[0, layer].tolist()
+    attention = np.asarray(payload["cls_attention"])  # the rounded numbers the browser shows
+    for layer in range(payload["layers"]):
+        lens = None if payload["lens"] is None else payload["lens"]["cls"][layer]
         text[f"block{layer + 1}"] = narration.block_sentence(layer + 1, w.reads, lens, predicted, classes,
-                                                             mean_attention[layer].tolist(), grid,
-                                                             w.cls_attention.shape[2],
-                                                             last=layer == mean_attention.shape[0] - 1)
+                                                             attention[layer].mean(axis=0), grid, payload["heads"],
+                                                             last=layer == payload["layers"] - 1)
     knockout = payload["knockout"]
     text["heads"] = narration.heads_sentence(knockout["prob"], payload["probs"][predicted], predicted,
                                              knockout["top"], classes)
     shown = payload["map"]
-    text["decision"] = narration.decision_sentence(payload["probs"], classes, shown and shown["label"],
-                                                   shown and shown["values"], grid, trust)
-    text["whatif"] = narration.whatif_sentence(payload, default_k(grid * grid))
+    text["decision"] = narration.decision_sentence(payload["probs"], classes, shown["label"], shown["values"], grid,
+                                                   payload["trust"])
+    ks = [k for k in payload["whatif"]["ks"] if k > 0] or [0]
+    text["whatif"] = narration.whatif_sentence(payload, min(ks, key=lambda k: abs(k - default_k(grid * grid))))
     return text
 
 
 def walkthrough_payload(model: nn.Module, image: torch.Tensor, classes: Sequence[str] | None = None,
                         relevance=None, method: str | None = None, label: str | None = None,
-                        trust: dict | None = None, seed: int = 0) -> dict:
+                        trust: dict | None = None, seed: int = 0, bf16: bool = False,
+                        whatif_ks: Sequence[int] | None = None) -> dict:
     """Everything the Walkthrough draws for one normalised image [3, S, S] (or [1, 3, S, S]), as
     plain JSON (lists, floats rounded to 4 decimals; keys in the project's walkthrough contract).
     `relevance` [T] (or [g, g]) is the decision step's map, named `method` and shown as `label`
     (the caller picks the most faithful one); None computes gradient rollout (`default_relevance`).
     `trust` (that map's trust figures on this image, optional) goes into the decision's narration.
-    The what-if curves remove patches in the map's order and in a random order drawn from `seed`."""
+    The what-if curves remove patches in the map's order and in a random order drawn from `seed`.
+    `bf16` scores the knock-outs and the what-if rows with a bfloat16 copy (see `walkthrough`).
+    `whatif_ks` limits the curves to those k (default every k = 0..T; `coarse_ks` for large models,
+    whose T + 1 rows per curve would take seconds); "whatif"["ks"] lists the k of each row."""
     image = _one_image(model, image)
     classes = list(model.class_names if classes is None else classes)
-    w = walkthrough(model, image)
+    w = walkthrough(model, image, bf16=bf16)
     if len(classes) != w.probs.shape[-1]:
         raise ValueError(f"{len(classes)} class names for {w.probs.shape[-1]} classes")
     values, method, label = _relevance(model, image, relevance, method, label)
@@ -527,8 +569,31 @@ def walkthrough_payload(model: nn.Module, image: torch.Tensor, classes: Sequence
         "probs": _rounded(w.probs[0]), "predicted": int(w.predicted[0]),
         "knockout": _knockout_payload(w),
         "map": {"method": method, "label": label, "values": _rounded(shown)},
-        "whatif": _whatif(model, image, values, seed),
-        "trust": None if trust is None else {k: float(v) for k, v in trust.items()},
+        "whatif": _whatif(model, image, values, seed, bf16, whatif_ks),
+        "trust": None if trust is None else {k: _finite_or_none(v) for k, v in trust.items()},
     }
-    payload["narration"] = _narration(model, w, payload, trust)
+    payload["narration"] = _narration(model, w, payload)
     return payload
+
+
+def walkthrough_arrays(model: nn.Module, image: torch.Tensor, relevance=None, seed: int = 0,
+                       bf16: bool = False) -> dict[str, np.ndarray]:
+    """One normalised image's Walkthrough numbers as numpy arrays by name (what
+    `python -m vit_core.cli.explain --walkthrough` saves): `walkthrough`'s tensors for that image
+    (the lens left out when the model has none), "reads", and the what-if curves [T + 1, C]
+    "whatif_relevant" / "whatif_random" along "whatif_order" (`relevance`'s order, as in
+    `walkthrough_payload`; default gradient rollout) and "whatif_random_order"."""
+    image = _one_image(model, image)
+    w = walkthrough(model, image, bf16=bf16)
+    values, method, _ = _relevance(model, image, relevance, None, None)
+    whatif = _whatif(model, image, values, seed, bf16)
+    arrays = {name: getattr(w, name)[0].numpy() for name in
+              ("probs", "cls_lens", "patch_lens", "head_knockout", "knockout_probs", "cls_attention", "token_pca",
+               "token_pca_share") if getattr(w, name) is not None}
+    if w.position_similarity is not None:
+        arrays["position_similarity"] = w.position_similarity.numpy()
+    arrays.update(reads=np.array(w.reads), removal=np.array(whatif["removal"]), map_method=np.array(method),
+                  whatif_order=np.array(whatif["order"]), whatif_random_order=np.array(whatif["random_order"]),
+                  whatif_relevant=np.array(whatif["relevant"], dtype=np.float32),
+                  whatif_random=np.array(whatif["random"], dtype=np.float32))
+    return arrays

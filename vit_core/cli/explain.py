@@ -10,6 +10,7 @@ For each image, writes into DIR (file names start with the image's stem):
   <stem>_rollout.png, <stem>_grad_rollout.png, <stem>_last_layer.png   map overlays
   <stem>_layers.png         each block's CLS -> patch attention over the image
   <stem>.npz                attentions [L, H, T, T], raw maps, probabilities and the settings used
+  <stem>_walkthrough.npz    with --walkthrough: every Walkthrough step's numbers (vit_core.walkthrough)
 Every input is checked before anything is written: an unreadable image or checkpoint prints an
 error and exits with status 2, leaving DIR untouched. Images are read as the app reads uploads
 (`vit_core.images.read_image`, with its size limits).
@@ -29,6 +30,7 @@ from ..checkpoints import CheckpointError, load_checkpoint
 from ..images import ImageError, read_image
 from ..model import ViTClassifier, preprocess, resampling, to_model_pixels
 from ..rollout import HEAD_FUSIONS, Explanation, explain, fuse_heads
+from ..walkthrough import walkthrough_arrays
 from . import fail
 
 OUTPUTS = ("patches", "attention", "attention_last", "layers", "rollout", "grad_rollout", "last_layer")
@@ -48,6 +50,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--target", default=None, help="class to explain, by name or index (default: predicted)")
     parser.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean")
     parser.add_argument("--discard-ratio", type=float, default=0.0, help="in [0, 1); default 0")
+    parser.add_argument("--walkthrough", action="store_true",
+                        help="also write <stem>_walkthrough.npz: logit lens, head knock-outs, what-if curves")
     args = parser.parse_args(argv)
     if not 0.0 <= args.discard_ratio < 1.0:
         parser.error(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
@@ -116,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ImageError, CheckpointError, BadArgument) as error:
         return fail(error)
 
-    result = explain(model, preprocess(images, model), target=target, head_fusion=args.head_fusion,
-                     discard_ratio=args.discard_ratio)
+    batch = preprocess(images, model)
+    result = explain(model, batch, target=target, head_fusion=args.head_fusion, discard_ratio=args.discard_ratio)
     arrays = result.as_numpy()
     out.mkdir(parents=True, exist_ok=True)
     names = model.class_names
@@ -128,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                      class_names=np.array(names), image_size=np.array(model.image_size),
                      patch_size=np.array(model.patch_size))
         _write_one(out, stem, i, images[i], model, result, arrays, extra)
+        if args.walkthrough:  # the what-if order follows the gradient rollout drawn beside it
+            np.savez_compressed(out / f"{stem}_walkthrough.npz",
+                                **walkthrough_arrays(model, batch[i], arrays["grad_rollout"][i]))
         predicted, explained = int(arrays["probs"][i].argmax()), int(arrays["target"][i])
         print(f"{path}: predicted {names[predicted]} ({arrays['probs'][i][predicted]:.2f}); explained "
               f"{names[explained]}; wrote {out / stem}_*.png and {stem}.npz")
