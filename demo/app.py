@@ -52,7 +52,8 @@ from demo.handlers import FAITHFULNESS_OUTPUTS, NOT_AVAILABLE, TRUST_OUTPUTS, Ex
 from demo.panels import MODEL_FIGURES, PANELS, REDRAWN, draw, image_panel, view  # noqa: E402
 from demo.serving import (GRADIO_DELETE_CACHE, SESSIONS_KEPT, CacheKeeper, answering,  # noqa: E402
                           limit_heap_arenas, panel_files, wire_arrays)
-from demo.walkthrough import CSS as WALKTHROUGH_CSS, own_upload, walkthrough_tab, wire_walkthrough  # noqa: E402
+from demo.walkthrough import (CSS as WALKTHROUGH_CSS, Walkthrough, own_upload, walkthrough_tab,  # noqa: E402
+                              wire_walkthrough)
 from demo.session import (HEAD_MEAN, PREDICTED, Settings, analyze, example_label, head_choices,  # noqa: E402
                           is_own, methods_for)
 from vit_core import CheckpointError, ViTClassifier, load_checkpoint  # noqa: E402,F401 (load_checkpoint: re-exported)
@@ -292,20 +293,24 @@ def wire(ui: dict[str, gr.components.Component], explorer: Explorer, workers: in
           api_name="trust", trigger_mode="always_last")
     # preprocess=False: the handler gets the raw upload and decodes it itself, so corrupt or
     # hostile files end in a clear gr.Error instead of a failure inside Gradio's image decoding.
-    # A new image: the panels, then the Walkthrough's numbers (demo.walkthrough) and, apart, the trust figures.
-    new_images = [image_in.upload(out(explorer.explain_steps), [image_in], inputs_kwargs=settings, outputs=explained,
-                                  api_visibility="private", preprocess=False, show_progress="minimal", **fast),
-                  ui["wt_upload"].upload(out(own_upload(explorer)), [ui["wt_upload"]], inputs_kwargs=settings,
-                                         outputs=[image_in, *explained], api_visibility="private", preprocess=False,
-                                         show_progress="minimal", **fast)]
+    # A new image: the panels, then the Walkthrough's numbers (demo.walkthrough, started beside the
+    # panels after the first ones) and, apart, the trust figures.
+    wt = Walkthrough(explorer)
+    new_images = [image_in.upload(out(wt.explaining(explorer.explain_steps)), [image_in], inputs_kwargs=settings,
+                                  outputs=explained, api_visibility="private", preprocess=False,
+                                  show_progress="minimal", **fast),
+                  ui["wt_upload"].upload(out(wt.explaining(own_upload(explorer))), [ui["wt_upload"]],
+                                         inputs_kwargs=settings, outputs=[image_in, *explained],
+                                         api_visibility="private", preprocess=False, show_progress="minimal", **fast)]
     # Scripts get the same panels in one answer: gradio_client would download every step's pictures.
     ui["explain_button"].click(out(explorer.explain), [image_in], inputs_kwargs=settings, outputs=explained,
                                api_name="explain", preprocess=False, **fast)
-    new_images += [gallery.select(out(explorer.example), None, inputs_kwargs=settings, outputs=[image_in, *explained],
-                                  api_visibility="private", show_progress="minimal", **fast)
+    new_images += [gallery.select(out(wt.explaining(explorer.example)), None, inputs_kwargs=settings,
+                                  outputs=[image_in, *explained], api_visibility="private", show_progress="minimal",
+                                  **fast)
                    for gallery in (ui["gallery"], ui["wt_gallery"])]
     cleared_image = image_in.clear(out(Explorer.clear), None, explained, api_visibility="private")
-    wt = wire_walkthrough(ui, explorer, out, new_images=[*new_images, cleared_image], fast=fast)
+    wire_walkthrough(ui, wt, out, new_images=[*new_images, cleared_image], fast=fast)
     for event in new_images:
         event.success(**cleared).then(**trusted, api_visibility="private").then(**wt.after_trust)
     for panel in (p for p in PANELS if p.click is not None):

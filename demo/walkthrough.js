@@ -175,14 +175,14 @@ function drawDecision(fig, p) {
 }
 function removedSet(order, k) { return new Set(order.slice(0, k)); }
 function drawWhatIf(fig, p) {
-  const w = p.whatif, T = w.order.length, pred = p.predicted, name = p.classes[pred];
-  const row = el('div', 'wt-row'), slider = el('input'); fig.appendChild(row);
-  Object.assign(slider, { type: 'range', min: 0, max: T, step: 1, value: S.k, className: 'wt-k' });
+  const w = p.whatif, ks = w.ks, r = ks.indexOf(S.k), pred = p.predicted, name = p.classes[pred];
+  const row = el('div', 'wt-row'), slider = el('input'); fig.appendChild(row);  // the slider moves along the rows' k
+  Object.assign(slider, { type: 'range', min: 0, max: ks.length - 1, step: 1, value: r, className: 'wt-k' });
   const label = el('span', null, `k = ${S.k} patches removed (${w.removal})`);
-  slider.oninput = () => { S.k = +slider.value; S.toggled.clear(); render(); };
+  slider.oninput = () => { S.k = ks[+slider.value]; S.toggled.clear(); render(); };
   row.append(slider, label);
   const hidden = s => j => s.has(j) ? 'rgba(128,128,128,0.93)' : null;
-  const side = (probs, s, caption) => { const q = probs[S.k], top = argmax(q);
+  const side = (probs, s, caption) => { const q = probs[r], top = argmax(q);
     const says = `${p.classes[top]} ${pct(q[top])}` + (top === pred ? '' : ` · ${name} ${pct(q[pred])}`);
     picture(canvas(fig, 190, 190, `${caption}: ${says}`), p, { fill: hidden(s) }); };
   side(w.relevant, removedSet(w.order, S.k), `${S.k} most relevant removed`);
@@ -196,7 +196,7 @@ function drawWhatIf(fig, p) {
     if (S.toggled.size) trigger('whatif', { key: p.key, k: S.k, toggled: [...S.toggled] }); };
   lineChart(canvas(fig, 330, 190, `${name} as patches are removed`),
     [{ values: w.relevant.map(q => q[pred]), colour: '#d62728', label: 'relevant' }, { values: w.random.map(q => q[pred]), colour: '#7f7f7f', label: 'random' }],
-    { xLabel: 'patches removed (k)', xTicks: [[0, '0'], [T, String(T)]], mark: S.k });
+    { xLabel: 'patches removed (k)', xTicks: [[0, '0'], [ks.length - 1, String(ks[ks.length - 1])]], mark: r });
 }
 const sameSet = (a, b) => a.length === b.size && a.every(x => b.has(x));
 
@@ -213,7 +213,7 @@ function steps(p) {
   return list;
 }
 function narration(p, id) {
-  if (id === 'whatif' && p.whatif_sentences) return p.whatif_sentences[S.k];
+  if (id === 'whatif' && p.whatif_sentences) return p.whatif_sentences[p.whatif.ks.indexOf(S.k)];
   return (p.narration || {})[id] || '';
 }
 
@@ -266,7 +266,9 @@ function render() {
     count.textContent = S.free ? `${list.length} steps` : `Step ${S.step + 1} of ${list.length}`;
     (S.free ? list : [list[S.step]]).forEach(s => box.appendChild(section(p, s, list.indexOf(s), list.length)));
   }
+  // For benchmarks/walkthrough_browser.py: when the drawing was done, and the next frame after it.
   S.drawn += 1; element.dataset.drawn = S.drawn; window.__wtDrawnAt = performance.now();
+  requestAnimationFrame(() => { window.__wtFrameAt = performance.now(); });
 }
 function go(delta) { if (payload()) S.step += delta; render(); }  // before any image: the message again
 element.querySelector('.wt-back').onclick = () => go(-1);
@@ -289,6 +291,7 @@ function load() {  // a new image: its pixels decoded once, then the first step
     const c = document.createElement('canvas'); c.width = c.height = p.image_size;
     const ctx = c.getContext('2d'); ctx.drawImage(img, 0, 0); S.rgb = ctx.getImageData(0, 0, p.image_size, p.image_size).data;
     S.img = img; render();
+    window.__wtImageDrawn = { key: p.key, at: performance.now() };  // a new image's first step drawn
   };
   img.src = p.pixels;
 }

@@ -16,6 +16,7 @@ the prediction, from the payload).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import threading
 import uuid
@@ -35,9 +36,10 @@ from demo.session import (METHODS, PREDICTED, Session, Settings, analyze, curren
                           read_upload, upload_name, upload_path)
 from vit_core import viz
 from vit_core.narration import percent
-from vit_core.walkthrough import default_k, walkthrough_payload, what_if, whatif_sentence
+from vit_core.walkthrough import coarse_ks, default_k, walkthrough_payload, what_if, whatif_sentence
 
 Answer = dict[str, Any]
+WHATIF_STEPS = 16
 JS = (Path(__file__).resolve().parent / "walkthrough.js").read_text()
 # The tab's example gallery: small square thumbnails, two a row (the page's CSS, demo.app.launch).
 CSS = """
@@ -57,20 +59,26 @@ def session_payload(explorer: Explorer, session: Session, model=None) -> dict:
     `model`, by default the Explorer's: see `Walkthrough`). Its
     map is the one the Explorer opens on (the most faithful fast map by the checkpoint's
     faithfulness.json) for the predicted class; "key" names this image for the later props,
-    "k" is the what-if step's first k and "whatif_sentences" phrase every k (so the slider needs
-    no round-trip)."""
+    "k" is the what-if step's first k and "whatif_sentences" phrase each k of the curves' rows
+    ("whatif"["ks"]), so the slider needs no round-trip."""
     if session.walkthrough is None:
         method = explorer.defaults.method
         settings = Settings(method=method, target=PREDICTED).checked(explorer.model)
         relevance = current_explanation(explorer.model, session, settings).maps()[method][0]
         model = model or explorer.model
-        payload = walkthrough_payload(model, session.inputs, model.class_names, relevance=relevance, method=method,
-                                      label=METHODS[method])
         n_patches = model.grid_size ** 2
+        payload = walkthrough_payload(model, session.inputs, model.class_names, relevance=relevance, method=method,
+                                      label=METHODS[method], whatif_ks=whatif_ks(model))
         payload.update(key=uuid.uuid4().hex, k=default_k(n_patches),
-                       whatif_sentences=[whatif_sentence(payload, k) for k in range(n_patches + 1)])
+                       whatif_sentences=[whatif_sentence(payload, k) for k in payload["whatif"]["ks"]])
         session.walkthrough = payload
     return session.walkthrough
+
+
+def whatif_ks(model) -> list[int] | None:
+    """Every k for our ViT (a what-if row is a short forward pass); for another model, whose rows
+    are full forward passes of a larger network, WHATIF_STEPS evenly spaced ones."""
+    return None if is_own(model) else coarse_ks(model.grid_size ** 2, WHATIF_STEPS)
 
 
 def removed_patches(payload: dict, k, patches) -> list[int]:
@@ -168,9 +176,28 @@ class Walkthrough:
 
     def payload(self, session: Session) -> dict:
         if session.walkthrough is None:
-            with self.lock:
-                session_payload(self.explorer, session, self.model)
+            with self.lock:  # a computation already under way for this session is waited for, not repeated
+                if session.walkthrough is None:
+                    session_payload(self.explorer, session, self.model)
         return session.walkthrough
+
+    def explaining(self, handler: Callable) -> Callable:
+        """An Explorer handler that answers an image in steps, which also starts this image's
+        walkthrough once its first panels are out: the numbers are computed beside the other
+        panels, and the walkthrough shown after them (`show`) finds them ready or under way."""
+        @functools.wraps(handler)
+        def steps(*args, **kwargs):
+            for index, answer in enumerate(handler(*args, **kwargs)):
+                yield answer
+                if index == 0 and answer.get("session") is not None:
+                    threading.Thread(target=self._prepare, args=(answer["session"],), daemon=True).start()
+        return steps
+
+    def _prepare(self, session: Session) -> None:
+        try:
+            self.payload(session)
+        except Exception:  # `show` computes it again and reports the error to the page
+            pass
 
     def _whatif(self, session: Session, k, patches) -> dict:
         payload = self.payload(session)
@@ -268,11 +295,10 @@ def _endpoint_inputs() -> dict[str, gr.components.Component]:
     return ui
 
 
-def wire_walkthrough(ui, explorer: Explorer, out: Callable, new_images: list, fast: dict) -> Walkthrough:
+def wire_walkthrough(ui, wt: Walkthrough, out: Callable, new_images: list, fast: dict) -> None:
     """Connects the tab: the walkthrough follows each of the `new_images` events (an upload, an
-    example picked, the image cleared) as soon as it succeeds; the returned handlers'
-    `after_trust` is the event that follows the Explorer's trust figures with the decision's."""
-    wt = Walkthrough(explorer)
+    example picked, the image cleared) as soon as it succeeds; `wt.after_trust` is then the event
+    that follows the Explorer's trust figures with the decision's."""
     for event in new_images:
         event.success(out(wt.show), [ui["session"]], ui["walkthrough"], api_visibility="private",
                       show_progress="hidden", **fast)
@@ -286,7 +312,6 @@ def wire_walkthrough(ui, explorer: Explorer, out: Callable, new_images: list, fa
                               inputs_kwargs={"k": ui["wt_k"], "patches": ui["wt_patches"]}, **fast)
     ui["knockout_button"].click(out(wt.knockout), [ui["session"]], ui["knockout_json"], api_name="knockout",
                                 inputs_kwargs={"layer": ui["wt_layer"], "head": ui["wt_head"]}, **fast)
-    return wt
 
 
 def own_upload(explorer: Explorer) -> Callable:

@@ -15,7 +15,7 @@ from PIL import Image
 import demo.app as app
 import demo.walkthrough as wt_module
 from demo.handlers import Explorer
-from demo.session import model_inputs, read_upload
+from demo.session import is_own, model_inputs, read_upload
 from demo.walkthrough import Walkthrough, knockout_answer, removed_patches
 from toys import tiny_vit, upload
 from vit_core.walkthrough import what_if
@@ -54,9 +54,12 @@ def check_payload(payload: dict, model, path: Path) -> None:
     assert np.shape(payload["cls_attention"]) == (layers, heads, n_patches)
     assert np.shape(payload["token_pca"]) == (n_patches, 3)
     assert np.shape(payload["knockout"]["prob"]) == np.shape(payload["knockout"]["top"]) == (layers, heads)
-    assert np.shape(payload["whatif"]["relevant"]) == np.shape(payload["whatif"]["random"]) == (n_patches + 1, n_classes)
+    ks = payload["whatif"]["ks"]  # every k for our ViT, a few evenly spaced ones for another model
+    assert ks == (list(range(n_patches + 1)) if is_own(model) else wt_module.whatif_ks(model))
+    assert np.shape(payload["whatif"]["relevant"]) == np.shape(payload["whatif"]["random"]) == (len(ks), n_classes)
     assert sorted(payload["whatif"]["order"]) == list(range(n_patches))
-    assert len(payload["whatif_sentences"]) == n_patches + 1 and payload["k"] == wt_module.default_k(n_patches)
+    assert payload["k"] == wt_module.default_k(n_patches) and payload["k"] in ks
+    assert len(payload["whatif_sentences"]) == len(ks) and f"these {ks[3]} patches" in payload["whatif_sentences"][3]
     assert set(payload["narration"]) == {*STEP_IDS, *(f"block{i + 1}" for i in range(layers))}
     assert all(payload["narration"].values())
     expected = probabilities(model, path)
@@ -215,5 +218,6 @@ def test_a_timm_vit_gets_every_step(tmp_path):
     check_payload(payload, timm_model, CAT)
     assert payload["grid"] == [14, 14] and payload["whatif"]["removal"] == "mean fill"
     assert payload["map"]["method"] == walk.explorer.defaults.method
-    np.testing.assert_allclose(walk.whatif(session, 5, "")["whatif_json"]["probs"],
-                               payload["whatif"]["relevant"][5], atol=TOL)
+    k = payload["whatif"]["ks"][3]
+    np.testing.assert_allclose(walk.whatif(session, k, "")["whatif_json"]["probs"],
+                               payload["whatif"]["relevant"][3], atol=TOL)
