@@ -143,7 +143,7 @@ class Session:
     notes: list[str]                      # about decoding: resized from, first frame of, ...
     # Trust figures already computed for this image (demo.evidence.image_trust), by map.
     trust: dict = dataclasses.field(default_factory=dict, repr=False)
-    # The Walkthrough's numbers for this image (demo.walkthrough.session_payload), once computed.
+    # The Walkthrough's numbers for this image (demo.walkthrough.Walkthrough.payload), once computed.
     walkthrough: dict | None = dataclasses.field(default=None, repr=False)
 
     @property

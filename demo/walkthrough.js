@@ -177,8 +177,8 @@ function removedSet(order, k) { return new Set(order.slice(0, k)); }
 function drawWhatIf(fig, p) {
   const w = p.whatif, ks = w.ks, r = ks.indexOf(S.k), pred = p.predicted, name = p.classes[pred];
   const row = el('div', 'wt-row'), slider = el('input'); fig.appendChild(row);  // the slider moves along the rows' k
-  Object.assign(slider, { type: 'range', min: 0, max: ks.length - 1, step: 1, value: r, className: 'wt-k' });
-  const label = el('span', null, `k = ${S.k} patches removed (${w.removal})`);
+  Object.assign(slider, { type: 'range', min: 0, max: ks.length - 1, step: 1, value: r, className: 'wt-k', disabled: p.whatif_pending });
+  const label = el('span', null, `k = ${S.k} patches removed (${w.removal})` + (p.whatif_pending ? '; the other k are on their way…' : ''));
   slider.oninput = () => { S.k = ks[+slider.value]; S.toggled.clear(); render(); };
   row.append(slider, label);
   const hidden = s => j => s.has(j) ? 'rgba(128,128,128,0.93)' : null;
@@ -282,7 +282,9 @@ document.addEventListener('keydown', ev => {
 });
 
 function load() {  // a new image: its pixels decoded once, then the first step
-  const p = payload(); S.img = null; S.rgb = null; S.toggled.clear(); S.head = null;
+  const p = payload();
+  if (p && p.key === S.key && S.img) return render();  // the same image, its what-if curves completed
+  S.img = null; S.rgb = null; S.toggled.clear(); S.head = null; S.key = p ? p.key : null;
   if (!p) return render();
   const T = p.grid[0] * p.grid[1];
   S.k = p.k; S.patch = p.map ? argmax(p.map.values) : Math.floor(T / 2);

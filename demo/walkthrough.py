@@ -20,7 +20,7 @@ import functools
 import json
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from demo.session import (METHODS, PREDICTED, Session, Settings, analyze, curren
                           read_upload, upload_name, upload_path)
 from vit_core import viz
 from vit_core.narration import percent
-from vit_core.walkthrough import coarse_ks, default_k, walkthrough_payload, what_if, whatif_sentence
+from vit_core.walkthrough import coarse_ks, default_k, walkthrough_payload, what_if, what_if_curves, whatif_sentence
 
 Answer = dict[str, Any]
 WHATIF_STEPS = 16
@@ -54,25 +54,35 @@ CSS = """
 # ------------------------------------------------------------------------------------------------
 # The numbers
 
-def session_payload(explorer: Explorer, session: Session, model=None) -> dict:
-    """The walkthrough payload of the session's image, computed once and kept on the session (on
-    `model`, by default the Explorer's: see `Walkthrough`). Its
-    map is the one the Explorer opens on (the most faithful fast map by the checkpoint's
-    faithfulness.json) for the predicted class; "key" names this image for the later props,
-    "k" is the what-if step's first k and "whatif_sentences" phrase each k of the curves' rows
-    ("whatif"["ks"]), so the slider needs no round-trip."""
-    if session.walkthrough is None:
-        method = explorer.defaults.method
-        settings = Settings(method=method, target=PREDICTED).checked(explorer.model)
-        relevance = current_explanation(explorer.model, session, settings).maps()[method][0]
-        model = model or explorer.model
-        n_patches = model.grid_size ** 2
-        payload = walkthrough_payload(model, session.inputs, model.class_names, relevance=relevance, method=method,
-                                      label=METHODS[method], whatif_ks=whatif_ks(model))
-        payload.update(key=uuid.uuid4().hex, k=default_k(n_patches),
-                       whatif_sentences=[whatif_sentence(payload, k) for k in payload["whatif"]["ks"]])
-        session.walkthrough = payload
-    return session.walkthrough
+def first_payload(explorer: Explorer, session: Session, model) -> dict:
+    """The walkthrough payload of the session's image, computed on `model` (see `Walkthrough`),
+    with the what-if curves at k = 0 and the step's first k only ("whatif_pending": the other rows
+    follow, `with_curves`). Its map is the one the Explorer opens on (the most faithful fast map by
+    the checkpoint's faithfulness.json) for the predicted class; "key" names this image for the
+    later props, "k" is the what-if step's first k and "whatif_sentences" phrase each k of the
+    curves' rows ("whatif"["ks"]), so the slider needs no round-trip."""
+    method = explorer.defaults.method
+    settings = Settings(method=method, target=PREDICTED).checked(explorer.model)
+    relevance = current_explanation(explorer.model, session, settings).maps()[method][0]
+    k = default_k(model.grid_size ** 2)
+    payload = walkthrough_payload(model, session.inputs, model.class_names, relevance=relevance, method=method,
+                                  label=METHODS[method], whatif_ks=[0, k])
+    payload.update(key=uuid.uuid4().hex, k=k, whatif_pending=True,
+                   whatif_sentences=[whatif_sentence(payload, k) for k in payload["whatif"]["ks"]])
+    return payload
+
+
+def with_curves(payload: dict, model, inputs: torch.Tensor) -> dict:
+    """A copy of `payload` with its what-if curves at every k of `whatif_ks(model)`, removing
+    patches in the payload's own two orders (one batch, `vit_core.walkthrough.what_if_curves`)."""
+    whatif = payload["whatif"]
+    ks = sorted({0, *(whatif_ks(model) or range(len(whatif["order"]) + 1))})
+    curves = what_if_curves(model, inputs, torch.tensor([whatif["order"], whatif["random_order"]]), ks)
+    rows = np.round(curves.numpy().astype(np.float64), 4)
+    full = {**payload, "whatif": {**whatif, "ks": ks, "relevant": rows[0].tolist(), "random": rows[1].tolist()},
+            "whatif_pending": False}
+    full["whatif_sentences"] = [whatif_sentence(full, k) for k in ks]
+    return full
 
 
 def whatif_ks(model) -> list[int] | None:
@@ -175,10 +185,19 @@ class Walkthrough:
         self.lock = threading.Lock()
 
     def payload(self, session: Session) -> dict:
+        """The session's payload, its what-if curves perhaps still pending (`first_payload`)."""
         if session.walkthrough is None:
             with self.lock:  # a computation already under way for this session is waited for, not repeated
                 if session.walkthrough is None:
-                    session_payload(self.explorer, session, self.model)
+                    session.walkthrough = first_payload(self.explorer, session, self.model)
+        return session.walkthrough
+
+    def complete(self, session: Session) -> dict:
+        """The session's payload with every what-if row."""
+        if self.payload(session)["whatif_pending"]:
+            with self.lock:
+                if session.walkthrough["whatif_pending"]:
+                    session.walkthrough = with_curves(session.walkthrough, self.model, session.inputs)
         return session.walkthrough
 
     def explaining(self, handler: Callable) -> Callable:
@@ -195,7 +214,7 @@ class Walkthrough:
 
     def _prepare(self, session: Session) -> None:
         try:
-            self.payload(session)
+            self.complete(session)
         except Exception:  # `show` computes it again and reports the error to the page
             pass
 
@@ -204,9 +223,15 @@ class Walkthrough:
         with self.lock:
             return whatif_answer(payload, self.model, session.inputs, k, patches)
 
-    def show(self, session: Session | None) -> Answer:
-        """The page's walkthrough for the session's image (none: the empty walkthrough)."""
-        return {"walkthrough": None if session is None else self.payload(session)}
+    def show(self, session: Session | None) -> Iterator[Answer]:
+        """The page's walkthrough for the session's image (none: the empty walkthrough): every step
+        but the what-if curves as soon as they are there, then with them."""
+        if session is None:
+            yield {"walkthrough": None}
+            return
+        yield {"walkthrough": self.payload(session)}
+        if self.payload(session)["whatif_pending"]:
+            yield {"walkthrough": self.complete(session)}
 
     def trust(self, session: Session | None) -> Answer:
         """The decision map's trust figures on this image (demo.evidence.image_trust: computed by the
@@ -233,7 +258,7 @@ class Walkthrough:
         model = self.explorer.model
         picture, notes = read_upload(upload_path(image), size=model.image_size)
         session = analyze(model, picture, name=upload_name(image), notes=notes, gradients=False)
-        return {"walkthrough_json": self.payload(session), "session": session}
+        return {"walkthrough_json": self.complete(session), "session": session}
 
     def whatif(self, session: Session | None, k: float = 0, patches: str = "") -> Answer:
         """/whatif: the k most relevant patches removed, then `patches` ("3, 10") toggled."""
@@ -246,7 +271,7 @@ class Walkthrough:
     def export(self, session: Session | None, **controls) -> Answer:
         """The Explorer's export, plus the walkthrough's numbers (.json) and its logit lens (.png)."""
         paths = self.explorer.export(session, **controls)["export_files"]
-        payload = self.payload(require(session))
+        payload = self.complete(require(session))
         folder = Path(paths[-1]).parent
         stem = Path(paths[-1]).name.removesuffix("_explanation.npz")
         numbers = folder / f"{stem}_walkthrough.json"

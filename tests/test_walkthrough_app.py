@@ -15,10 +15,10 @@ from PIL import Image
 import demo.app as app
 import demo.walkthrough as wt_module
 from demo.handlers import Explorer
-from demo.session import is_own, model_inputs, read_upload
+from demo.session import analyze, current_explanation, is_own, model_inputs, read_upload
 from demo.walkthrough import Walkthrough, knockout_answer, removed_patches
 from toys import tiny_vit, upload
-from vit_core.walkthrough import what_if
+from vit_core.walkthrough import walkthrough_payload, what_if
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "demo" / "examples"
@@ -79,20 +79,31 @@ def session_for(walk: Walkthrough, path: Path = CAT):
     return walk.endpoint({"path": str(path), "orig_name": path.name})["session"]
 
 
-def test_the_payload_matches_the_model_and_is_computed_once_per_image(walk, model, monkeypatch):
-    session = session_for(walk)
-    payload = walk.show(session)["walkthrough"]
-    check_payload(payload, model, CAT)
-    # The decision's map is the one the Explorer opens on, for the predicted class.
+def analyzed(model, path: Path = CAT):
+    return analyze(model, read_upload(path)[0], name=path.stem, gradients=False)
+
+
+def test_the_page_gets_every_step_then_the_what_if_curves_computed_once_per_image(walk, model, monkeypatch):
+    session = analyzed(model)
+    first, full = (answer["walkthrough"] for answer in walk.show(session))
+    assert first["whatif_pending"] and first["whatif"]["ks"] == [0, first["k"]]
+    assert not full["whatif_pending"] and full["key"] == first["key"]
+    check_payload(full, model, CAT)
+    # The completed curves are the library's own, in the same orders.
     method = walk.explorer.defaults.method
-    assert payload["map"]["method"] == method
+    relevance = current_explanation(model, session, walk.explorer.defaults).maps()[method][0]
+    reference = walkthrough_payload(model, session.inputs, relevance=relevance)
+    assert full["whatif"] == reference["whatif"] and full["map"]["method"] == method
+    assert {k: v for k, v in full.items() if k not in ("whatif", "whatif_pending", "whatif_sentences")} == \
+        {k: v for k, v in first.items() if k not in ("whatif", "whatif_pending", "whatif_sentences")}
     calls = []
     monkeypatch.setattr(wt_module, "walkthrough_payload", lambda *a, **k: calls.append(1))
-    assert walk.show(session)["walkthrough"] is payload and calls == []  # cached on the session
+    monkeypatch.setattr(wt_module, "what_if_curves", lambda *a, **k: calls.append(1))
+    assert [a["walkthrough"] for a in walk.show(session)] == [full] and calls == []  # cached on the session
     monkeypatch.undo()
     other = session_for(walk, DOG)  # a new image gets its own numbers, never the cached ones
-    assert walk.show(other)["walkthrough"]["key"] != payload["key"]
-    assert walk.show(None) == {"walkthrough": None}
+    assert list(walk.show(other))[-1]["walkthrough"]["key"] != full["key"]
+    assert list(walk.show(None)) == [{"walkthrough": None}]
 
 
 def test_whatif_removes_the_k_most_relevant_then_toggles_the_listed_patches(walk, model):
