@@ -293,21 +293,21 @@ def wire(ui: dict[str, gr.components.Component], explorer: Explorer, workers: in
           api_name="trust", trigger_mode="always_last")
     # preprocess=False: the handler gets the raw upload and decodes it itself, so corrupt or
     # hostile files end in a clear gr.Error instead of a failure inside Gradio's image decoding.
-    # A new image: the panels, then the Walkthrough's numbers (demo.walkthrough, started beside the
-    # panels after the first ones) and, apart, the trust figures.
+    # A new image: the panels, then the Walkthrough (demo.walkthrough: its numbers computed beside
+    # the panels after the first ones, its what-if curves completed after) and, apart, the trust figures.
     wt = Walkthrough(explorer)
     new_images = [image_in.upload(out(wt.explaining(explorer.explain_steps)), [image_in], inputs_kwargs=settings,
-                                  outputs=explained, api_visibility="private", preprocess=False,
-                                  show_progress="minimal", **fast),
+                                  outputs=[*explained, ui["walkthrough"]], api_visibility="private",
+                                  preprocess=False, show_progress="minimal", **fast),
                   ui["wt_upload"].upload(out(wt.explaining(own_upload(explorer))), [ui["wt_upload"]],
-                                         inputs_kwargs=settings, outputs=[image_in, *explained],
+                                         inputs_kwargs=settings, outputs=[image_in, *explained, ui["walkthrough"]],
                                          api_visibility="private", preprocess=False, show_progress="minimal", **fast)]
     # Scripts get the same panels in one answer: gradio_client would download every step's pictures.
     ui["explain_button"].click(out(explorer.explain), [image_in], inputs_kwargs=settings, outputs=explained,
                                api_name="explain", preprocess=False, **fast)
     new_images += [gallery.select(out(wt.explaining(explorer.example)), None, inputs_kwargs=settings,
-                                  outputs=[image_in, *explained], api_visibility="private", show_progress="minimal",
-                                  **fast)
+                                  outputs=[image_in, *explained, ui["walkthrough"]], api_visibility="private",
+                                  show_progress="minimal", **fast)
                    for gallery in (ui["gallery"], ui["wt_gallery"])]
     cleared_image = image_in.clear(out(Explorer.clear), None, explained, api_visibility="private")
     wire_walkthrough(ui, wt, out, new_images=[*new_images, cleared_image], fast=fast)

@@ -20,7 +20,7 @@ import functools
 import json
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from demo.evidence import image_trust, trust_sentence
+from demo.evidence import TRUST_BF16, image_trust, trust_sentence
 from demo.handlers import Explorer, require
 from demo.session import (METHODS, PREDICTED, Session, Settings, analyze, current_explanation, example_label, is_own,
                           read_upload, upload_name, upload_path)
@@ -65,8 +65,10 @@ def first_payload(explorer: Explorer, session: Session, model) -> dict:
     settings = Settings(method=method, target=PREDICTED).checked(explorer.model)
     relevance = current_explanation(explorer.model, session, settings).maps()[method][0]
     k = default_k(model.grid_size ** 2)
+    # The head knock-outs in bf16 where the CPU has bf16 units, as the trust figures (about twice as
+    # fast, benchmarks/walkthrough_latency.py); the what-if rows stay float32 (`with_curves`).
     payload = walkthrough_payload(model, session.inputs, model.class_names, relevance=relevance, method=method,
-                                  label=METHODS[method], whatif_ks=[0, k])
+                                  label=METHODS[method], whatif_ks=[0, k], bf16=TRUST_BF16)
     payload.update(key=uuid.uuid4().hex, k=k, whatif_pending=True,
                    whatif_sentences=[whatif_sentence(payload, k) for k in payload["whatif"]["ks"]])
     return payload
@@ -82,6 +84,7 @@ def with_curves(payload: dict, model, inputs: torch.Tensor) -> dict:
     full = {**payload, "whatif": {**whatif, "ks": ks, "relevant": rows[0].tolist(), "random": rows[1].tolist()},
             "whatif_pending": False}
     full["whatif_sentences"] = [whatif_sentence(full, k) for k in ks]
+    full["narration"] = {**payload["narration"], "whatif": full["whatif_sentences"][ks.index(payload["k"])]}
     return full
 
 
@@ -201,15 +204,20 @@ class Walkthrough:
         return session.walkthrough
 
     def explaining(self, handler: Callable) -> Callable:
-        """An Explorer handler that answers an image in steps, which also starts this image's
-        walkthrough once its first panels are out: the numbers are computed beside the other
-        panels, and the walkthrough shown after them (`show`) finds them ready or under way."""
+        """An Explorer handler that answers an image in steps, extended with this image's
+        walkthrough: its numbers start computing once the first panels are out (beside the other
+        panels), and its every step but the what-if curves is the last answer (`show` then
+        completes it)."""
         @functools.wraps(handler)
         def steps(*args, **kwargs):
+            session = None
             for index, answer in enumerate(handler(*args, **kwargs)):
                 yield answer
                 if index == 0 and answer.get("session") is not None:
-                    threading.Thread(target=self._prepare, args=(answer["session"],), daemon=True).start()
+                    session = answer["session"]
+                    threading.Thread(target=self._prepare, args=(session,), daemon=True).start()
+            if session is not None:
+                yield {"walkthrough": self.payload(session)}
         return steps
 
     def _prepare(self, session: Session) -> None:
@@ -223,15 +231,10 @@ class Walkthrough:
         with self.lock:
             return whatif_answer(payload, self.model, session.inputs, k, patches)
 
-    def show(self, session: Session | None) -> Iterator[Answer]:
-        """The page's walkthrough for the session's image (none: the empty walkthrough): every step
-        but the what-if curves as soon as they are there, then with them."""
-        if session is None:
-            yield {"walkthrough": None}
-            return
-        yield {"walkthrough": self.payload(session)}
-        if self.payload(session)["whatif_pending"]:
-            yield {"walkthrough": self.complete(session)}
+    def show(self, session: Session | None) -> Answer:
+        """The page's walkthrough for the session's image, every what-if row in (none: the empty
+        walkthrough)."""
+        return {"walkthrough": None if session is None else self.complete(session)}
 
     def trust(self, session: Session | None) -> Answer:
         """The decision map's trust figures on this image (demo.evidence.image_trust: computed by the

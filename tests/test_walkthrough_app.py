@@ -16,7 +16,7 @@ import demo.app as app
 import demo.walkthrough as wt_module
 from demo.handlers import Explorer
 from demo.session import analyze, current_explanation, is_own, model_inputs, read_upload
-from demo.walkthrough import Walkthrough, knockout_answer, removed_patches
+from demo.walkthrough import Walkthrough, first_payload, knockout_answer, removed_patches
 from toys import tiny_vit, upload
 from vit_core.walkthrough import walkthrough_payload, what_if
 
@@ -84,26 +84,31 @@ def analyzed(model, path: Path = CAT):
 
 
 def test_the_page_gets_every_step_then_the_what_if_curves_computed_once_per_image(walk, model, monkeypatch):
-    session = analyzed(model)
-    first, full = (answer["walkthrough"] for answer in walk.show(session))
+    answers = list(walk.explaining(walk.explorer.explain_steps)({"path": str(CAT), "orig_name": CAT.name}))
+    assert len(answers) == 3 and "overlay" in answers[1] and list(answers[2]) == ["walkthrough"]  # the Explorer's first
+    session = answers[0]["session"]
+    full = walk.show(session)["walkthrough"]
+    assert not full["whatif_pending"] and full["key"] == answers[2]["walkthrough"]["key"]
+    first = first_payload(walk.explorer, session, model)  # what the page gets before the what-if curves
     assert first["whatif_pending"] and first["whatif"]["ks"] == [0, first["k"]]
-    assert not full["whatif_pending"] and full["key"] == first["key"]
     check_payload(full, model, CAT)
     # The completed curves are the library's own, in the same orders.
     method = walk.explorer.defaults.method
     relevance = current_explanation(model, session, walk.explorer.defaults).maps()[method][0]
     reference = walkthrough_payload(model, session.inputs, relevance=relevance)
     assert full["whatif"] == reference["whatif"] and full["map"]["method"] == method
-    assert {k: v for k, v in full.items() if k not in ("whatif", "whatif_pending", "whatif_sentences")} == \
-        {k: v for k, v in first.items() if k not in ("whatif", "whatif_pending", "whatif_sentences")}
+    completed = ("whatif", "whatif_pending", "whatif_sentences", "key", "narration")
+    assert {k: v for k, v in full.items() if k not in completed} == {k: v for k, v in first.items() if k not in completed}
+    assert {**full["narration"], "whatif": ""} == {**first["narration"], "whatif": ""}
+    assert full["narration"]["whatif"] == full["whatif_sentences"][full["k"]]  # the float32 rows' sentence
     calls = []
     monkeypatch.setattr(wt_module, "walkthrough_payload", lambda *a, **k: calls.append(1))
     monkeypatch.setattr(wt_module, "what_if_curves", lambda *a, **k: calls.append(1))
-    assert [a["walkthrough"] for a in walk.show(session)] == [full] and calls == []  # cached on the session
+    assert walk.show(session)["walkthrough"] is full and calls == []  # cached on the session
     monkeypatch.undo()
     other = session_for(walk, DOG)  # a new image gets its own numbers, never the cached ones
-    assert list(walk.show(other))[-1]["walkthrough"]["key"] != full["key"]
-    assert list(walk.show(None)) == [{"walkthrough": None}]
+    assert walk.show(other)["walkthrough"]["key"] != full["key"]
+    assert walk.show(None) == {"walkthrough": None}
 
 
 def test_whatif_removes_the_k_most_relevant_then_toggles_the_listed_patches(walk, model):
