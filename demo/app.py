@@ -15,8 +15,12 @@ from it, except a new class or a newly picked map, computed once per class and i
 figures follow in a chained event, so the panels never wait for them; the checkpoint's files
 (eval.json, faithfulness.json, anatomy.npz) are read once at start-up (`demo.evidence`).
 
+The Walkthrough tab (demo.walkthrough) tells the same image's story step by step for an audience,
+drawn in the browser from one payload of numbers per image.
+
 Named endpoints for `gradio_client`: /predict, /explain, /redraw, /trust, /faithfulness,
-/sanity_check, /export, /anatomy (README, "Scripting with gradio_client").
+/sanity_check, /export, /anatomy, /walkthrough, /whatif, /knockout (README, "Scripting with
+gradio_client").
 """
 
 from __future__ import annotations
@@ -291,28 +295,10 @@ def wire(ui: dict[str, gr.components.Component], explorer: Explorer, workers: in
     # Before the chained ones below (private), so the public endpoint gets the plain name /trust.
     gr.on([ui[name].change for name in ("method", "target", "head_fusion", "discard_ratio")], **trusted,
           api_name="trust", trigger_mode="always_last")
-    # preprocess=False: the handler gets the raw upload and decodes it itself, so corrupt or
-    # hostile files end in a clear gr.Error instead of a failure inside Gradio's image decoding.
-    # A new image: the panels, then the Walkthrough (demo.walkthrough: its numbers computed beside
-    # the panels after the first ones, its what-if curves completed after) and, apart, the trust figures.
-    wt = Walkthrough(explorer)
-    new_images = [image_in.upload(out(wt.explaining(explorer.explain_steps)), [image_in], inputs_kwargs=settings,
-                                  outputs=[*explained, ui["walkthrough"]], api_visibility="private",
-                                  preprocess=False, show_progress="minimal", **fast),
-                  ui["wt_upload"].upload(out(wt.explaining(own_upload(explorer))), [ui["wt_upload"]],
-                                         inputs_kwargs=settings, outputs=[image_in, *explained, ui["walkthrough"]],
-                                         api_visibility="private", preprocess=False, show_progress="minimal", **fast)]
+    wt = _wire_new_images(ui, explorer, out, settings, explained, cleared, trusted, fast)
     # Scripts get the same panels in one answer: gradio_client would download every step's pictures.
     ui["explain_button"].click(out(explorer.explain), [image_in], inputs_kwargs=settings, outputs=explained,
                                api_name="explain", preprocess=False, **fast)
-    new_images += [gallery.select(out(wt.explaining(explorer.example)), None, inputs_kwargs=settings,
-                                  outputs=[image_in, *explained, ui["walkthrough"]], api_visibility="private",
-                                  show_progress="minimal", **fast)
-                   for gallery in (ui["gallery"], ui["wt_gallery"])]
-    cleared_image = image_in.clear(out(Explorer.clear), None, explained, api_visibility="private")
-    wire_walkthrough(ui, wt, out, new_images=[*new_images, cleared_image], fast=fast)
-    for event in new_images:
-        event.success(**cleared).then(**trusted, api_visibility="private").then(**wt.after_trust)
     for panel in (p for p in PANELS if p.click is not None):
         ui[panel.name].select(out(explorer.click_on(panel.name)), session, inputs_kwargs=settings,
                               outputs=[*redrawn, ui["patch"]], api_visibility="private", show_progress="hidden",
@@ -321,6 +307,29 @@ def wire(ui: dict[str, gr.components.Component], explorer: Explorer, workers: in
     ui["predict_button"].click(out(explorer.predict), [image_in], ui["all_probs"], api_name="predict",
                                preprocess=False, **fast)
     wire_arrays(ui, explorer, out, settings, **fast)
+
+
+def _wire_new_images(ui, explorer: Explorer, out, settings, explained, cleared, trusted, fast) -> Walkthrough:
+    """A new image (uploaded or picked, in the Explorer or in the Walkthrough tab): the panels, then
+    the Walkthrough (demo.walkthrough: its numbers computed beside the panels after the first ones,
+    its what-if curves completed after) and, apart, the trust figures. preprocess=False: the
+    handler gets the raw upload and decodes it itself, so corrupt or hostile files end in a clear
+    gr.Error instead of a failure inside Gradio's image decoding."""
+    image_in, wt = ui["image_in"], Walkthrough(explorer)
+    shown = [*explained, ui["walkthrough"]]
+    common = dict(inputs_kwargs=settings, api_visibility="private", show_progress="minimal", **fast)
+    new_images = [
+        image_in.upload(out(wt.explaining(explorer.explain_steps)), [image_in], outputs=shown, preprocess=False,
+                        **common),
+        ui["wt_upload"].upload(out(wt.explaining(own_upload(explorer))), [ui["wt_upload"]],
+                               outputs=[image_in, *shown], preprocess=False, **common),
+        *(gallery.select(out(wt.explaining(explorer.example)), None, outputs=[image_in, *shown], **common)
+          for gallery in (ui["gallery"], ui["wt_gallery"]))]
+    cleared_image = image_in.clear(out(Explorer.clear), None, explained, api_visibility="private")
+    wire_walkthrough(ui, wt, out, new_images=[*new_images, cleared_image], fast=fast)
+    for event in new_images:
+        event.success(**cleared).then(**trusted, api_visibility="private").then(**wt.after_trust)
+    return wt
 
 
 def _wire_tabs(ui, explorer: Explorer, out, settings, with_patch, slow, export) -> None:
