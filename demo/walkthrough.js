@@ -117,16 +117,17 @@ function drawPosition(fig, p) {
   c.canvas.onclick = ev => { const j = cellAt(c, p, ev); if (j != null) { S.patch = j; render(); } };
   picture(canvas(fig, 260, 260, 'the picture, for reference'), p, { outline: j => j === S.patch ? '#0f0' : null });
 }
-function drawCls(fig, p) {
-  const T = p.grid[0] * p.grid[1], w = Math.min(14, Math.floor(880 / (T + 1))), ctx = canvas(fig, w * (T + 1) + 4, 60, `the sequence the blocks read: CLS, then ${T} patch tokens (${T + 1} tokens of ${p.embed_dim} numbers)`);
-  ctx.fillStyle = '#222'; ctx.fillRect(0, 10, w, 30); ctx.fillStyle = '#fff'; ctx.font = '9px sans-serif';
-  for (let j = 0; j < T; j++) { ctx.fillStyle = `rgb(${p.token_pca[j].map(v => Math.round(255 * v)).join(',')})`; ctx.fillRect((j + 1) * w + 2, 10, w - 1, 30); }
-  ctx.fillStyle = '#222'; ctx.font = '11px sans-serif'; ctx.fillText('CLS', 0, 55);
+function drawCls(fig, p) {  // a model that reads the mean of its patch tokens has no CLS token to put in front
+  const T = p.grid[0] * p.grid[1], cls = p.reads.includes('CLS') ? 1 : 0, w = Math.min(14, Math.floor(880 / (T + 1)));
+  const ctx = canvas(fig, w * (T + cls) + 4, 60, cls ? `the sequence the blocks read: CLS, then ${T} patch tokens (${T + 1} tokens of ${p.embed_dim} numbers)`
+    : `the sequence the blocks read: ${T} patch tokens of ${p.embed_dim} numbers; the prediction reads ${p.reads}`);
+  for (let j = 0; j < T; j++) { ctx.fillStyle = `rgb(${p.token_pca[j].map(v => Math.round(255 * v)).join(',')})`; ctx.fillRect((j + cls) * w + 2, 10, w - 1, 30); }
+  if (cls) { ctx.fillStyle = '#222'; ctx.fillRect(0, 10, w, 30); ctx.font = '11px sans-serif'; ctx.fillText('CLS', 0, 55); }
 }
 function drawBlock(fig, p, l) {
   const att = p.cls_attention[l], H = att.length, T = att[0].length;
   const mean = Array.from({ length: T }, (_, j) => att.reduce((s, h) => s + h[j], 0) / H), top = Math.max(...mean);
-  picture(canvas(fig, 190, 190, `block ${l + 1}: where the CLS token looks (mean of ${H} heads)`), p, { fill: j => heat(mean[j] / top, 0.6) });
+  picture(canvas(fig, 190, 190, `block ${l + 1}: where ${p.reads} attends (mean of ${H} heads)`), p, { fill: j => heat(mean[j] / top, 0.6) });
   const heads = el('div', 'wt-heads'); fig.appendChild(heads);
   att.forEach((h, k) => { const hmax = Math.max(...h); picture(canvas(heads, 58, 58, `head ${k + 1}`), p, { fill: j => heat(h[j] / hmax, 0.65) }); });
   if (!p.lens) { fig.appendChild(el('p', 'wt-note', p.lens_note || 'No logit lens for this model.')); return; }
@@ -205,8 +206,8 @@ function steps(p) {
     { id: 'pixels', title: 'Pixels to patches', draw: drawPixels },
     { id: 'tokens', title: 'Patches to tokens', draw: drawTokens },
     { id: 'position', title: 'Where each patch sits: the position embedding', draw: drawPosition },
-    { id: 'cls', title: 'The CLS token goes in front', draw: drawCls }];
-  for (let l = 0; l < L; l++) list.push({ id: `block${l + 1}`, title: `Block ${l + 1} of ${L}: where CLS looks, and what it would say now`, draw: (f, q) => drawBlock(f, q, l) });
+    { id: 'cls', title: p.reads.includes('CLS') ? 'The CLS token goes in front' : 'The sequence the blocks read', draw: drawCls }];
+  for (let l = 0; l < L; l++) list.push({ id: `block${l + 1}`, title: `Block ${l + 1} of ${L}: where it looks, and what it would say now`, draw: (f, q) => drawBlock(f, q, l) });
   list.push({ id: 'heads', title: 'Which heads matter for this image', draw: drawHeads },
     { id: 'decision', title: 'The decision, and where it looked', draw: drawDecision });
   if (p.whatif) list.push({ id: 'whatif', title: 'What if these patches were not there?', draw: drawWhatIf });
