@@ -282,7 +282,7 @@ document.addEventListener('keydown', ev => {
   if (ev.key === 'ArrowRight') { ev.preventDefault(); go(1); } else if (ev.key === 'ArrowLeft') { ev.preventDefault(); go(-1); }
 });
 
-function load() {  // a new image: its pixels decoded once, then the first step
+function load() {  // a new image: its pixels read once, then the step the audience is on
   const p = payload();
   if (p && p.key !== S.key) window.__wtArrived = { key: p.key, at: performance.now() };  // for the benchmark
   if (p && p.key === S.key && S.img) return render();  // the same image, its what-if curves completed
@@ -290,17 +290,20 @@ function load() {  // a new image: its pixels decoded once, then the first step
   if (!p) return render();
   const T = p.grid[0] * p.grid[1];
   S.k = p.k; S.patch = p.map ? argmax(p.map.values) : Math.floor(T / 2);
+  const size = p.image_size, c = document.createElement('canvas'), ctx = c.getContext('2d'); c.width = c.height = size;
+  const drawn = () => { S.rgb = ctx.getImageData(0, 0, size, size).data; S.img = c; render();
+    window.__wtImageDrawn = { key: p.key, at: performance.now() }; };  // a new image's first step drawn
+  if (p.rgb) {  // raw bytes: drawn at once (decoding the PNG waits for a busy page's other tasks)
+    const bytes = atob(p.rgb), data = ctx.createImageData(size, size);
+    for (let i = 0; i < size * size; i++) { for (let ch = 0; ch < 3; ch++) data.data[4 * i + ch] = bytes.charCodeAt(3 * i + ch); data.data[4 * i + 3] = 255; }
+    ctx.putImageData(data, 0, 0); return drawn();
+  }
   const img = new Image();
-  img.onload = () => {
-    const c = document.createElement('canvas'); c.width = c.height = p.image_size;
-    const ctx = c.getContext('2d'); ctx.drawImage(img, 0, 0); S.rgb = ctx.getImageData(0, 0, p.image_size, p.image_size).data;
-    S.img = img; render();
-    window.__wtImageDrawn = { key: p.key, at: performance.now() };  // a new image's first step drawn
-  };
+  img.onload = () => { ctx.drawImage(img, 0, 0); drawn(); };
   img.src = p.pixels;
 }
 watch('value', load);
 if (props.land || new URLSearchParams(location.search).get('tab') === 'walkthrough')  // a shared link lands here
-  setTimeout(() => (document.getElementById('tabs') || element).scrollIntoView({ block: 'start' }), 300);  // a new image keeps the step the audience is on
+  setTimeout(() => (document.getElementById('tabs') || element).scrollIntoView({ block: 'start' }), 300);
 watch(['trust', 'manual'], () => render());
 load();

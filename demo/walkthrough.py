@@ -15,6 +15,7 @@ the prediction, from the payload).
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
 import json
@@ -69,7 +70,9 @@ def first_payload(explorer: Explorer, session: Session, model) -> dict:
     # fast, benchmarks/walkthrough_latency.py); the what-if rows stay float32 (`with_curves`).
     payload = walkthrough_payload(model, session.inputs, model.class_names, relevance=relevance, method=method,
                                   label=METHODS[method], whatif_ks=[0, k], bf16=TRUST_BF16)
-    payload.update(key=uuid.uuid4().hex, k=k, whatif_pending=True,
+    # "rgb": the model's view as raw bytes (base64), which the page draws without decoding a PNG.
+    rgb = base64.b64encode(np.asarray(session.pixels.convert("RGB"), dtype=np.uint8).tobytes()).decode("ascii")
+    payload.update(key=uuid.uuid4().hex, k=k, whatif_pending=True, rgb=rgb,
                    whatif_sentences=[whatif_sentence(payload, k) for k in payload["whatif"]["ks"]])
     return payload
 

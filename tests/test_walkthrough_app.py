@@ -4,6 +4,8 @@ and a small timm ViT. The drawing itself is tested in a browser (test_walkthroug
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 
@@ -53,6 +55,10 @@ def check_payload(payload: dict, model, path: Path) -> None:
     assert payload["classes"] == list(model.class_names) and payload["patch_dim"] == 3 * model.patch_size ** 2
     assert np.shape(payload["cls_attention"]) == (layers, heads, n_patches)
     assert np.shape(payload["token_pca"]) == (n_patches, 3)
+    # The raw view the page draws at once is the PNG's pixels.
+    png = Image.open(io.BytesIO(base64.b64decode(payload["pixels"].split(",", 1)[1]))).convert("RGB")
+    raw = np.frombuffer(base64.b64decode(payload["rgb"]), dtype=np.uint8)
+    assert np.abs(raw.reshape(png.height, png.width, 3).astype(int) - np.asarray(png)).max() <= 1
     assert np.shape(payload["knockout"]["prob"]) == np.shape(payload["knockout"]["top"]) == (layers, heads)
     ks = payload["whatif"]["ks"]  # every k for our ViT, a few evenly spaced ones for another model
     assert ks == (list(range(n_patches + 1)) if is_own(model) else wt_module.whatif_ks(model))
