@@ -3,7 +3,9 @@
 The numbers of every step come from `vit_core.walkthrough.walkthrough_payload`, computed once per
 image (on the session the Explorer made for it, so one upload serves both) and cached on the
 session; the browser draws each step from them (demo/walkthrough.js, gr.HTML's js_on_load), so
-stepping never waits for the server. Two things arrive later as the HTML component's props: the
+stepping never waits for the server. The page gets them in two answers: every step with the
+what-if curves at the first k only, as the upload's last answer, then every what-if row (the
+curves are most of the work). Two things arrive later as the HTML component's props: the
 decision map's trust figures on this image (`trust`, from the Explorer's own per-image trust
 computation, chained after it) and the prediction with patches removed by hand (`manual`, one
 model run per click). Each carries the image's key, so the page never shows another image's figures.
@@ -66,8 +68,8 @@ def first_payload(explorer: Explorer, session: Session, model) -> dict:
     settings = Settings(method=method, target=PREDICTED).checked(explorer.model)
     relevance = current_explanation(explorer.model, session, settings).maps()[method][0]
     k = default_k(model.grid_size ** 2)
-    # The head knock-outs in bf16 where the CPU has bf16 units, as the trust figures (about twice as
-    # fast, benchmarks/walkthrough_latency.py); the what-if rows stay float32 (`with_curves`).
+    # The head knock-outs in bf16 where the CPU has bf16 units, as the trust figures (faster:
+    # benchmarks/walkthrough_latency.py times both); the what-if rows stay float32 (`with_curves`).
     payload = walkthrough_payload(model, session.inputs, model.class_names, relevance=relevance, method=method,
                                   label=METHODS[method], whatif_ks=[0, k], bf16=TRUST_BF16)
     # "rgb": the model's view as raw bytes (base64), which the page draws without decoding a PNG.
@@ -247,8 +249,9 @@ class Walkthrough:
         payload = self.payload(session)
         model, method = self.explorer.model, payload["map"]["method"]
         figures = image_trust(model, session, Settings(method=method, target=PREDICTED).checked(model))[method]
+        finite = {name: float(v) if np.isfinite(v) else None for name, v in figures.items()}  # JSON has no NaN
         return {"walkthrough": gr.update(trust={"key": payload["key"], "sentence": trust_sentence(method, figures),
-                                                "figures": {k: float(v) for k, v in figures.items()}})}
+                                                "figures": finite})}
 
     def manual(self, evt: gr.EventData, session: Session | None) -> Answer:
         """The page's patches removed by hand (event data: key, k, toggled) -> the `manual` prop."""
