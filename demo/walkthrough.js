@@ -1,6 +1,7 @@
 // The Walkthrough: gr.HTML's js_on_load (in scope: element, trigger, props, watch). props.value is
-// one image's payload (vit_core.walkthrough.walkthrough_payload, plus "key" and "whatif_sentences"
-// from demo/walkthrough.py); every step is drawn here from it on canvases, with no server
+// one image's payload (vit_core.walkthrough.walkthrough_payload, plus "key", "k", "rgb",
+// "whatif_pending" and "whatif_sentences" from demo/walkthrough.py; it comes twice per image, the
+// second time with every what-if row); every step is drawn here from it on canvases, with no server
 // round-trip, except the patches removed by hand (trigger('whatif') -> props.manual). The trust
 // figures of the decision's map arrive later as props.trust.
 const S = { step: 0, free: false, patch: null, k: 0, toggled: new Set(), head: null, img: null, rgb: null, drawn: 0 };
