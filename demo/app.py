@@ -16,8 +16,12 @@ from it, except a new class or a newly picked map, computed once per class and i
 figures follow in a chained event, so the panels never wait for them; the checkpoint's files
 (eval.json, faithfulness.json, anatomy.npz) are read once at start-up (`demo.evidence`).
 
+The Walkthrough tab (demo.walkthrough) tells the same image's story step by step for an audience,
+drawn in the browser from one payload of numbers per image.
+
 Named endpoints for `gradio_client`: /predict, /explain, /explain_arrays, /redraw, /trust, /faithfulness,
-/sanity_check, /export, /anatomy (README, "Scripting with gradio_client").
+/sanity_check, /export, /anatomy, /walkthrough, /whatif, /knockout (README, "Scripting with
+gradio_client").
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ from demo.handlers import FAITHFULNESS_OUTPUTS, NOT_AVAILABLE, TRUST_OUTPUTS, Ex
 from demo.panels import MODEL_FIGURES, PANELS, REDRAWN, draw, image_panel, view  # noqa: E402
 from demo.serving import (GRADIO_DELETE_CACHE, SESSIONS_KEPT, CacheKeeper, answering,  # noqa: E402
                           limit_heap_arenas, panel_files)
+from demo.walkthrough import (CSS as WALKTHROUGH_CSS, Walkthrough, own_upload, walkthrough_tab,  # noqa: E402
+                              wire_walkthrough)
 from demo.session import (HEAD_MEAN, PREDICTED, Settings, analyze, example_label, head_choices,  # noqa: E402
                           is_own, methods_for)
 from vit_core import CheckpointError, ViTClassifier, load_checkpoint  # noqa: E402,F401 (load_checkpoint: re-exported)
@@ -227,7 +233,8 @@ def _export_tab() -> dict[str, gr.components.Component]:
     return ui
 
 
-def layout(model: ViTClassifier, examples: list[Path], explorer: Explorer) -> dict[str, gr.components.Component]:
+def layout(model: ViTClassifier, examples: list[Path], explorer: Explorer,
+           walkthrough: bool = False) -> dict[str, gr.components.Component]:
     """The page, inside an open gr.Blocks; returns its components by name. At 1280×720 the upload,
     the prediction, the chosen map and the attention matrices fit without scrolling; on a phone
     (CSS) the upload, the prediction and the main map come first."""
@@ -247,6 +254,7 @@ def layout(model: ViTClassifier, examples: list[Path], explorer: Explorer) -> di
                     ui.update(_panels("right"))
                 ui.update(_panels("left"))
     with gr.Tabs(elem_id="tabs"):
+        ui.update(walkthrough_tab(model, examples, land=walkthrough))
         ui.update(_compare_tab(explorer))
         ui.update(_faithfulness_tab())
         ui.update(_model_tab())
@@ -296,51 +304,68 @@ def wire(ui: dict[str, gr.components.Component], explorer: Explorer, workers: in
     # Before the chained ones below (private), so the public endpoint gets the plain name /trust.
     gr.on([ui[name].change for name in ("method", "target", "head_fusion", "discard_ratio")], **trusted,
           api_name="trust", trigger_mode="always_last")
-    # preprocess=False: the handler gets the raw upload and decodes it itself, so corrupt or
-    # hostile files end in a clear gr.Error instead of a failure inside Gradio's image decoding.
-    image_in.upload(out(explorer.explain_steps), [image_in], inputs_kwargs=settings, outputs=explained,
-                    api_visibility="private", preprocess=False, show_progress="minimal", **fast).success(
-                        **cleared).then(**trusted, api_visibility="private")
+    wt = _wire_new_images(ui, explorer, out, settings, explained, cleared, trusted, fast)
     # Scripts get the same panels in one answer: gradio_client would download every step's pictures.
     ui["explain_button"].click(out(explorer.explain), [image_in], inputs_kwargs=settings, outputs=explained,
                                api_name="explain", preprocess=False, **fast)
-    image_in.clear(out(Explorer.clear), None, explained, api_visibility="private")
-    ui["gallery"].select(out(explorer.example), None, inputs_kwargs=settings, outputs=[image_in, *explained],
-                         api_visibility="private", show_progress="minimal", **fast).success(
-                             **cleared).then(**trusted, api_visibility="private")
     for panel in (p for p in PANELS if p.click is not None):
         ui[panel.name].select(out(explorer.click_on(panel.name)), session, inputs_kwargs=settings,
                               outputs=[*redrawn, ui["patch"]], api_visibility="private", show_progress="hidden",
                               **fast)
-    _wire_tabs(ui, explorer, out, settings, with_patch, slow)
+    _wire_tabs(ui, explorer, out, settings, with_patch, slow, export=wt.export)
     ui["predict_button"].click(out(explorer.predict), [image_in], ui["all_probs"], api_name="predict",
                                preprocess=False, **fast)
     ui["arrays_button"].click(out(explorer.explain_arrays), [image_in], [ui["arrays"], ui["session"]],
                               inputs_kwargs=settings, api_name="explain_arrays", preprocess=False, **fast)
 
 
-def _wire_tabs(ui, explorer: Explorer, out, settings, with_patch, slow) -> None:
+def _wire_new_images(ui, explorer: Explorer, out, settings, explained, cleared, trusted, fast) -> Walkthrough:
+    """A new image (uploaded or picked, in the Explorer or in the Walkthrough tab): the panels, then
+    the Walkthrough (demo.walkthrough: its numbers computed beside the panels after the first ones,
+    its what-if curves completed after) and, apart, the trust figures. preprocess=False: the
+    handler gets the raw upload and decodes it itself, so corrupt or hostile files end in a clear
+    gr.Error instead of a failure inside Gradio's image decoding."""
+    image_in, wt = ui["image_in"], Walkthrough(explorer)
+    shown = [*explained, ui["walkthrough"]]
+    common = dict(inputs_kwargs=settings, api_visibility="private", show_progress="minimal", **fast)
+    new_images = [
+        image_in.upload(out(wt.explaining(explorer.explain_steps)), [image_in], outputs=shown, preprocess=False,
+                        **common),
+        ui["wt_upload"].upload(out(wt.explaining(own_upload(explorer))), [ui["wt_upload"]],
+                               outputs=[image_in, *shown], preprocess=False, **common),
+        *(gallery.select(out(wt.explaining(explorer.example)), None, outputs=[image_in, *shown], **common)
+          for gallery in (ui["gallery"], ui["wt_gallery"]))]
+    cleared_image = image_in.clear(out(Explorer.clear), None, explained, api_visibility="private")
+    wire_walkthrough(ui, wt, out, new_images=[*new_images, cleared_image], fast=fast)
+    for event in new_images:
+        event.success(**cleared).then(**trusted, api_visibility="private").then(**wt.after_trust)
+    return wt
+
+
+def _wire_tabs(ui, explorer: Explorer, out, settings, with_patch, slow, export) -> None:
     session = [ui["session"]]
     ui["faith_button"].click(out(explorer.faithfulness), session, inputs_kwargs=settings,
                              outputs=[ui["deletion"], ui["insertion"], ui["auc"]], api_name="faithfulness", **slow)
     ui["sanity_button"].click(out(explorer.sanity_check), session, inputs_kwargs=settings, outputs=ui["sanity"],
                               api_name="sanity_check", **slow)
-    ui["export_button"].click(out(explorer.export), session, inputs_kwargs=with_patch, outputs=ui["export_files"],
+    ui["export_button"].click(out(export), session, inputs_kwargs=with_patch, outputs=ui["export_files"],
                               api_name="export", **slow)
     ui["model_tab"].select(out(explorer.anatomy), None, [ui[f.name] for f in MODEL_FIGURES] + [ui["anatomy_info"]],
                            api_name="anatomy", show_progress="hidden")
 
 
-def build_demo(model: ViTClassifier, workers: int = 2, evidence: Evidence | None = None) -> gr.Blocks:
+def build_demo(model: ViTClassifier, workers: int = 2, evidence: Evidence | None = None,
+               walkthrough: bool = False) -> gr.Blocks:
     """The explorer around one loaded model, `workers` requests at a time, telling what `evidence`
     knows about its checkpoint (default: its anatomy from the example images, nothing measured).
+    `walkthrough`: the page opens scrolled to the Walkthrough (as ?tab=walkthrough does).
     Launch with `launch(demo)`."""
     examples = sorted(EXAMPLES_DIR.glob("*.jpg")) + sorted(EXAMPLES_DIR.glob("*.png"))
     with gr.Blocks(title="ViT attention explorer", fill_width=True, analytics_enabled=False,
                    delete_cache=GRADIO_DELETE_CACHE) as demo:
         explorer = Explorer(model, examples, evidence or Evidence.load(model, None, anatomy_examples(model)),
                             share=lambda: (getattr(demo, "share_requested", False), demo.share_url))
-        wire(layout(model, examples, explorer), explorer, workers, demo)
+        wire(layout(model, examples, explorer, walkthrough), explorer, workers, demo)
     return demo
 
 
@@ -368,7 +393,7 @@ def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, sh
     CacheKeeper(demo, panel_files()).start()
     result = demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
                          quiet=quiet or demo.share_requested, max_file_size=MAX_FILE_SIZE,
-                         allowed_paths=[str(EXAMPLES_DIR)], css=CSS, show_error=False, run_history=False,
+                         allowed_paths=[str(EXAMPLES_DIR)], css=CSS + WALKTHROUGH_CSS, show_error=False, run_history=False,
                          enable_monitoring=False, ssr_mode=False, state_session_capacity=SESSIONS_KEPT,
                          max_threads=16)
     if demo.share_requested and not quiet:
@@ -425,6 +450,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="interface to bind; 0.0.0.0 to serve the local network")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--share", action="store_true", help="also serve on a public *.gradio.live link")
+    parser.add_argument("--walkthrough", action="store_true",
+                        help="open the page on the Walkthrough (a shared link can also add ?tab=walkthrough)")
     parser.add_argument("--workers", type=int, default=int(os.environ.get("VIT_EXPLORER_WORKERS", 2)),
                         help="requests handled at the same time (default 2)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("VIT_EXPLORER_THREADS", 1)),
@@ -458,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(err)
     warm_up(model)
     evidence = Evidence.load(model, checkpoint_folder(args.checkpoint), anatomy_examples(model))
-    demo = build_demo(model, workers=max(1, args.workers), evidence=evidence)
+    demo = build_demo(model, workers=max(1, args.workers), evidence=evidence, walkthrough=args.walkthrough)
     try:
         launch(demo, host=args.host, port=args.port, share=args.share)
     except OSError as error:  # taken while the model loaded, or a host that cannot be served on

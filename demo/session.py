@@ -149,6 +149,8 @@ class Session:
     trust: dict = dataclasses.field(default_factory=dict, repr=False)
     # The class-specific maps computed so far for this image, by class (vit_core.explanation).
     cache: MapCache = dataclasses.field(default_factory=MapCache, repr=False)
+    # The Walkthrough's numbers for this image (demo.walkthrough.Walkthrough.payload), once computed.
+    walkthrough: dict | None = dataclasses.field(default=None, repr=False)
 
     @property
     def predicted(self) -> int:

@@ -621,8 +621,8 @@ def test_faithfulness_sanity_and_export_endpoints(client):
     assert "| embedding |" in client.predict(api_name="/sanity_check")
     files = client.predict(patch=3, api_name="/export")
     paths = [Path(f) for f in files]
-    # 7 panels + the .npz, and the Model tab's figures (Export includes them).
-    assert any(p.suffix == ".npz" for p in paths) and len(paths) == 8 + len(MODEL_FIGURES)
+    # 7 panels + the .npz, the Model tab's figures and the Walkthrough's .json and logit lens (Export includes them).
+    assert any(p.suffix == ".npz" for p in paths) and len(paths) == 10 + len(MODEL_FIGURES)
     assert {f"{figure.name}.png" for figure in MODEL_FIGURES} <= {p.name for p in paths}
     assert "attentions" in np.load(next(p for p in paths if p.suffix == ".npz"))
 

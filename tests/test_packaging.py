@@ -111,6 +111,7 @@ def test_an_install_without_the_shipped_checkpoint_says_to_pass_one(tmp_path, mo
 
     monkeypatch.setattr(app, "DEFAULT_CHECKPOINT", tmp_path / "checkpoints" / "vit-cifar10")
     monkeypatch.setattr(app, "launch", lambda *a, **k: pytest.fail("must not serve without a model"))
+    monkeypatch.setattr(app, "port_free", lambda host, port: True)  # whatever else runs on this machine
     assert app.main([]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "--checkpoint DIR" in err and "Hub" in err

@@ -166,8 +166,8 @@ def test_every_project_path_the_readme_names_exists():
 
 def test_the_client_example_names_real_endpoints_and_the_shipped_models_heads():
     text = README.read_text()
-    wired = set(re.findall(r'api_name="(\w+)"', (ROOT / "demo" / "app.py").read_text()
-                           + (ROOT / "demo" / "serving.py").read_text()))
+    wired = {name for path in (ROOT / "demo").glob("*.py")
+             for name in re.findall(r'api_name="(\w+)"', path.read_text())}
     for document in [README, *DOCS]:
         named = set(re.findall(r'api_name="/(\w+)"', document.read_text()))
         assert named <= wired, (document.name, named - wired)
