@@ -54,15 +54,17 @@ def python_folders(top: str) -> set[str]:
             if "__pycache__" not in p.parts}
 
 
-def test_the_package_list_takes_every_folder_of_code_and_the_example_images():
+def test_the_package_list_takes_every_folder_of_code_and_every_file_the_app_reads():
     from setuptools import find_namespace_packages
 
     found = set(find_namespace_packages(where=str(ROOT), **PYPROJECT["tool"]["setuptools"]["packages"]["find"]))
     assert python_folders("vit_core") | python_folders("demo") <= found
     assert not {p for p in found if p.split(".")[0] in ("tests", "benchmarks", "checkpoints", "docs")}
+    # Every file of the app that is not Python (example images, the Walkthrough's script) goes too.
     data = PYPROJECT["tool"]["setuptools"]["package-data"]["demo"]
     shipped = {p for pattern in data for p in (ROOT / "demo").glob(pattern)}
-    assert shipped == {p for p in (ROOT / "demo" / "examples").iterdir() if p.is_file()} and len(shipped) == 30
+    files = {p for p in (ROOT / "demo").rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")}
+    assert shipped == files and len([p for p in shipped if p.suffix == ".jpg"]) == 30
 
 
 def test_make_installs_the_requirements_then_the_project_in_editable_mode():
