@@ -32,7 +32,7 @@ from demo.panels import (DISPLAY_SIDE, GAP, MATRIX_THUMB, MODEL_FIGURES, PANELS,
                          clicked_patch, draw, view)
 from demo.session import (DEFAULT_METHOD, FAST_METHODS, PICKER_LABELS, Settings, analyze, current_explanation,
                           label_probs, read_upload)
-from toys import (BAD_FILES, image_bytes, local_client, noise, tiny_vit, upload, write_animated_gif,
+from toys import (BAD_FILES, free_port, image_bytes, local_client, noise, tiny_vit, upload, write_animated_gif,
                   write_rotated_jpeg)
 import vit_core
 from vit_core import ViTClassifier, preprocess, to_model_pixels, viz
@@ -482,12 +482,7 @@ def test_hub_id_offline_fails_fast_with_advice():
 
 
 def test_main_reports_a_missing_checkpoint(tmp_path, capsys):
-    import socket
-
-    with socket.socket() as probe:  # a free port: another app may hold the default one
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    assert app.main(["--checkpoint", str(tmp_path / "none"), "--port", str(port)]) == 2
+    assert app.main(["--checkpoint", str(tmp_path / "none"), "--port", str(free_port())]) == 2
     assert "No checkpoint directory" in capsys.readouterr().err
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 import demo.app as app
 from demo.handlers import Explorer
 from demo.serving import CacheKeeper, PanelFiles, answering, panel_files
-from toys import tiny_vit, upload
+from toys import free_port, tiny_vit, upload
 from vit_core import preprocess
 from vit_core.checkpoints import hub_constants
 from vit_core.explanation import MapCache, explain
@@ -295,7 +295,7 @@ def test_a_hub_checkpoint_offline_fails_within_seconds(how, monkeypatch, capsys)
         monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(hub_constants, "ENDPOINT", "https://hub.invalid")
     started = time.perf_counter()
-    assert app.main(["--checkpoint", "someone/not-cached-vit"]) == 2
+    assert app.main(["--checkpoint", "someone/not-cached-vit", "--port", str(free_port())]) == 2
     elapsed = time.perf_counter() - started
     error = capsys.readouterr().err
     assert elapsed < 5.0, f"took {elapsed:.1f} s"

@@ -2,7 +2,6 @@ import json
 from dataclasses import asdict as dataclasses_asdict
 from dataclasses import replace as dataclasses_replace
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from toys import ROOT, tiny_vit
+from toys import ROOT, free_port, tiny_vit
 from train import main as train_main, parse_args
 from vit_core import ViTClassifier
 from vit_core.training import STATE_NAME, TrainConfig, TrainError, build_model, train
@@ -220,19 +219,13 @@ def test_push_to_hub_offline_fails_clearly_after_saving(toy_data, tmp_path, monk
     assert ViTClassifier.from_pretrained(out).class_names == ["blue", "red"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_torchrun_smoke_run(toy_data, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), str(ROOT / "train.py"), "--data", str(toy_data), "--out", str(out),
+         "--master_port", str(free_port()), str(ROOT / "train.py"), "--data", str(toy_data), "--out", str(out),
          "--preset", "tiny", "--epochs", "2", "--warmup-epochs", "0.5", "--batch-size", "16", "--val-size", "16",
          "--num-threads", "1",
          "--device", "cpu"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import struct
 import zlib
 from pathlib import Path
@@ -118,3 +119,10 @@ def upload(path):
     from gradio_client import handle_file
 
     return handle_file(str(path))
+
+
+def free_port() -> int:
+    """A loopback port nobody holds now (another app, or a test's server, may hold the default)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
