@@ -193,3 +193,15 @@ def test_bad_input_is_a_clear_error(tiny_model, tiny_images):
         libragrad(tiny_model, tiny_images[0], 0)
     with pytest.raises(ValueError, match="pass it through vit_core.adapters.adapt"):
         libragrad(torch.nn.Linear(2, 2), tiny_images, 0)
+
+
+def test_logprob_objective_is_the_chain_rule_over_the_logits(tiny_model, tiny_images):
+    # d log p_t = d z_t - sum_k p_k d z_k: the log-probability's map is the target logit's map
+    # minus every class's map weighted by its probability.
+    target = torch.tensor([3, 0, 7])
+    with torch.no_grad():
+        probs = tiny_model(tiny_images).softmax(-1)
+    per_class = torch.stack([libragrad(tiny_model, tiny_images, k) for k in range(10)], dim=1)  # [B, K, g, g]
+    expected = per_class[torch.arange(3), target] - (probs[:, :, None, None] * per_class).sum(1)
+    torch.testing.assert_close(libragrad(tiny_model, tiny_images, target, objective="logprob"), expected,
+                               atol=1e-5, rtol=1e-4)

@@ -9,8 +9,11 @@ paper's public code sets it for a ViT with GELU MLPs (its "LibraGrad" preset):
   constant weights on the values, which keep their gradient;
 - linear maps, LayerScale, residual additions, pooling and the head keep their plain gradient.
 (The paper's scaling of N-factor products by 1/N, for gated MLPs such as SwiGLU, does not arise in
-these blocks.) Given those frozen factors the network is affine in the tokens entering the first
-block and in its biases, so one backward pass gives an exact decomposition of the explained score.
+these blocks. The code's preset also has a rule for the patch embedding, which only maps on pixels
+use, and by default explains the target's softmax probability: `objective="logprob"` gives that
+map up to a factor per image, d log p = dp / p.) Given those frozen factors the network is affine
+in the tokens entering the first block and in its biases, so one backward pass gives an exact
+decomposition of the explained logit.
 
 The map is FullGrad on the tokens entering the first block, channels summed (the paper's FullGrad
 at block 0, "sum" channel mixing): token t gets
