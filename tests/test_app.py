@@ -733,7 +733,7 @@ def test_a_timm_model_draws_every_panel_on_its_own_grid(timm_explorer, tmp_path)
     torch.testing.assert_close(session.inputs, preprocess(session.pixels, model))  # the model's own mean and std
     paths = export_files(model, session, timm_explorer.defaults.checked(model), tmp_path)
     arrays = np.load(next(p for p in paths if p.endswith(".npz")))
-    assert arrays["explained_map"].shape == (1, 4, 4) and str(arrays["method"]) == "grad_rollout"
+    assert arrays["explained_map"].shape == (1, 4, 4) and str(arrays["method"]) == "lrp_composite"  # LRP has rules here
 
 
 def test_a_large_input_keeps_the_per_layer_strips_small(tmp_path):
