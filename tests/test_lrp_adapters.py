@@ -209,7 +209,8 @@ def test_timm_lrp_matches_hand_written_relevance_propagation(variant, name):
     fast = lrp(model, images, targets, rules=name)
     parts = timm_parts(model)
     for b, target in enumerate(targets):
-        torch.testing.assert_close(fast[b], reference_lrp(parts, images[b], target, **RULES[name]), atol=1e-8, rtol=1e-6)
+        expected = reference_lrp(parts, images[b], target, **RULES[name])
+        torch.testing.assert_close(fast[b], expected, atol=1e-8, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", RULES)
@@ -220,7 +221,8 @@ def test_transformers_lrp_matches_hand_written_relevance_propagation(variant, na
     fast = lrp(model, images, targets, rules=name)
     parts = hf_parts(model)
     for b, target in enumerate(targets):
-        torch.testing.assert_close(fast[b], reference_lrp(parts, images[b], target, **RULES[name]), atol=1e-8, rtol=1e-6)
+        expected = reference_lrp(parts, images[b], target, **RULES[name])
+        torch.testing.assert_close(fast[b], expected, atol=1e-8, rtol=1e-6)
 
 
 @pytest.mark.parametrize("model", [adapt(make_timm("deit_distilled")), adapt(make_hf("vit"))],

@@ -296,7 +296,8 @@ def _timm_without_rules(vit: nn.Module) -> str | None:
         if getattr(block.attn, "gate", None) is not None:
             return f"block {i} has gated attention"
         if type(block.mlp) is not Mlp or not isinstance(block.mlp.act, nn.GELU):
-            return f"block {i}'s MLP is a {type(block.mlp).__name__} with {type(block.mlp.act).__name__}, not Mlp with GELU"
+            return (f"block {i}'s MLP is a {type(block.mlp).__name__} with {type(block.mlp.act).__name__}, "
+                    f"not Mlp with GELU")
     return None
 
 
