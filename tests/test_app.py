@@ -314,8 +314,8 @@ def checkpoint_copy(checkpoint, tmp_path) -> Path:
 
 
 def test_the_picker_offers_every_method_and_slow_ones_only_on_request(model, monkeypatch):
-    assert list(PICKER_LABELS)[:7] == ["lrp_composite", "grad_rollout", "attention_x_gradient", "attnlrp",
-                                 "input_x_gradient", "rollout", "last_layer"]
+    assert list(PICKER_LABELS)[:8] == ["lrp_composite", "grad_rollout", "attention_x_gradient", "attnlrp",
+                                 "libragrad", "input_x_gradient", "rollout", "last_layer"]
     assert set(PICKER_LABELS) - set(FAST_METHODS) == {"occlusion", "occlusion_drop", "integrated_gradients"}
     assert Settings().method == DEFAULT_METHOD == "lrp_composite"
     session = analyzed(model)
@@ -837,8 +837,8 @@ def test_a_click_on_patch_i_follows_token_i_plus_the_prefix(timm_explorer):
     assert ("CLS" if prefix else "mean of the patch tokens") in unselected["summary"]
 
 
-GENERIC_METHODS = ["lrp_composite", "grad_rollout", "attention_x_gradient", "attnlrp", "input_x_gradient", "rollout",
-                   "last_layer", "occlusion", "integrated_gradients"]
+GENERIC_METHODS = ["lrp_composite", "grad_rollout", "attention_x_gradient", "attnlrp", "libragrad", "input_x_gradient",
+                   "rollout", "last_layer", "occlusion", "integrated_gradients"]
 
 
 def test_a_timm_model_offers_every_method_but_ours_with_its_trust_figures(timm_explorer, timm_folder):

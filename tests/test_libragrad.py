@@ -205,3 +205,19 @@ def test_logprob_objective_is_the_chain_rule_over_the_logits(tiny_model, tiny_im
     expected = per_class[torch.arange(3), target] - (probs[:, :, None, None] * per_class).sum(1)
     torch.testing.assert_close(libragrad(tiny_model, tiny_images, target, objective="logprob"), expected,
                                atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("adapted", [False, True])
+def test_the_registry_entry_is_the_log_probabilitys_map_on_our_vit_and_an_adapted_one(adapted, tiny_model,
+                                                                                       tiny_images):
+    from vit_core.methods import METHOD, attribute, supported_methods
+
+    model = adapt(make_timm("vit_p4")) if adapted else tiny_model
+    images = images_for(model) if adapted else tiny_images
+    entry = METHOD["libragrad"]
+    assert entry.fast and entry.class_specific and not entry.rollout_settings and entry.picker is not None
+    assert "libragrad" in supported_methods(model)
+    target = torch.arange(len(images)) % 2
+    torch.testing.assert_close(attribute(model, images, "libragrad", target),
+                               libragrad(model, images, target, objective="logprob"))
+    assert "libragrad" not in supported_methods(torch.nn.Linear(2, 2))  # no layers to put its rules on

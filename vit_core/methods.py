@@ -27,6 +27,7 @@ from .attribution import (Progress, check_images, integrated_gradients, lrp, occ
                           predicted_class, target_tensor)
 from .gradient_rules import has_rules
 from .layout import TokenLayout, token_layout
+from .libragrad import libragrad
 from .model import ViTClassifier
 
 
@@ -136,6 +137,9 @@ METHODS: tuple[Method, ...] = (
     Method("input_x_gradient", "input × gradient", _from_gradient_pass("input_x_gradient"), picker=4),
     Method("attention_x_gradient", "attention × gradient", _from_gradient_pass("attention_x_gradient"), picker=2),
     Method("attnlrp", "AttnLRP", batch_method(lrp, rules="attnlrp"), models=RULE_VITS, picker=3),
+    # The log-probability ranks patches as the public code's default, the probability, does
+    # (d log p = dp / p); the logit is the score its shares sum to exactly (vit_core.libragrad).
+    Method("libragrad", "LibraGrad", batch_method(libragrad, objective="logprob"), models=RULE_VITS, picker=3.5),
     Method("cp_lrp", "CP-LRP", batch_method(lrp, rules="cp_lrp"), models=RULE_VITS),
     # Explains the log-probability, the quantity occlusion measures (see attribution.lrp).
     Method("lrp_composite", "LRP (composite)", batch_method(lrp, rules="lrp_composite", objective="logprob"),
