@@ -4,6 +4,8 @@ line and writes nothing."""
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ from toys import make_image_folder, tiny_vit
 from vit_core import explain as explain_fn
 from vit_core import faithfulness as fa
 from vit_core import preprocess
+from vit_core.cli import PROJECT_ROOT, recorded_command, recorded_path
 from vit_core.cli import evaluate as evaluate_cli
 from vit_core.cli import faithfulness as faithfulness_cli
 from vit_core.cli.explain import main
@@ -222,6 +225,19 @@ def test_faithfulness_writes_every_method_and_figure_and_the_card(colour_checkpo
     rows = [line for line in card.splitlines() if line.startswith("| ") and " / " in line]
     assert [row.split(" | ")[0][2:] for row in rows] == expected
     assert "| occlusion_drop | " in card and "/ ref. |" in card
+    # The folders were given as this machine's absolute paths; the file and the card name them from the root.
+    assert not any(os.path.isabs(arg) for arg in shlex.split(result["command"])) and result["command"] in card
+    assert (PROJECT_ROOT / result["data"]).resolve() == (data / "test").resolve()
+    assert (PROJECT_ROOT / result["checkpoint"]).resolve() == ckpt.resolve()
+
+
+def test_recorded_paths_and_commands_name_absolute_paths_from_the_project_root():
+    outside = PROJECT_ROOT.parent / "shared" / "cifar10"
+    assert recorded_path(outside) == str(Path("..") / "shared" / "cifar10")
+    assert recorded_path(PROJECT_ROOT / "checkpoints" / "x") == str(Path("checkpoints") / "x")
+    assert recorded_path("../data") == "../data"  # relative: as given, from the root the commands run in
+    command = recorded_command("prog", ["--data", str(outside), f"--out={PROJECT_ROOT / 'o'}", "-n", "2", "a b"])
+    assert command == f"prog --data {Path('..') / 'shared' / 'cifar10'} --out=o -n 2 'a b'"
 
 
 def test_faithfulness_methods_and_removal_can_be_restricted(colour_checkpoint, tmp_path, capsys):
@@ -299,6 +315,8 @@ def test_evaluate_writes_the_card(colour_checkpoint, capsys):
     assert result["mirror"] is False and result["n_images"] == 8
     assert sum(map(sum, result["confusion"])) == 8
     assert result["command"].startswith("python -m vit_core.cli.evaluate --checkpoint ")
+    assert not any(os.path.isabs(arg) for arg in shlex.split(result["command"]))
+    assert (PROJECT_ROOT / result["data"]).resolve() == (data / "test").resolve()
     assert (ckpt / "confusion.png").exists() and (ckpt / "README.md").exists()
 
 

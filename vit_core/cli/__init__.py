@@ -15,10 +15,17 @@ the usage block appears only with `--help`.
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 BAD_INPUT = 2  # exit status for input the command cannot use (argparse uses 2 for usage errors too)
+# The folder holding vit_core/: the commands run from here, and the files they record (results, the
+# model card) name paths relative to it, so no machine's own folders end up in them.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def fail(message: object) -> int:
@@ -50,3 +57,26 @@ def progress_bar(total: int, description: str):
     from tqdm import tqdm  # imported here: parsing and bad-input paths never need it
 
     return tqdm(total=total, desc=description, unit="image", file=sys.stderr, dynamic_ncols=True)
+
+
+def recorded_path(path: str | os.PathLike) -> str:
+    """`path` as a results file records it: an absolute path relative to the project root (its
+    name alone where no relative path leads there, e.g. another drive); a relative one as given."""
+    path = os.fspath(path)
+    if not os.path.isabs(path):
+        return path
+    try:
+        return os.path.relpath(path, PROJECT_ROOT)
+    except ValueError:
+        return Path(path).name
+
+
+def recorded_command(prog: str, argv: Sequence[str]) -> str:
+    """The command line `prog argv...` as a results file records it: every absolute path in it (an
+    argument, or the value of `--flag=value`) through `recorded_path`."""
+    def recorded(arg: str) -> str:
+        flag, equals, value = arg.partition("=")
+        if arg.startswith("--") and equals:
+            return f"{flag}={recorded_path(value)}"
+        return recorded_path(arg)
+    return f"{prog} " + " ".join(shlex.quote(recorded(a)) for a in argv)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from ..data import DataError, load_split
 from ..devices import DeviceError, pick_device
 from ..evaluate import evaluate
 from ..viz import plot_confusion
-from . import CHECKPOINT_HELP, ArgumentParser, fail, progress_bar
+from . import CHECKPOINT_HELP, ArgumentParser, fail, progress_bar, recorded_command, recorded_path
 
 PROG = "python -m vit_core.cli.evaluate"
 
@@ -79,9 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(model.to(device), test.images, test.labels, device, mirror=not args.no_mirror,
                           progress=bar.update)
     result["seconds"] = time.perf_counter() - start
-    result["data"] = str(Path(args.data) / "test")
-    given = sys.argv[1:] if argv is None else argv
-    result["command"] = f"{PROG} " + " ".join(shlex.quote(a) for a in given)
+    result["data"] = recorded_path(Path(args.data) / "test")
+    result["command"] = recorded_command(PROG, sys.argv[1:] if argv is None else argv)
     _print_result(result)
     if args.write_card:
         _write_card(Path(args.checkpoint), result, model.class_names)

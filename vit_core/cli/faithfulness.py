@@ -37,7 +37,6 @@ import datetime
 import json
 import math
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -58,7 +57,7 @@ from ..preprocessing import normalize
 from ..rollout import HEAD_FUSIONS, check_rollout_settings
 from ..sharding import Shard, join, leave, local_device
 from ..trust import TrustContext
-from . import BAD_INPUT, CHECKPOINT_HELP, ArgumentParser, fail, progress_bar
+from . import BAD_INPUT, CHECKPOINT_HELP, ArgumentParser, fail, progress_bar, recorded_command, recorded_path
 
 PROG = "python -m vit_core.cli.faithfulness"
 RESULTS = RESULTS_FILE  # read back by faithfulness.read_results
@@ -171,12 +170,13 @@ def _results(args, argv, per_image: dict, sanity: dict, removals: list[str], acc
             methods[name]["randomisation"] = sanity[name]
     given = sys.argv[1:] if argv is None else argv
     return {
-        "checkpoint": args.checkpoint, "data": str(Path(args.data) / "test"), "n": n, "seed": args.seed,
+        "checkpoint": recorded_path(args.checkpoint), "data": recorded_path(Path(args.data) / "test"), "n": n,
+        "seed": args.seed,
         "accuracy": accuracy, "target": "predicted class", "steps": args.steps, "n_random": args.n_random,
         "bf16": args.bf16, "head_fusion": args.head_fusion, "discard_ratio": args.discard_ratio,
         "removals": removals, "references": {r: REFERENCES[r] for r in removals},
         "sanity_images": min(args.sanity, n),
-        "command": f"{PROG} " + " ".join(shlex.quote(a) for a in given),
+        "command": recorded_command(PROG, given),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(seconds, 1), "methods": methods,
         "random": {r: {f: _summary(per_image["random"][r][f]) for f in ("deletion_auc", "insertion_auc")}
