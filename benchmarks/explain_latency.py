@@ -14,9 +14,9 @@ Both run interleaved in the same process with torch's default thread count (or -
 medians are printed, and the last line is `explain_ms=X report_ms=Y report/explain=Z`.
 
 Trust (`--trust-repeats N`, 0 skips it): the same image through every map the app scores for
-each image (`explain`'s three maps plus LRP (composite), AttnLRP, attention x gradient and input x
-gradient, computed the app's way with shared passes, and each on its own for comparison;
-occlusion and Integrated Gradients are left to be computed on demand) and their `vit_core.trust`
+each image (`explain`'s three maps plus every other fast, class-specific map of the app's picker,
+`CHEAP_METHODS` from `vit_core.methods`, computed the app's way with shared passes, and each on its
+own for comparison; the slow maps are left to be computed on demand) and their `vit_core.trust`
 figures with the interactive defaults (8 steps, 20 random maps), occlusion reference included;
 the summary line uses what the app runs (token drop, bf16 where the CPU has bf16 units). Rebuilt
 here only to time them in the same run: "before", the trust figures as first written (every column

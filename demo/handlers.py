@@ -37,7 +37,8 @@ Answer = dict[str, Any]
 FAITHFULNESS_OUTPUTS = ("deletion", "insertion", "auc", "sanity")
 TRUST_OUTPUTS = ("trust", "trust_table", "compare", "compare_table")
 TRUST_PENDING = "Measuring how far to trust each map on this image…"
-# What the figures that need our own ViTClassifier say for other models (vit_core.adapters).
+# What the figures that need our own ViTClassifier (the anatomy, the test-set table) say for other
+# models (vit_core.adapters); every map but token-dropped occlusion explains those too.
 NOT_AVAILABLE = "Not available for this model (it needs the explorer's own ViT, trained on CIFAR-10)."
 
 

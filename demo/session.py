@@ -38,14 +38,16 @@ PICKER_LABELS = {method: picker_label(method) for method in PICKER}  # value -> 
 FAST_METHODS = tuple(m for m in PICKER if METHOD[m].fast)
 # The picker's default when no test-set measurement says otherwise (see demo.evidence).
 DEFAULT_METHOD = "lrp_composite"
-# Other models (vit_core.adapters) open on this one: one forward and one backward pass.
+# A model that cannot be explained by that default (vit_core.methods.supported_methods) opens on
+# this one, which needs only the model's attentions: one forward and one backward pass.
 ATTENTION_DEFAULT = "grad_rollout"
 PREDICTED = "predicted"
 HEAD_MEAN = "all (mean)"
 
 
 def is_own(model) -> bool:
-    """Our own ViTClassifier: LRP, token dropping, the anatomy and the test-set evidence need it."""
+    """Our own ViTClassifier: token dropping, the anatomy and the test-set evidence need it (the LRP
+    family and LibraGrad also explain adapted timm and transformers ViTs)."""
     return isinstance(model, ViTClassifier)
 
 

@@ -170,8 +170,8 @@ def test_methods_that_read_our_modules_ask_for_our_own_model():
     assert supported_methods(model) == tuple(m for m in METHOD_NAMES if m not in own_model_methods)
     assert supported_methods(tiny_vit()) == METHOD_NAMES
     result = explain(model, images)
-    with pytest.raises(ValueError, match="attnlrp need vit_core's own ViTClassifier; for TimmViT choose from"):
-        result.with_maps(model, images, ["input_x_gradient", "attnlrp"])
+    with pytest.raises(ValueError, match="occlusion_drop need vit_core's own ViTClassifier; for TimmViT choose from"):
+        result.with_maps(model, images, ["input_x_gradient", "occlusion_drop"])
     for method in own_model_methods:
         with pytest.raises(ValueError, match="reads the modules of vit_core's own ViTClassifier"):
             attribute(model, images, method)

@@ -93,9 +93,9 @@ def test_explain_equals_slow_loops(variant):
 def test_generic_methods_trust_and_the_randomisation_cascade():
     model = adapt(make_hf("deit_teacher"))
     images, target = images_for(), torch.tensor([1, 3])
-    assert "lrp_composite" not in supported_methods(model) and "occlusion" in supported_methods(model)
+    assert "occlusion_drop" not in supported_methods(model) and "occlusion" in supported_methods(model)
     with pytest.raises(ValueError, match="reads the modules of vit_core's own ViTClassifier"):
-        attribute(model, images, "lrp_composite")
+        attribute(model, images, "occlusion_drop")
     with torch.no_grad():  # leave-one-patch-out through the transformers model itself
         full = model.hf(pixel_values=images).logits.log_softmax(-1)
         masked = images.clone()

@@ -314,8 +314,8 @@ def checkpoint_copy(checkpoint, tmp_path) -> Path:
 
 
 def test_the_picker_offers_every_method_and_slow_ones_only_on_request(model, monkeypatch):
-    assert list(PICKER_LABELS)[:7] == ["lrp_composite", "grad_rollout", "attention_x_gradient", "attnlrp",
-                                 "input_x_gradient", "rollout", "last_layer"]
+    assert list(PICKER_LABELS)[:8] == ["lrp_composite", "grad_rollout", "attention_x_gradient", "attnlrp",
+                                 "libragrad", "input_x_gradient", "rollout", "last_layer"]
     assert set(PICKER_LABELS) - set(FAST_METHODS) == {"occlusion", "occlusion_drop", "integrated_gradients"}
     assert Settings().method == DEFAULT_METHOD == "lrp_composite"
     session = analyzed(model)
@@ -788,7 +788,7 @@ def test_a_timm_model_draws_every_panel_on_its_own_grid(timm_explorer, tmp_path)
     torch.testing.assert_close(session.inputs, preprocess(session.pixels, model))  # the model's own mean and std
     paths = export_files(model, session, timm_explorer.defaults.checked(model), tmp_path)
     arrays = np.load(next(p for p in paths if p.endswith(".npz")))
-    assert arrays["explained_map"].shape == (1, 4, 4) and str(arrays["method"]) == "grad_rollout"
+    assert arrays["explained_map"].shape == (1, 4, 4) and str(arrays["method"]) == "lrp_composite"  # LRP has rules here
 
 
 def test_a_large_input_keeps_the_per_layer_strips_small(tmp_path):
@@ -832,15 +832,15 @@ def test_a_click_on_patch_i_follows_token_i_plus_the_prefix(timm_explorer):
     assert ("CLS" if prefix else "mean of the patch tokens") in unselected["summary"]
 
 
-GENERIC_METHODS = ["grad_rollout", "attention_x_gradient", "input_x_gradient", "rollout", "last_layer", "occlusion",
-                   "integrated_gradients"]
+GENERIC_METHODS = ["lrp_composite", "grad_rollout", "attention_x_gradient", "attnlrp", "libragrad", "input_x_gradient",
+                   "rollout", "last_layer", "occlusion", "integrated_gradients"]
 
 
 def test_a_timm_model_offers_every_method_but_ours_with_its_trust_figures(timm_explorer, timm_folder):
     model = timm_explorer.model
     assert list(session_module.methods_for(model)) == GENERIC_METHODS
-    with pytest.raises(gr.Error, match="Unknown method 'lrp_composite'"):
-        Settings(method="lrp_composite").checked(model)
+    with pytest.raises(gr.Error, match="Unknown method 'occlusion_drop'"):
+        Settings(method="occlusion_drop").checked(model)
     session = timm_explorer.explain({"path": str(CAT), "orig_name": CAT.name})["session"]
     trust = timm_explorer.trust(session, method="input_x_gradient")
     fast = [m for m in FAST_METHODS if m in GENERIC_METHODS]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from vit_core import attribution as at
 from vit_core.attribution import LRPRules
+from vit_core.gradient_rules import LRP_RULES
 from vit_core.methods import METHOD_NAMES, attribute
 
 from toys import tiny_vit
@@ -180,7 +181,7 @@ def test_cp_lrp_with_biases_leaves_their_share_out(tiny_model, tiny_images, targ
     assert (relevance - logits).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("rules", list(at.LRP_RULES))
+@pytest.mark.parametrize("rules", list(LRP_RULES))
 def test_lrp_forward_reproduces_the_logits(tiny_model, tiny_images, rules):
     with torch.no_grad():
         torch.testing.assert_close(at.lrp_forward(tiny_model, tiny_images, rules), tiny_model(tiny_images),

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from vit_core.explanation import HELD_METHODS, MapCache, explain
-from vit_core.methods import (ANY_VIT, METHOD, METHOD_NAMES, METHODS, OWN_VIT, PICKER, Batch, batch_method,
+from vit_core.methods import (ANY_VIT, METHOD, METHOD_NAMES, METHODS, OWN_VIT, PICKER, RULE_VITS, Batch,
+                              batch_method,
                               check_methods, check_supported, method_maps, supported_methods)
 
 
@@ -30,12 +31,15 @@ def test_check_methods_names_every_unknown_one_and_the_allowed_values():
 
 
 def test_check_supported_groups_the_refused_by_what_they_need():
-    stranger = torch.nn.Linear(2, 2)  # no layout, not ours: only ANY_VIT's test lets it through
+    stranger = torch.nn.Linear(2, 2)  # no layout, not ours, no rule walker: only ANY_VIT's test lets it through
     own = [m.name for m in METHODS if m.models is OWN_VIT]
-    assert own and set(supported_methods(stranger)) == set(METHOD_NAMES) - set(own)
+    ruled = [m.name for m in METHODS if m.models is RULE_VITS]
+    assert own and len(ruled) >= 2
+    assert set(supported_methods(stranger)) == set(METHOD_NAMES) - set(own) - set(ruled)
     check_supported(stranger, ["rollout"])
-    with pytest.raises(ValueError, match=f"{own[0]}, {own[1]} need vit_core's own ViTClassifier; for Linear"):
-        check_supported(stranger, ["rollout", own[0], own[1]])
+    with pytest.raises(ValueError, match=f"{own[0]} need vit_core's own ViTClassifier; {ruled[0]}, {ruled[1]} need "
+                                         f"a ViT with gradient rules: .*; for Linear choose from rollout"):
+        check_supported(stranger, ["rollout", own[0], ruled[0], ruled[1]])
 
 
 def test_a_method_from_a_function_of_model_images_and_target_gets_the_batch_and_its_progress(tiny_model,

@@ -44,6 +44,7 @@ from torch import nn
 
 from .checkpoints import (CONFIG_NAME, CheckpointError, candidate_folders, hub_file, load_checkpoint,
                           looks_like_repo_id)
+from .gradient_rules import Walker, hf_walker, timm_walker
 from .layout import TokenLayout
 from .model import WEIGHTS_NAME, ViTClassifier
 
@@ -188,6 +189,10 @@ class TimmViT(nn.Module):
         """timm's own initialisation of this architecture (the model-randomisation check uses it)."""
         self.vit.init_weights()
 
+    def rule_walker(self) -> Walker:
+        """The model's pass with LRP / LibraGrad gradient rules (`vit_core.gradient_rules`)."""
+        return timm_walker(self.vit)
+
 
 # transformers classes explained: (the attribute holding the encoder, the token layout: DeiT puts a
 # distillation token after CLS; its plain classifier reads CLS, the one "with teacher" averages both heads)
@@ -263,6 +268,10 @@ class HFViT(nn.Module):
     def reset_parameters(self) -> None:
         """transformers' own initialisation of every module (the model-randomisation check uses it)."""
         self.hf.apply(self.hf._init_weights)
+
+    def rule_walker(self) -> Walker:
+        """The model's pass with LRP / LibraGrad gradient rules (`vit_core.gradient_rules`)."""
+        return hf_walker(self.hf, HF_CLASSES[type(self.hf).__name__][0])
 
 
 def adapt(model: nn.Module, class_names: Sequence[str] | None = None) -> nn.Module:

@@ -15,17 +15,13 @@ left in the mode it came in.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
+from .gradient_rules import LRPRules, lrp_rules, rules_forward
 from .layout import cls_patch_map, token_layout
-from .memo import kept_while_unchanged
 from .model import ViTClassifier, eval_mode, patchify
 
 OCCLUSION_MODES = ("mean", "drop")
@@ -268,196 +264,22 @@ def integrated_gradients(model: ViTClassifier, images: torch.Tensor, target, ste
 #
 # LRP rules are applied by the "modified gradient" trick: a dedicated forward pass computes the
 # very same logits, with some factors detached or their gradient rescaled, so that input x
-# gradient of that pass equals the relevance the rules would propagate layer by layer. Hand-written
-# because our attention is spelled out by hand, which LRP libraries built around Hugging Face or
-# torchvision modules cannot patch.
-
-@dataclass(frozen=True)
-class LRPRules:
-    """Which rule each kind of layer gets.
-
-    `qk_factor`, `v_factor`: the gradient factors on the attention's queries/keys and values
-    (AttnLRP's uniform rule halves the relevance at A @ V and again at Q @ K^T: 0.25 and 0.5;
-    CP-LRP holds the softmax constant: 0 and 1; 1 and 1 is the plain gradient). `gamma`: LRP's
-    gamma rule on every linear layer inside the blocks (0: epsilon rule, i.e. the plain
-    gradient). `final_norm_identity`: the identity rule on the final LayerNorm too; the blocks'
-    LayerNorms always get it and GELU always gets the identity rule.
-    """
-
-    qk_factor: float
-    v_factor: float
-    gamma: float = 0.0
-    final_norm_identity: bool = True
-
-
-LRP_RULES = {
-    "attnlrp": LRPRules(qk_factor=0.25, v_factor=0.5),
-    "cp_lrp": LRPRules(qk_factor=0.0, v_factor=1.0),
-    "lrp_composite": LRPRules(qk_factor=1.0, v_factor=1.0, gamma=0.05, final_norm_identity=False),
-}
-
-
-class _ScaleGradient(torch.autograd.Function):
-    """Identity forward; the backward pass multiplies the gradient by a constant factor."""
-
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
-
-
-def _scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
-    if factor == 1.0:
-        return x
-    return x.detach() if factor == 0.0 else _ScaleGradient.apply(x, factor)
-
-
-class _LayerNormIdentity(torch.autograd.Function):
-    """LayerNorm whose backward pass holds the standard deviation constant: the identity rule for
-    the normalisation (the centring is linear and keeps its gradient). Written out because the
-    spelled-out form costs about a dozen small ops forward and back, and one image's LRP is mostly
-    such per-op overhead."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        std = (x.var(dim=-1, unbiased=False, keepdim=True) + eps).sqrt()
-        ctx.save_for_backward(weight, std)
-        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, std = ctx.saved_tensors
-        scaled = (grad if weight is None else grad * weight) / std
-        return scaled - scaled.mean(dim=-1, keepdim=True), None, None, None
-
-
-def _layer_norm_identity(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    return _LayerNormIdentity.apply(x, norm.weight, norm.bias, norm.eps)
-
-
-def _gelu_identity(gelu: nn.GELU, x: torch.Tensor) -> torch.Tensor:
-    """GELU(x) = x * gate(x); holding the gate constant makes x * gradient equal on both sides
-    of the activation: the identity rule. The gate is the normal CDF (or its tanh approximation),
-    computed directly: no division by x, no special case at 0."""
-    if gelu.approximate == "tanh":
-        gate = 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x.pow(3))))
-    else:
-        gate = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
-    return x * gate.detach()
-
-
-# Each weight's absolute values (`_absolute_weights`), kept while the weight is the same tensor and
-# unchanged in place (its version counter), so repeated explanations do not rebuild them.
-_ABSOLUTE: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _absolute_weights(weight: torch.Tensor) -> torch.Tensor:
-    return kept_while_unchanged(_ABSOLUTE, weight, (weight,), lambda: weight.detach().abs())
-
-
-class _GammaLinear(torch.autograd.Function):
-    """F.linear(x, weight, bias) whose input gradient is the gamma rule (`_linear_gamma`).
-
-    With z = x W^T, the contributions x_j w_kj sum to P_k where positive and N_k where negative, and
-    since max(c, 0) = (|c| + c) / 2, P = (A + z) / 2 and N = (z - A) / 2 with A = |x| |W|^T. The
-    rule boosts each output's contributions of its own sign s (+1 where the output, bias included,
-    is positive, else -1) by (1 + gamma): its denominator is out + gamma P or out + gamma N, that is
-    out + gamma/2 (z + s A), which has the output's sign and is at least as large. The relevance per
-    unit of output, r = out / denominator, flows back through the denominator's input derivative,
-    (1 + gamma/2) W + gamma/2 s sign(x) |W|: two matrix products forward and two back, where
-    autograd would walk back through a dozen small ops (an input of exactly 0 passes back only the
-    first term)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, gamma):
-        out = F.linear(x, weight, bias)
-        absolute = _absolute_weights(weight).to(x.dtype)
-        linear = out if bias is None else out - bias
-        # sign() rather than comparisons and torch.where, whose CPU kernels are many times slower
-        # on tensors this small (benchmarks/explain_latency.py).
-        own_sign = out.sign().sub_(0.5).sign_()
-        denominator = out.add(linear.addcmul(own_sign, F.linear(x.abs(), absolute)), alpha=gamma / 2)
-        denominator.add_(own_sign, alpha=1e-9)  # 0 only where the output and its boosted share are: keep r = 0 there
-        ctx.gamma = gamma
-        ctx.save_for_backward(weight, absolute, x.sign(), out / denominator, own_sign)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, absolute, x_sign, per_unit, own_sign = ctx.saved_tensors
-        share = grad * per_unit
-        through_abs = x_sign * ((share * own_sign) @ absolute)
-        grad_x = (share @ weight.to(grad.dtype)).mul_(1 + ctx.gamma / 2).add_(through_abs, alpha=ctx.gamma / 2)
-        return grad_x, None, None, None
-
-
-def _linear_gamma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gamma: float) -> torch.Tensor:
-    """F.linear(x, weight, bias) whose input x gradient is the gamma rule for mixed-sign inputs:
-    each output shares its relevance among the input contributions x_j w_kj, those of the
-    output's own sign boosted by (1 + gamma); the bias keeps its share. gamma = 0: plain gradient."""
-    if gamma == 0:
-        return F.linear(x, weight, bias)
-    return _GammaLinear.apply(x, weight, bias, gamma)
-
-
-def _attention_lrp(block: nn.Module, h: torch.Tensor, rules: LRPRules) -> torch.Tensor:
-    """The block's multi-head attention (as in `Block.attention_with_weights`, eval mode) with
-    the rules' gradient factors on queries, keys and values and the gamma rule on its linear
-    maps. The softmax keeps its plain gradient, which in gradient x input form is AttnLRP's
-    softmax rule."""
-    mha = block.attn
-    batch, tokens, emb = h.shape
-    heads = mha.num_heads
-    head_dim = emb // heads
-    qkv = _linear_gamma(h, mha.in_proj_weight, mha.in_proj_bias, rules.gamma)
-    q, k, v = qkv.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k = _scale_gradient(q, rules.qk_factor), _scale_gradient(k, rules.qk_factor)
-    v = _scale_gradient(v, rules.v_factor)
-    attention = ((q @ k.transpose(-2, -1)) / math.sqrt(head_dim)).softmax(dim=-1)
-    out = (attention @ v).transpose(1, 2).reshape(batch, tokens, emb)
-    return _linear_gamma(out, mha.out_proj.weight, mha.out_proj.bias, rules.gamma)
-
-
-def _mlp_lrp(mlp: nn.Module, x: torch.Tensor, rules: LRPRules) -> torch.Tensor:
-    for layer in mlp:
-        if isinstance(layer, nn.GELU):
-            x = _gelu_identity(layer, x)
-        elif isinstance(layer, nn.Linear):
-            x = _linear_gamma(x, layer.weight, layer.bias, rules.gamma)
-        elif not isinstance(layer, nn.Dropout):
-            raise TypeError(f"no LRP rule for {type(layer).__name__} in the MLP")
-    return x
-
-
-def _lrp_rules(rules: str | LRPRules) -> LRPRules:
-    if isinstance(rules, LRPRules):
-        return rules
-    if rules not in LRP_RULES:
-        raise ValueError(f"unknown LRP rules {rules!r}; choose one of {tuple(LRP_RULES)} or pass LRPRules")
-    return LRP_RULES[rules]
-
+# gradient of that pass equals the relevance the rules would propagate layer by layer
+# (`gradient_rules`: the rules per layer, and the pass through our ViT and the adapted timm and
+# transformers ViTs). Hand-written because our attention is spelled out by hand, which LRP
+# libraries built around Hugging Face or torchvision modules cannot patch.
 
 def lrp_forward(model: ViTClassifier, images: torch.Tensor, rules: str | LRPRules = "attnlrp") -> torch.Tensor:
     """The model's eval-mode logits, computed so that input x gradient of them is the relevance
-    `rules` propagate (see `LRPRules`). Only the backward pass differs from `model(images)`;
-    additions, the residual stream, the embedding and the head keep their plain gradient."""
-    rules = _lrp_rules(rules)
-    x = model.embed(images)
-    for block in model.blocks:
-        x = x + _attention_lrp(block, _layer_norm_identity(block.norm1, x), rules)
-        x = x + _mlp_lrp(block.mlp, _layer_norm_identity(block.norm2, x), rules)
-    final = _layer_norm_identity(model.norm, x) if rules.final_norm_identity else model.norm(x)
-    return model.forward_head(final)
+    `rules` propagate (see `LRPRules`); `gradient_rules.rules_forward`."""
+    return rules_forward(model, images, rules)
 
 
 def lrp(model: ViTClassifier, images: torch.Tensor, target, rules: str | LRPRules = "attnlrp",
         objective: str = "logit") -> torch.Tensor:
     """Relevance of each patch as input x modified gradient (`lrp_forward`), summed per patch.
-    Class-specific; one forward + one backward pass.
+    Class-specific; one forward + one backward pass. Our ViT, and the timm and transformers ViTs
+    of `vit_core.adapters` (their attention, LayerNorm and MLP get the same rules).
 
     - "attnlrp" (Achtibat et al., ICML 2024): identity rule on LayerNorm and GELU, uniform rule on
       both attention products, softmax rule; linear layers epsilon rule.
@@ -474,8 +296,7 @@ def lrp(model: ViTClassifier, images: torch.Tensor, target, rules: str | LRPRule
       Its registry entry explains the log-probability, the quantity occlusion measures.
     AttnLRP's softmax rule is not conservative either; its sum only approximates the logit.
     """
-    _require_own(model, "LRP")
-    rules = _lrp_rules(rules)
+    rules = lrp_rules(rules)
     images = check_images(model, images)
     target = target_tensor(target, len(images), _n_classes(model))
     with eval_mode(model):

@@ -25,7 +25,9 @@ from torch import nn
 from . import rollout
 from .attribution import (Progress, check_images, integrated_gradients, lrp, occlusion, occlusion_drop,
                           predicted_class, target_tensor)
+from .gradient_rules import has_rules
 from .layout import TokenLayout, token_layout
+from .libragrad import libragrad
 from .model import ViTClassifier
 
 
@@ -38,8 +40,12 @@ class Models:
     needs: str
 
 
-# The methods that read our ViTClassifier's own modules (token dropping, LRP's rules per layer).
+# The methods that read our ViTClassifier's own modules (token dropping).
 OWN_VIT = Models(lambda model: isinstance(model, ViTClassifier), "vit_core's own ViTClassifier")
+# The methods that run a ViT's layers with gradient rules (vit_core.gradient_rules: LRP's): ours and
+# the timm and transformers ViTs of vit_core.adapters.adapt, whose wrappers hand out a rule walker.
+RULE_VITS = Models(has_rules, "a ViT with gradient rules: vit_core's own ViTClassifier or a timm or "
+                              "transformers ViT from vit_core.adapters.adapt")
 # The methods that need only a model's forward pass, its attentions and its token layout: every
 # model from `vit_core.adapters.adapt` (ours included).
 ANY_VIT = Models(lambda model: True, "a model from vit_core.adapters.adapt")
@@ -130,11 +136,14 @@ METHODS: tuple[Method, ...] = (
            picker=9),
     Method("input_x_gradient", "input × gradient", _from_gradient_pass("input_x_gradient"), picker=4),
     Method("attention_x_gradient", "attention × gradient", _from_gradient_pass("attention_x_gradient"), picker=2),
-    Method("attnlrp", "AttnLRP", batch_method(lrp, rules="attnlrp"), models=OWN_VIT, picker=3),
-    Method("cp_lrp", "CP-LRP", batch_method(lrp, rules="cp_lrp"), models=OWN_VIT),
+    Method("attnlrp", "AttnLRP", batch_method(lrp, rules="attnlrp"), models=RULE_VITS, picker=3),
+    # The log-probability ranks patches as the public code's default, the probability, does
+    # (d log p = dp / p); the logit is the score its shares sum to exactly (vit_core.libragrad).
+    Method("libragrad", "LibraGrad", batch_method(libragrad, objective="logprob"), models=RULE_VITS, picker=3.5),
+    Method("cp_lrp", "CP-LRP", batch_method(lrp, rules="cp_lrp"), models=RULE_VITS),
     # Explains the log-probability, the quantity occlusion measures (see attribution.lrp).
     Method("lrp_composite", "LRP (composite)", batch_method(lrp, rules="lrp_composite", objective="logprob"),
-           models=OWN_VIT, picker=0),
+           models=RULE_VITS, picker=0),
 )
 METHOD = {method.name: method for method in METHODS}
 METHOD_NAMES = tuple(METHOD)

@@ -21,8 +21,8 @@ When the test split holds fewer than -n images, all of them are used and the fir
 (the file records the count used).
 
 The checkpoint may be any model the app explains (ours, a timm or transformers ViT, a Hub id) whose
-classes and input size are the data's; for another model than ours, the methods and the removal
-that need our own ViT (LRP, token dropping) are left out.
+classes and input size are the data's; for another model than ours, the method and the removal
+that need our own ViT (token dropping) are left out.
 
 Under torchrun (several processes on one machine or several), each process scores one contiguous
 run of the chunks of images (`vit_core.sharding`) and rank 0 gathers them, runs the randomisation
