@@ -211,19 +211,17 @@ class Walkthrough:
 
     def explaining(self, handler: Callable) -> Callable:
         """An Explorer handler that answers an image in steps, extended with this image's
-        walkthrough: its numbers start computing once the first panels are out (beside the other
-        panels), and its every step but the what-if curves is the last answer (`show` then
-        completes it)."""
+        walkthrough: right after the first panels, every step but the what-if curves (a few
+        batched passes, cheaper than drawing the Explorer's other panels, which follow); the
+        curves are computed beside those panels (`show` then completes the page's copy)."""
         @functools.wraps(handler)
         def steps(*args, **kwargs):
-            session = None
             for index, answer in enumerate(handler(*args, **kwargs)):
                 yield answer
                 if index == 0 and answer.get("session") is not None:
                     session = answer["session"]
+                    yield {"walkthrough": self.payload(session)}
                     threading.Thread(target=self._prepare, args=(session,), daemon=True).start()
-            if session is not None:
-                yield {"walkthrough": self.payload(session)}
         return steps
 
     def _prepare(self, session: Session) -> None:

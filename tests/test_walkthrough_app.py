@@ -91,10 +91,11 @@ def analyzed(model, path: Path = CAT):
 
 def test_the_page_gets_every_step_then_the_what_if_curves_computed_once_per_image(walk, model, monkeypatch):
     answers = list(walk.explaining(walk.explorer.explain_steps)({"path": str(CAT), "orig_name": CAT.name}))
-    assert len(answers) == 3 and "overlay" in answers[1] and list(answers[2]) == ["walkthrough"]  # the Explorer's first
+    # The Explorer's first panels, then the walkthrough's steps, then the Explorer's other panels.
+    assert len(answers) == 3 and list(answers[1]) == ["walkthrough"] and "overlay" in answers[2]
     session = answers[0]["session"]
     full = walk.show(session)["walkthrough"]
-    assert not full["whatif_pending"] and full["key"] == answers[2]["walkthrough"]["key"]
+    assert not full["whatif_pending"] and full["key"] == answers[1]["walkthrough"]["key"]
     first = first_payload(walk.explorer, session, model)  # what the page gets before the what-if curves
     assert first["whatif_pending"] and first["whatif"]["ks"] == [0, first["k"]]
     check_payload(full, model, CAT)
