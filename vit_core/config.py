@@ -18,6 +18,7 @@ SCHEDULES = ("cosine", "multistep")
 ATTN_INITS = ("default", "mimetic")
 POS_INITS = ("random", "sincos")
 DISTILL_MODES = ("hard", "soft")
+TEACHER_KINDS = ("conv", "whitened")  # vit_core.teacher.TEACHERS
 AMP_MODES = ("auto", "bf16", "off")
 
 # Settings that may change when a run is resumed; every other one must match the checkpoint.
@@ -99,10 +100,21 @@ class TrainConfig:
     patch_drop_end: float = setting(0.85, "train on whole images after this fraction of the schedule", metavar="F")
     teacher: str = setting("auto", "knowledge distillation: 'none', 'auto' (train a CNN teacher into OUT/teacher "
                            "first, reused on --resume) or a teacher folder")
+    teacher_kind: str = setting("conv", "the network --teacher auto trains: conv = the 3x3-stem CNN of "
+                                "checkpoints/cnn-teacher; whitened = airbench94's (whitened 2x2 first conv, "
+                                "lookahead, test-time averaging)", choices=TEACHER_KINDS)
     teacher_epochs: int = setting(10, "epochs for --teacher auto")
-    distill: str = setting("hard", "hard = learn the teacher's top class (DeiT), soft = its probabilities",
-                           choices=DISTILL_MODES)
-    distill_weight: float = setting(0.5, "share of the loss that follows the teacher")
+    teacher_time_budget_min: float | None = setting(None, "--teacher-kind whitened: run its schedule on this many "
+                                                    "wall-clock minutes where they run out before "
+                                                    "--teacher-epochs, and stop then", flag="teacher-time-budget",
+                                                    metavar="MIN")
+    teacher_only: bool = setting(False, "train the --teacher auto teacher into OUT/teacher, then stop before the ViT")
+    distill: str = setting("hard", "targets for the teacher's share of the loss: hard = its top class (DeiT), "
+                           "soft = its probabilities at --distill-temperature (KL divergence)", choices=DISTILL_MODES)
+    distill_weight: float = setting(0.5, "share of the loss that follows the teacher; the rest is cross-entropy "
+                                    "with the labels")
+    distill_temperature: float = setting(1.0, "--distill soft: divide both networks' logits by T before the KL "
+                                         "divergence, which is then scaled by T^2 (Hinton et al. 2015)", metavar="T")
     init_from: str | None = setting(None, "start from the weights of this trained checkpoint folder instead of a fresh "
                                     "initialisation (a warm restart; same preset and classes); its run's compute "
                                     "counts in the card", metavar="FOLDER")
@@ -158,13 +170,19 @@ INF = float("inf")
 _CHECKS = [
     _choice("preset", PRESETS), _choice("schedule", SCHEDULES), _choice("augment", AUGMENTATIONS),
     _choice("attn_init", ATTN_INITS), _choice("pos_init", POS_INITS), _choice("distill", DISTILL_MODES),
-    _choice("amp", AMP_MODES),
+    _choice("amp", AMP_MODES), _choice("teacher_kind", TEACHER_KINDS),
     _range("epochs", 1, INF), _range("batch_size", 1, INF), _range("lr", 0, INF, low_open=True),
     _range("weight_decay", 0, INF), _range("warmup_epochs", 0, INF), _range("label_smoothing", 0, 1, high_open=True),
     _range("clip_grad", 0, INF), _range("random_erase", 0, 1), _range("cutmix", 0, 1),
     _range("patch_drop", 0, 1, high_open=True), _range("patch_drop_end", 0, 1), _range("distill_weight", 0, 1),
-    _range("teacher_epochs", 1, INF), _range("dropout", 0, 1, high_open=True), _range("val_size", 0, INF, low_open=True),
+    _range("teacher_epochs", 1, INF), _range("teacher_time_budget_min", 0, INF, low_open=True),
+    _range("distill_temperature", 0, INF, low_open=True), _range("dropout", 0, 1, high_open=True), _range("val_size", 0, INF, low_open=True),
     _range("patience", 1, INF), _range("time_budget_min", 0, INF, low_open=True), _range("gamma", 0, 1, low_open=True),
+    lambda c: (None if c.distill == "soft" or c.distill_temperature == 1.0
+               else "--distill-temperature applies to --distill soft only"),
+    lambda c: (None if not c.teacher_only or c.teacher == "auto" else "--teacher-only needs --teacher auto"),
+    lambda c: (None if c.teacher_time_budget_min is None or c.teacher_kind == "whitened"
+               else "--teacher-time-budget applies to --teacher-kind whitened only"),
     lambda c: (None if c.time_budget_min is None or c.schedule == "cosine"
                else "--time-budget needs --schedule cosine"),
     lambda c: (None if all(1 <= m < c.epochs for m in c.milestones)
