@@ -242,3 +242,14 @@ def test_a_teacher_folder_naming_an_unknown_kind_is_a_clear_error(tmp_path):
     (tmp_path / "t" / "config.json").write_text(json.dumps({**config, "kind": "resnet"}))
     with pytest.raises(ValueError, match="names teacher kind 'resnet'"):
         load_teacher(tmp_path / "t")
+
+
+def test_teacher_weights_under_a_config_of_the_other_kind_are_refused(tmp_path):
+    from vit_core.model import CheckpointMismatchError
+
+    WhitenedTeacher().save_pretrained(tmp_path / "t")
+    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    config.pop("kind"), config.pop("whiten_kernel")  # now it reads as a ConvTeacher folder
+    (tmp_path / "t" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointMismatchError, match="is not a ConvTeacher"):
+        load_teacher(tmp_path / "t")
