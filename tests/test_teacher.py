@@ -206,7 +206,10 @@ def test_whitened_teacher_trains_alone_then_teaches_on_the_students_own_augmente
 def test_a_time_budget_stops_the_whitened_teacher_and_the_card_says_so(three_colours, tmp_path):
     out = tmp_path / "teach"
     train(TrainConfig(data=str(three_colours), out=str(out), teacher_only=True, teacher_kind="whitened",
-                      teacher_epochs=50, teacher_time_budget_min=1e-9, val_size=24, num_threads=1))
+                      teacher_epochs=50, teacher_time_budget_min=1e-9, val_size=24, num_threads=1,
+                      teacher_widths=[8, 16, 12]))
+    teacher = load_teacher(out / "teacher")
+    assert [g[0].out_channels for g in teacher.groups] == [8, 16, 12] and teacher.head.in_features == 12
     history = json.loads((out / "teacher" / "history.json").read_text())
     info = json.loads((out / "teacher" / "teacher_info.json").read_text())
     assert len(history) == 1 and history[0]["steps"] == 0 and info["epochs_run"] == 1
@@ -228,6 +231,7 @@ def test_the_shipped_cnn_teacher_still_loads_as_its_own_kind():
     (dict(teacher_only=True, teacher="none"), "--teacher-only needs --teacher auto"),
     (dict(teacher_time_budget_min=10.0), "--teacher-time-budget applies to --teacher-kind whitened only"),
     (dict(teacher_kind="resnet"), "--teacher-kind must be one of"),
+    (dict(teacher_widths=[64, 0, 256]), "--teacher-widths takes three positive channel counts"),
 ])
 def test_bad_distillation_settings_are_clear_errors(tmp_path, overrides, message):
     cfg = TrainConfig(data=str(tmp_path / "nowhere"), out=str(tmp_path / "out"), **overrides)

@@ -104,6 +104,8 @@ class TrainConfig:
                                 "checkpoints/cnn-teacher; whitened = airbench94's (whitened 2x2 first conv, "
                                 "lookahead, test-time averaging)", choices=TEACHER_KINDS)
     teacher_epochs: int = setting(10, "epochs for --teacher auto")
+    teacher_widths: list[int] = setting([64, 256, 256], "channels of the --teacher auto network's three conv groups "
+                                        "(airbench95 widens the whitened one to 128 384 384)", nargs=3)
     teacher_time_budget_min: float | None = setting(None, "--teacher-kind whitened: run its schedule on this many "
                                                     "wall-clock minutes where they run out before "
                                                     "--teacher-epochs, and stop then", flag="teacher-time-budget",
@@ -181,6 +183,8 @@ _CHECKS = [
     lambda c: (None if c.distill == "soft" or c.distill_temperature == 1.0
                else "--distill-temperature applies to --distill soft only"),
     lambda c: (None if not c.teacher_only or c.teacher == "auto" else "--teacher-only needs --teacher auto"),
+    lambda c: (None if len(c.teacher_widths) == 3 and min(c.teacher_widths) >= 1
+               else f"--teacher-widths takes three positive channel counts, got {c.teacher_widths}"),
     lambda c: (None if c.teacher_time_budget_min is None or c.teacher_kind == "whitened"
                else "--teacher-time-budget applies to --teacher-kind whitened only"),
     lambda c: (None if c.time_budget_min is None or c.schedule == "cosine"

@@ -251,11 +251,11 @@ def _train_teacher_now(cfg: TrainConfig, train_set: ImageTensors, val_set: Image
     start = time.perf_counter()
     options = {"time_budget_min": cfg.teacher_time_budget_min} if cfg.teacher_time_budget_min else {}
     TRAINERS[cfg.teacher_kind](train_set, val_set, folder, epochs=cfg.teacher_epochs, seed=cfg.seed,
-                                         device=device, bf16=uses_bf16(device, cfg.amp),
-                                         log=lambda line: print(line, flush=True), **options)
+                               widths=tuple(cfg.teacher_widths), device=device, bf16=uses_bf16(device, cfg.amp),
+                               log=lambda line: print(line, flush=True), **options)
     history = json.loads((folder / HISTORY_NAME).read_text())
-    info = {"kind": cfg.teacher_kind, "epochs": cfg.teacher_epochs, "epochs_run": len(history),
-            "minutes": (time.perf_counter() - start) / 60, "val_acc": history[-1]["val_acc"],
+    info = {"kind": cfg.teacher_kind, "widths": cfg.teacher_widths, "epochs": cfg.teacher_epochs,
+            "epochs_run": len(history), "minutes": (time.perf_counter() - start) / 60, "val_acc": history[-1]["val_acc"],
             "val_images": len(val_set), "seed": cfg.seed, "machine": machine_description(device),
             "command": cfg.command}
     atomic_write_text(folder / TEACHER_INFO_NAME, json.dumps(info, indent=2))
