@@ -365,7 +365,7 @@ def test_resume_reuses_the_trained_teacher(toy_data, tmp_path, monkeypatch):
     train(cfg)
     weights = tmp_path / "run" / "teacher" / "model.safetensors"
     before = weights.read_bytes()
-    monkeypatch.setattr(training_module, "train_teacher", lambda *a, **k: pytest.fail("teacher retrained"))
+    monkeypatch.setattr(training_module, "_train_teacher_now", lambda *a, **k: pytest.fail("teacher retrained"))
     train(tiny_config(toy_data, tmp_path / "run", epochs=2, teacher="auto", teacher_epochs=1, resume=True))
     assert weights.read_bytes() == before
 

@@ -42,7 +42,9 @@ def _extras(cfg: dict) -> str:
     if cfg.get("pos_init", "random") == "sincos":
         extras += "; position embedding initialised as a 2D sine-cosine code"
     if cfg.get("teacher", "none") != "none":
-        extras += (f"; distillation from a CNN teacher ({cfg['distill']} targets on the same augmented images, "
+        temperature = cfg.get("distill_temperature", 1.0)
+        targets = f"soft targets at temperature {temperature:g}" if cfg["distill"] == "soft" else "hard targets"
+        extras += (f"; distillation from a CNN teacher ({targets} on the same augmented images, "
                    f"weight {cfg['distill_weight']})")
     if cfg.get("init_from"):
         extras += f"; started from the weights of `{cfg['init_from']}` (`--init-from`, a warm restart)"
@@ -77,11 +79,15 @@ def _teacher_lines(info: dict) -> list[str]:
     teacher = info["teacher"]
     given = info["config"].get("teacher", "auto")
     by = "first by the same command" if given == "auto" else f"by an earlier run (given as `--teacher {given}`)"
+    network = "WhitenedTeacher" if teacher.get("kind") == "whitened" else "ConvTeacher"
+    run = teacher.get("epochs_run", teacher["epochs"])
+    epochs = f"{teacher['epochs']} epochs" if run == teacher["epochs"] else \
+        f"{run} of {teacher['epochs']} epochs (its time budget ran out)"
     if teacher.get("reused_from"):
         by = (f"by an earlier run and reused from `{teacher['reused_from']}` by `--teacher auto`, as it held out "
               f"the same validation images,")
-    return [f"Teacher: the `ConvTeacher` CNN (`vit_core/teacher.py`), trained {by} for "
-            f"{teacher['epochs']} epochs in {teacher['minutes']:.1f} min on the same training images; "
+    return [f"Teacher: the `{network}` CNN (`vit_core/teacher.py`), trained {by} for "
+            f"{epochs} in {teacher['minutes']:.1f} min on the same training images; "
             f"validation accuracy {teacher['val_acc'] * 100:.2f} %. It only supplies training targets."]
 
 

@@ -19,6 +19,7 @@ SCHEDULES = ("cosine", "multistep")
 ATTN_INITS = ("default", "mimetic")
 POS_INITS = ("random", "sincos")
 DISTILL_MODES = ("hard", "soft")
+TEACHER_KINDS = ("conv", "whitened")  # vit_core.teacher.TEACHERS
 AMP_MODES = ("auto", "bf16", "off")
 
 # Settings that may change when a run is resumed; every other one must match the checkpoint.
@@ -115,13 +116,27 @@ class TrainConfig:
                                 "(PatchDropout): faster steps, more epochs per hour", metavar="P")
     patch_drop_end: float = setting(0.85, "train on whole images after this fraction of the schedule", metavar="F")
     teacher: str = setting("auto", "knowledge distillation: 'none', 'auto' (OUT/teacher: the shipped "
-                           "checkpoints/cnn-teacher copied there when it knows the data's classes and held out the "
-                           "same validation images, else a CNN teacher trained there first; reused on --resume) "
+                           "checkpoints/cnn-teacher copied there when --teacher-kind is conv, it knows the data's classes "
+                           "and it held out the same validation images, else a CNN teacher of --teacher-kind trained "
+                           "there first; reused on --resume) "
                            "or a teacher folder")
+    teacher_kind: str = setting("conv", "the network --teacher auto trains: conv = the 3x3-stem CNN of "
+                                "checkpoints/cnn-teacher; whitened = airbench94's (whitened 2x2 first conv, "
+                                "lookahead, test-time averaging)", choices=TEACHER_KINDS)
     teacher_epochs: int = setting(10, "epochs for --teacher auto")
-    distill: str = setting("hard", "hard = learn the teacher's top class (DeiT), soft = its probabilities",
-                           choices=DISTILL_MODES)
-    distill_weight: float = setting(0.5, "share of the loss that follows the teacher")
+    teacher_widths: list[int] = setting([64, 256, 256], "channels of the --teacher auto network's three conv groups "
+                                        "(airbench95 widens the whitened one to 128 384 384)", nargs=3)
+    teacher_time_budget_min: float | None = setting(None, "--teacher-kind whitened: run its schedule on this many "
+                                                    "wall-clock minutes where they run out before "
+                                                    "--teacher-epochs, and stop then", flag="teacher-time-budget",
+                                                    metavar="MIN")
+    teacher_only: bool = setting(False, "train the --teacher auto teacher into OUT/teacher, then stop before the ViT")
+    distill: str = setting("hard", "targets for the teacher's share of the loss: hard = its top class (DeiT), "
+                           "soft = its probabilities at --distill-temperature (KL divergence)", choices=DISTILL_MODES)
+    distill_weight: float = setting(0.5, "share of the loss that follows the teacher; the rest is cross-entropy "
+                                    "with the labels")
+    distill_temperature: float = setting(1.0, "--distill soft: divide both networks' logits by T before the KL "
+                                         "divergence, which is then scaled by T^2 (Hinton et al. 2015)", metavar="T")
     init_from: str | None = setting(None, "start from the weights of this trained checkpoint folder instead of a fresh "
                                     "initialisation (a warm restart; same preset and classes); its run's compute "
                                     "counts in the card", metavar="FOLDER")
@@ -178,16 +193,24 @@ _CHECKS = [
     _choice("recipe", RECIPES), _choice("preset", PRESETS), _choice("schedule", SCHEDULES),
     _choice("augment", AUGMENTATIONS),
     _choice("attn_init", ATTN_INITS), _choice("pos_init", POS_INITS), _choice("distill", DISTILL_MODES),
-    _choice("amp", AMP_MODES),
+    _choice("amp", AMP_MODES), _choice("teacher_kind", TEACHER_KINDS),
     _range("epochs", 1, INF), _range("batch_size", 1, INF), _range("lr", 0, INF, low_open=True),
     _range("weight_decay", 0, INF), _range("warmup_epochs", 0, INF), _range("label_smoothing", 0, 1, high_open=True),
     _range("clip_grad", 0, INF), _range("random_erase", 0, 1), _range("cutmix", 0, 1),
     _range("patch_drop", 0, 1, high_open=True), _range("patch_drop_end", 0, 1), _range("distill_weight", 0, 1),
-    _range("teacher_epochs", 1, INF), _range("dropout", 0, 1, high_open=True), _range("val_size", 0, INF, low_open=True),
+    _range("teacher_epochs", 1, INF), _range("teacher_time_budget_min", 0, INF, low_open=True),
+    _range("distill_temperature", 0, INF, low_open=True), _range("dropout", 0, 1, high_open=True), _range("val_size", 0, INF, low_open=True),
     _range("patience", 1, INF), _range("time_budget_min", 0, INF, low_open=True), _range("gamma", 0, 1, low_open=True),
     lambda c: (None if c.recipe not in RECIPES or not RECIPES[c.recipe].warm_restart or c.init_from else
                f"--recipe {c.recipe} is a warm restart: give --init-from FOLDER with the weights it starts from "
                f"(the shipped ones started from wide-v7's), or train from scratch with --recipe wide-v7"),
+    lambda c: (None if c.distill == "soft" or c.distill_temperature == 1.0
+               else "--distill-temperature applies to --distill soft only"),
+    lambda c: (None if not c.teacher_only or c.teacher == "auto" else "--teacher-only needs --teacher auto"),
+    lambda c: (None if len(c.teacher_widths) == 3 and min(c.teacher_widths) >= 1
+               else f"--teacher-widths takes three positive channel counts, got {c.teacher_widths}"),
+    lambda c: (None if c.teacher_time_budget_min is None or c.teacher_kind == "whitened"
+               else "--teacher-time-budget applies to --teacher-kind whitened only"),
     lambda c: (None if c.time_budget_min is None or c.schedule == "cosine"
                else "--time-budget needs --schedule cosine"),
     lambda c: (None if all(1 <= m < c.epochs for m in c.milestones)

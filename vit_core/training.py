@@ -36,7 +36,7 @@ from .evaluate import predict_probs
 from .model import WEIGHTS_NAME, ViTClassifier, mimetic_attention_init_, sincos_position_init_
 from .preprocessing import normalize
 from .records import portable_path
-from .teacher import ConvTeacher, teacher_accuracy, teacher_logits, train_teacher
+from .teacher import TRAINERS, load_teacher, teacher_logits
 
 STATE_NAME = "train_state.pt"
 HISTORY_NAME = "history.json"
@@ -194,13 +194,15 @@ def make_batch(data: ImageTensors, indices: torch.Tensor, policy: str, mean, std
 
 
 def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, mode: str,
-                      label_smoothing: float) -> torch.Tensor:
+                      label_smoothing: float, temperature: float = 1.0) -> torch.Tensor:
     """Hard: cross-entropy with the teacher's top class (DeiT's hard distillation, which beat soft
-    targets there). Soft: KL divergence to the teacher's probabilities at temperature 1."""
+    targets there). Soft: KL(teacher || student) between the probabilities of both logits divided
+    by `temperature`, times temperature^2 so the gradients keep their size (Hinton et al. 2015)."""
     if mode == "hard":
         return F.cross_entropy(logits, teacher_logits.argmax(-1), label_smoothing=label_smoothing)
-    return F.kl_div(logits.log_softmax(-1), teacher_logits.log_softmax(-1), log_target=True,
-                    reduction="batchmean")
+    student = (logits / temperature).log_softmax(-1)
+    teacher = (teacher_logits / temperature).log_softmax(-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature ** 2
 
 
 def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
@@ -213,8 +215,9 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, images: t
         logits = net(images, drop_patches=drop_patches)
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
     if teacher is not None:
-        taught = distillation_loss(logits.float(), teacher_logits(teacher, images, uses_bf16(device, cfg.amp)), cfg.distill,
-                                   cfg.label_smoothing)
+        # The teacher sees the very batch the student does (crop, flip, CutMix): consistent views.
+        taught = distillation_loss(logits.float(), teacher_logits(teacher, images, uses_bf16(device, cfg.amp)),
+                                   cfg.distill, cfg.label_smoothing, cfg.distill_temperature)
         loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * taught
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -279,7 +282,7 @@ def teacher_misfit(folder: Path, train_set: ImageTensors, val_set: ImageTensors)
 def _teacher_estimate(cfg: TrainConfig, n_images: int) -> str:
     """Roughly how long `--teacher auto` will train, scaled from the shipped teacher's record."""
     info = SHIPPED_TEACHER / TEACHER_INFO_NAME
-    if not info.is_file():
+    if cfg.teacher_kind != "conv" or not info.is_file():  # its record times the conv network only
         return ""
     shipped = json.loads(info.read_text())
     images = shipped.get("split", {}).get("train_images")
@@ -300,7 +303,8 @@ def _provide_teacher(cfg: TrainConfig, folder: Path, train_set: ImageTensors, va
     if (folder / WEIGHTS_NAME).exists():
         print(f"teacher: {folder}, from this run's start", flush=True)
         return
-    misfit = teacher_misfit(SHIPPED_TEACHER, train_set, val_set)
+    misfit = (teacher_misfit(SHIPPED_TEACHER, train_set, val_set) if cfg.teacher_kind == "conv"
+              else f"it is a conv teacher and --teacher-kind asks for {cfg.teacher_kind}")
     if misfit is None:
         shutil.copytree(SHIPPED_TEACHER, folder, dirs_exist_ok=True)
         info = json.loads((folder / TEACHER_INFO_NAME).read_text())
@@ -309,24 +313,35 @@ def _provide_teacher(cfg: TrainConfig, folder: Path, train_set: ImageTensors, va
         print(f"teacher: the shipped one ({SHIPPED_TEACHER_NAME}, copied into {folder}): it knows these classes "
               f"and held out these same validation images, so no teacher is trained", flush=True)
         return
-    print(f"teacher: training a CNN teacher into {folder} first, {cfg.teacher_epochs} epochs on {len(train_set)} "
-          f"images{_teacher_estimate(cfg, len(train_set))} (the shipped one does not fit: {misfit}; "
+    print(f"teacher: training a {cfg.teacher_kind} CNN teacher into {folder} first, {cfg.teacher_epochs} epochs on "
+          f"{len(train_set)} images{_teacher_estimate(cfg, len(train_set))} (the shipped one does not fit: {misfit}; "
           f"--teacher none trains without)", flush=True)
+    _train_teacher_now(cfg, train_set, val_set, folder, device)
+
+
+def _train_teacher_now(cfg: TrainConfig, train_set: ImageTensors, val_set: ImageTensors, folder: Path,
+                       device: torch.device) -> None:
+    """--teacher auto: train the --teacher-kind network into `folder` and record its figures beside it
+    (its accuracy is the last epoch's, measured with the kind's test-time averaging)."""
     start = time.perf_counter()
-    teacher = train_teacher(train_set, val_set, folder, epochs=cfg.teacher_epochs, seed=cfg.seed,
-                            device=device, log=lambda line: print(line, flush=True))
-    info = {"epochs": cfg.teacher_epochs, "minutes": (time.perf_counter() - start) / 60,
-            "val_acc": teacher_accuracy(teacher, val_set, device), "machine": machine_description(device),
-            "split": split_record(train_set, val_set)}
+    options = {"time_budget_min": cfg.teacher_time_budget_min} if cfg.teacher_time_budget_min else {}
+    TRAINERS[cfg.teacher_kind](train_set, val_set, folder, epochs=cfg.teacher_epochs, seed=cfg.seed,
+                               widths=tuple(cfg.teacher_widths), device=device, bf16=uses_bf16(device, cfg.amp),
+                               log=lambda line: print(line, flush=True), **options)
+    history = json.loads((folder / HISTORY_NAME).read_text())
+    info = {"kind": cfg.teacher_kind, "widths": cfg.teacher_widths, "epochs": cfg.teacher_epochs,
+            "epochs_run": len(history), "minutes": (time.perf_counter() - start) / 60, "val_acc": history[-1]["val_acc"],
+            "val_images": len(val_set), "seed": cfg.seed, "machine": machine_description(device),
+            "command": cfg.command, "split": split_record(train_set, val_set)}
     atomic_write_text(folder / TEACHER_INFO_NAME, json.dumps(info, indent=2))
 
 
 def prepare_teacher(cfg: TrainConfig, train_set: ImageTensors, val_set: ImageTensors, out: Path,
-                    device: torch.device, rank: int = 0, world: int = 1) -> ConvTeacher | None:
-    """The distillation teacher: none, a trained folder, or ("auto") OUT/teacher: the shipped one
-    copied there when it fits the run, else one trained now on the same training images (kept
-    there, so a resumed run reuses it). Says which before anything starts. Under torchrun rank 0
-    provides it while the others wait."""
+                    device: torch.device, rank: int = 0, world: int = 1) -> torch.nn.Module | None:
+    """The distillation teacher: none, a trained folder (of the kind its config.json names), or
+    ("auto") OUT/teacher: the shipped one copied there when it fits the run, else one of
+    --teacher-kind trained now on the same training images (kept there, so a resumed run reuses
+    it). Says which before anything starts. Under torchrun rank 0 provides it while the others wait."""
     if cfg.teacher == "none":
         if rank == 0:
             print("teacher: none (no distillation)", flush=True)
@@ -338,7 +353,7 @@ def prepare_teacher(cfg: TrainConfig, train_set: ImageTensors, val_set: ImageTen
         dist.barrier()
     require_teacher_weights(cfg, folder)
     try:
-        teacher = ConvTeacher.from_pretrained(str(folder))
+        teacher = load_teacher(folder)
     except (OSError, ValueError) as error:
         raise TrainError(f"--teacher {cfg.teacher}: {error}") from error
     if teacher.class_names != train_set.classes:
@@ -491,6 +506,16 @@ def _saved_state(cfg: TrainConfig, out: Path) -> dict | None:
     return saved
 
 
+def _load_data(cfg: TrainConfig) -> tuple[ImageTensors, ImageTensors, ImageTensors]:
+    """Decoded once, held as uint8; validation held out of train with a fixed seed."""
+    full_train = load_split(cfg.data, "train", download=cfg.download, limit=cfg.limit_train, seed=cfg.seed)
+    try:
+        train_set, val_set = split_validation(full_train, cfg.val_size, seed=cfg.seed)
+    except ValueError as error:
+        raise TrainError(f"--val-size: {error}") from error
+    return full_train, train_set, val_set
+
+
 def setup(cfg: TrainConfig) -> Run:
     """Check the settings, load data and teacher, build model and optimiser, restore a saved run."""
     cfg.validate()
@@ -503,12 +528,7 @@ def setup(cfg: TrainConfig) -> Run:
         raise TrainError(f"--init-from {cfg.init_from}: no such folder (give the folder of a trained checkpoint)")
     if cfg.batch_size % world:
         raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
-    # Data: decoded once, held as uint8; validation held out of train with a fixed seed.
-    full_train = load_split(cfg.data, "train", download=cfg.download, limit=cfg.limit_train, seed=cfg.seed)
-    try:
-        train_set, val_set = split_validation(full_train, cfg.val_size, seed=cfg.seed)
-    except ValueError as error:
-        raise TrainError(f"--val-size: {error}") from error
+    full_train, train_set, val_set = _load_data(cfg)
     if saved is not None:
         _check_same_split(saved["config"], cfg, full_train)
     elif cfg.init_from:
@@ -711,6 +731,8 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
     Returns a summary (best epoch, validation accuracy, wall time). `on_epoch_end(epoch, record)`
     is called after each epoch's checkpoint is safely on disk.
     """
+    if cfg.teacher_only:
+        return train_teacher_only(cfg)
     run = setup(cfg)
     for epoch in range(run.start_epoch, cfg.epochs):
         stats, out_of_time = run_epoch(run, epoch)
@@ -723,6 +745,22 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = N
         if stop:
             break
     return finish(run)
+
+
+def train_teacher_only(cfg: TrainConfig) -> dict:
+    """--teacher-only: train the teacher into OUT/teacher on the split the ViT would use, then stop
+    (a later run takes it with --teacher OUT/teacher, or resumes into OUT with --teacher auto).
+    Returns its teacher_info.json."""
+    cfg.validate()
+    device, _, world, _ = _start_processes(cfg)
+    if world > 1:
+        raise TrainError("--teacher-only trains in one process: run it without torchrun")
+    _, train_set, val_set = _load_data(cfg)
+    prepare_teacher(cfg, train_set, val_set, Path(cfg.out), device)
+    info_file = teacher_folder(cfg, Path(cfg.out)) / TEACHER_INFO_NAME
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    print(f"teacher in {info_file.parent}: validation accuracy {info.get('val_acc', float('nan')):.4f}", flush=True)
+    return info
 
 
 def push_to_hub(out: Path, repo_id: str) -> None:
