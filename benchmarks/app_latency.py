@@ -368,21 +368,27 @@ BROWSER_FLOOR_APP = textwrap.dedent("""
 """)
 
 
+def open_page(playwright, url: str, width: int, height: int):
+    """Debian's Chromium (headless) on `url` at width x height, patient with a busy server; it
+    closes with `playwright`."""
+    import shutil
+
+    browser = playwright.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+                                         args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    return page
+
 def browser_latency(url: str, uploads: int) -> dict[str, list[float]]:
     """Milliseconds from the browser's file-chosen event to the first panels (FIRST_IDS) and to every
     panel showing its new picture, in the page's own clock; and to every panel from Playwright's
     set_input_files call (which adds the file's transfer into the page)."""
-    import shutil
-
     from playwright.sync_api import sync_playwright
 
     times = {"first": [], "every": [], "every, from set_input_files": []}
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
-                                             args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1440, "height": 900})
-        page.set_default_timeout(60_000)
-        page.goto(url)
+        page = open_page(playwright, url, 1440, 900)
         for i in range(uploads + 2):  # the first two warm the page and the server
             old = {panel: page.evaluate(f"document.querySelector('#{panel} img')?.src || ''") for panel in PANEL_IDS}
             page.wait_for_selector("#image-in input[type=file]", state="attached")
@@ -398,7 +404,6 @@ def browser_latency(url: str, uploads: int) -> dict[str, list[float]]:
                 times["every, from set_input_files"].append((time.perf_counter() - started) * 1000)
             page.wait_for_function("!document.querySelector('#trust').innerText.includes('Measuring')")
             page.locator("#image-in button[aria-label='Remove Image']").first.click()  # ready for the next file
-        browser.close()
     return times
 
 

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 from pathlib import Path
 
-from app_latency import ALL_NEW, EXAMPLES, FIRST_IDS, WATCH_PICK, connect, free_port, start, stop
+from app_latency import ALL_NEW, EXAMPLES, FIRST_IDS, WATCH_PICK, connect, free_port, open_page, start, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,15 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         connect(url, server, verify=False)
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
-                                                 args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
-            page = browser.new_page(viewport={"width": 1280, "height": 720})
-            page.set_default_timeout(60_000)
-            page.goto(url)
+            page = open_page(playwright, url, 1280, 720)
             page.wait_for_selector("#image-in input[type=file]", state="attached")
             uploads = upload_times(page, args.uploads)
             keys = key_times(page, args.keys)
-            browser.close()
     finally:
         stop(server)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; Chromium 1280x720, "

@@ -40,3 +40,16 @@ def server(model):
 @pytest.fixture(scope="module")
 def client(server, tmp_path_factory):
     return local_client(server, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    """Headless Debian Chromium driven by Playwright, once the test module's `server` is up."""
+    from playwright.sync_api import sync_playwright
+
+    from toys import CHROMIUM, CHROMIUM_ARGS
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

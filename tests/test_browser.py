@@ -8,7 +8,6 @@ shows (docs/screenshot.png, docs/model_tab.png), and app_390x844.png the phone's
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,16 +15,13 @@ import pytest
 import demo.app as app
 from demo.evidence import Evidence
 from demo.panels import GAP, MODEL_FIGURES, SCALE
-from toys import tiny_vit
+from toys import CHROMIUM, tiny_vit
 from vit_core import CIFAR10_CLASSES
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 PANELS = ["model-view", "patch-grid", "overlay", "token-attention", "matrix", "matrices", "layer-strip"]
 TIMEOUT_MS = 60_000  # generous: the CPU may be busy with other work
 DOG = ROOT / "demo" / "examples" / "dog_0001.jpg"
@@ -45,16 +41,6 @@ def server():
     app.launch(demo, block=False, quiet=True)
     yield demo
     demo.close()
-
-
-@pytest.fixture(scope="module")
-def browser(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 def open_page(browser, server, width: int = 1440, height: int = 900):

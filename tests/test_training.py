@@ -380,8 +380,8 @@ def test_auto_reuses_the_shipped_teacher_only_where_it_fits(toy_data, tmp_path, 
     assert recorded["classes"] == ["blue", "red"] and recorded["val_images"] == 16
     monkeypatch.setattr(training_module, "SHIPPED_TEACHER", shipped)
     trained = []
-    real = training_module.train_teacher
-    monkeypatch.setattr(training_module, "train_teacher", lambda *a, **k: trained.append(1) or real(*a, **k))
+    real = training_module.TRAINERS["conv"]
+    monkeypatch.setitem(training_module.TRAINERS, "conv", lambda *a, **k: trained.append(1) or real(*a, **k))
     # The same data, seed and split: the shipped teacher is copied in, none is trained.
     train(tiny_config(toy_data, tmp_path / "same", epochs=1, teacher="auto", teacher_epochs=1))
     assert not trained and "teacher: the shipped one" in capsys.readouterr().out

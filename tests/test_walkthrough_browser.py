@@ -14,8 +14,8 @@ import torch
 
 import demo.app as app
 from demo.evidence import Evidence
-from test_browser import CHROMIUM, CHROMIUM_ARGS, open_page
-from toys import tiny_vit
+from test_browser import open_page
+from toys import CHROMIUM, tiny_vit
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -48,16 +48,6 @@ def server():
         demo = serve(tiny_vit())
     yield demo
     demo.close()
-
-
-@pytest.fixture(scope="module")
-def browser(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -313,7 +313,7 @@ def _provide_teacher(cfg: TrainConfig, folder: Path, train_set: ImageTensors, va
         print(f"teacher: the shipped one ({SHIPPED_TEACHER_NAME}, copied into {folder}): it knows these classes "
               f"and held out these same validation images, so no teacher is trained", flush=True)
         return
-    print(f"teacher: training a {cfg.teacher_kind} CNN teacher into {folder} first, {cfg.teacher_epochs} epochs on "
+    print(f"teacher: training a CNN teacher into {folder} first ({cfg.teacher_kind}), {cfg.teacher_epochs} epochs on "
           f"{len(train_set)} images{_teacher_estimate(cfg, len(train_set))} (the shipped one does not fit: {misfit}; "
           f"--teacher none trains without)", flush=True)
     _train_teacher_now(cfg, train_set, val_set, folder, device)
