@@ -257,3 +257,22 @@ def test_teacher_weights_under_a_config_of_the_other_kind_are_refused(tmp_path):
     (tmp_path / "t" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointMismatchError, match="is not a ConvTeacher"):
         load_teacher(tmp_path / "t")
+
+
+def test_auto_copies_the_shipped_conv_teacher_only_when_a_conv_teacher_is_asked_for(three_colours, tmp_path,
+                                                                                   monkeypatch, capsys):
+    import vit_core.training as training_module
+
+    def teacher_only(out, **settings):
+        train(TrainConfig(data=str(three_colours), out=str(out), teacher_only=True, teacher_epochs=1, val_size=24,
+                          num_threads=1, teacher_widths=[8, 16, 12], **settings))
+        return json.loads((out / "teacher" / "teacher_info.json").read_text()), capsys.readouterr().out
+
+    shipped, _ = teacher_only(tmp_path / "shipped")  # a conv teacher of this very split stands in for the shipped one
+    monkeypatch.setattr(training_module, "SHIPPED_TEACHER", tmp_path / "shipped" / "teacher")
+    info, said = teacher_only(tmp_path / "conv")
+    assert info.get("reused_from") and "teacher: the shipped one" in said
+    info, said = teacher_only(tmp_path / "whitened", teacher_kind="whitened", teacher_time_budget_min=1e-9)
+    assert info["kind"] == "whitened" and not info.get("reused_from")
+    assert "the shipped one does not fit: it is a conv teacher and --teacher-kind asks for whitened" in said
+    assert isinstance(load_teacher(tmp_path / "whitened" / "teacher"), WhitenedTeacher)
