@@ -38,6 +38,7 @@ from .faithfulness import kept_class_probabilities, moved_counts
 from .model import ViTClassifier, eval_mode, patchify
 from .narration import whatif_sentence  # noqa: F401  (the UI phrases any k with it)
 from .explanation import explain
+from .methods import METHOD
 from .trust import bfloat16_copy
 
 PAYLOAD_VERSION = 1
@@ -455,7 +456,7 @@ def default_relevance(model: nn.Module, image: torch.Tensor) -> tuple[torch.Tens
     """The map the decision step shows when the caller gives none: gradient rollout of the
     predicted class (one forward and one backward pass; any adapted model has it)."""
     explanation = explain(model, image, gradients=True)
-    return explanation.grad_rollout[0].flatten().float().cpu(), "grad_rollout", "gradient rollout"
+    return explanation.grad_rollout[0].flatten().float().cpu(), "grad_rollout", METHOD["grad_rollout"].label
 
 
 def _unit(values: torch.Tensor) -> torch.Tensor:
