@@ -82,14 +82,15 @@ class _LayerNormIdentity(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        std = (x.var(dim=-1, unbiased=False, keepdim=True) + eps).sqrt()
-        ctx.save_for_backward(weight, std)
-        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+        # The kernel's own 1 / std, rather than a second pass over x for it.
+        out, _, inverse_std = torch.native_layer_norm(x, x.shape[-1:], weight, bias, eps)
+        ctx.save_for_backward(weight, inverse_std)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        weight, std = ctx.saved_tensors
-        scaled = (grad if weight is None else grad * weight) / std
+        weight, inverse_std = ctx.saved_tensors
+        scaled = (grad if weight is None else grad * weight) * inverse_std
         return scaled - scaled.mean(dim=-1, keepdim=True), None, None, None
 
 
