@@ -1,9 +1,9 @@
 """Time to accuracy: minutes until a training run first reached 70/75/80/85 % validation accuracy,
 and what an epoch costs on this machine for the shipped recipe against the 2022 report's.
 
-    python benchmarks/time_to_accuracy.py --checkpoint checkpoints/vit-cifar10 [--data ../shared/cifar10]
+    python benchmarks/time_to_accuracy.py --checkpoint checkpoints/vit-cifar10 [runs/v11 ...] [--data ../shared/cifar10]
 
-- From the run's history.json, after those of the runs it warm-started from (`--init-from`), if
+- From each checkpoint's history.json (several side by side), after those of the runs it warm-started from (`--init-from`), if
   any: training minutes (validation included, teacher excluded) to each mark, as the model card
   gives them.
 - Measured in this run, one after the other on the same CPU: images/s of the shipped recipe's
@@ -69,11 +69,13 @@ def print_history(checkpoint: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "vit-cifar10"))
+    parser.add_argument("--checkpoint", nargs="+", default=[str(ROOT / "checkpoints" / "vit-cifar10")],
+                        help="run or checkpoint folders whose histories to compare")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "cifar10"))
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
-    print_history(Path(args.checkpoint))
+    for checkpoint in args.checkpoint:
+        print_history(Path(checkpoint))
     train_dir, tmp = train_folder(args.data)
     data = load_image_folder(train_dir, limit=2048)
     shipped = TrainConfig(data="", out="")

@@ -51,7 +51,7 @@ def _extras(cfg: dict) -> str:
     return extras
 
 
-ACCURACY_MARKS = (0.70, 0.75, 0.80, 0.85)
+ACCURACY_MARKS = (0.70, 0.75, 0.80, 0.85, 0.88, 0.90)
 
 
 def lineage(folder: str | Path) -> list[dict]:
