@@ -566,7 +566,7 @@ def test_card_gives_minutes_to_each_validation_accuracy():
 
     history = [{"seconds": 60, "val_acc": 0.6}, {"seconds": 120, "val_acc": 0.72},
                {"seconds": 60, "val_acc": 0.81}, {"seconds": 60, "val_acc": 0.79}]
-    assert minutes_to_accuracy(history) == {0.70: 3.0, 0.75: 4.0, 0.80: 4.0, 0.85: None}
+    assert minutes_to_accuracy(history) == {0.70: 3.0, 0.75: 4.0, 0.80: 4.0, 0.85: None, 0.88: None, 0.90: None}
 
 
 def test_the_shipped_checkpoints_recipe_reproduces_its_recorded_settings():
