@@ -18,7 +18,6 @@ the prediction, from the payload).
 from __future__ import annotations
 
 import base64
-import copy
 import functools
 import json
 import threading
@@ -184,13 +183,14 @@ def lens_figure(payload: dict) -> Image.Image | None:
 # The handlers ({output name: value}, as demo.handlers')
 
 class Walkthrough:
-    """The tab's handlers around the Explorer's. The head knock-outs hook the model's attention
-    while they run, which a request running beside them on the same model would meet: the
-    walkthrough runs on a copy of its own, one request at a time."""
+    """The tab's handlers around the Explorer's, on the Explorer's model: the head knock-outs'
+    hooks act on their own thread's passes only (`vit_core.scope`), so other requests may run
+    meanwhile. The lock makes a request wait for a payload already being computed rather than
+    compute it again."""
 
     def __init__(self, explorer: Explorer):
         self.explorer = explorer
-        self.model = copy.deepcopy(explorer.model).eval()
+        self.model = explorer.model
         self.lock = threading.Lock()
 
     def payload(self, session: Session) -> dict:
@@ -231,9 +231,7 @@ class Walkthrough:
             pass
 
     def _whatif(self, session: Session, k, patches) -> dict:
-        payload = self.payload(session)
-        with self.lock:
-            return whatif_answer(payload, self.model, session.inputs, k, patches)
+        return whatif_answer(self.payload(session), self.model, session.inputs, k, patches)
 
     def show(self, session: Session | None) -> Answer:
         """The page's walkthrough for the session's image, every what-if row in (none: the empty

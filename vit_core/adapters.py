@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -47,6 +47,7 @@ from .checkpoints import (CONFIG_NAME, CheckpointError, candidate_folders, hub_f
 from .gradient_rules import Walker, hf_walker, timm_walker
 from .layout import TokenLayout
 from .model import WEIGHTS_NAME, ViTClassifier
+from .scope import forward_override
 
 SUPPORTED = ("vit_core ViTClassifier; a timm VisionTransformer (ViT, DeiT incl. distilled, register "
              "tokens, no CLS token) with timm's standard Attention blocks, 'token' or 'avg' pooling, "
@@ -123,19 +124,18 @@ def _explicit_attention(attn: nn.Module, store: list[torch.Tensor]):
 
 @contextmanager
 def capture_attention(vit: nn.Module):
-    """Inside, every forward pass of the timm ViT `vit` appends each block's softmax attention to the
-    list yielded, in block order. Gradient checkpointing is paused (it would run blocks twice)."""
+    """Inside, every forward pass of the timm ViT `vit` in this thread appends each block's softmax
+    attention to the list yielded, in block order; other threads' passes run the model as it is
+    (`vit_core.scope`). Gradient checkpointing is paused (it would run blocks twice)."""
     store: list[torch.Tensor] = []
-    attns = [block.attn for block in vit.blocks]
     checkpointing = vit.grad_checkpointing
     vit.grad_checkpointing = False
-    for attn in attns:
-        attn.forward = _explicit_attention(attn, store)  # an instance attribute shadows the method
     try:
-        yield store
+        with ExitStack() as overrides:
+            for block in vit.blocks:
+                overrides.enter_context(forward_override(block.attn, _explicit_attention(block.attn, store)))
+            yield store
     finally:
-        for attn in attns:
-            del attn.forward
         vit.grad_checkpointing = checkpointing
 
 

@@ -14,7 +14,8 @@ unchanged, so they need not run again). `walkthrough_payload` adds the map, the 
 Our ViTClassifier and the timm / transformers ViTs of `vit_core.adapters` are all read through a
 small `_Stack` per kind: how to embed, run one block, find a block's attention output projection
 (a head is knocked out by a forward pre-hook that zeroes its slice of the projection's input, so
-the projection's bias stays) and read the logits off the tokens.
+the projection's bias stays; it acts on the calling thread's passes only, so the app's other
+requests may use the same model meanwhile) and read the logits off the tokens.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +39,7 @@ from .model import ViTClassifier, eval_mode, patchify
 from .narration import whatif_sentence  # noqa: F401  (the UI phrases any k with it)
 from .explanation import explain
 from .methods import METHOD
+from .scope import pre_hook
 from .trust import bfloat16_copy
 
 PAYLOAD_VERSION = 1
@@ -251,15 +252,11 @@ def check_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return images.detach().float()
 
 
-@contextmanager
 def zeroed_heads(projection: nn.Linear, mask: torch.Tensor):
     """Inside, the input of `projection` (the heads' outputs side by side) is multiplied by `mask`
-    ([rows, 1, features] of ones and zeros); its bias is untouched."""
-    handle = projection.register_forward_pre_hook(lambda module, args: (args[0] * mask, *args[1:]))
-    try:
-        yield
-    finally:
-        handle.remove()
+    ([rows, 1, features] of ones and zeros) in this thread's passes; its bias is untouched. Other
+    threads' passes through the same model are not (`vit_core.scope`)."""
+    return pre_hook(projection, lambda module, args: (args[0] * mask, *args[1:]))
 
 
 def _knockout_logits(stack, hidden: list[torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,67 @@
+"""Brief changes to a shared model that only the calling thread sees.
+
+The app answers several requests at once from one model. A hook or a replaced `forward` that one
+request puts on a module for a moment (to knock a head out, or to catch attention probabilities)
+would act on every other request's passes through that module too. Here the change is tied to the
+context that made it (`contextvars`: each thread, and each asyncio task, has its own): passes from
+anywhere else run the module as it is.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+from torch import nn
+
+# The pre-hooks active in this context (an object standing for each).
+_HOOKS: ContextVar[frozenset] = ContextVar("vit_core_pre_hooks", default=frozenset())
+# The forward overrides active in this context, by id of the module they replace the forward of.
+_OVERRIDES: ContextVar[dict[int, Callable]] = ContextVar("vit_core_forward_overrides", default={})
+# How many contexts use each module's dispatching forward (installed once, removed by the last).
+_USERS: dict[int, int] = {}
+_LOCK = threading.Lock()
+
+
+@contextmanager
+def pre_hook(module: nn.Module, hook: Callable) -> Iterator[None]:
+    """Inside, `hook(module, args)` is a forward pre-hook of `module` for this context's passes only."""
+    owner = object()
+    token = _HOOKS.set(_HOOKS.get() | {owner})
+    handle = module.register_forward_pre_hook(lambda m, args: hook(m, args) if owner in _HOOKS.get() else None)
+    try:
+        yield
+    finally:
+        handle.remove()
+        _HOOKS.reset(token)
+
+
+def _dispatching_forward(module: nn.Module) -> Callable:
+    own = type(module).forward
+
+    def forward(*args, **kwargs):
+        override = _OVERRIDES.get().get(id(module))
+        return own(module, *args, **kwargs) if override is None else override(*args, **kwargs)
+    return forward
+
+
+@contextmanager
+def forward_override(module: nn.Module, forward: Callable) -> Iterator[None]:
+    """Inside, `module(...)` runs `forward(...)` in this context; elsewhere, the module's own forward.
+    The module is left as it came (no instance attribute) once the last override ends."""
+    key = id(module)
+    with _LOCK:
+        if not _USERS.get(key):
+            module.forward = _dispatching_forward(module)  # an instance attribute shadows the method
+        _USERS[key] = _USERS.get(key, 0) + 1
+    token = _OVERRIDES.set({**_OVERRIDES.get(), key: forward})
+    try:
+        yield
+    finally:
+        _OVERRIDES.reset(token)
+        with _LOCK:
+            _USERS[key] -= 1
+            if not _USERS[key]:
+                del _USERS[key], module.forward
