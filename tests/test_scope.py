@@ -9,8 +9,9 @@ import threading
 import torch
 
 from test_adapters import images_for, make_timm
+from test_adapters_hf import make_hf
 from toys import tiny_vit
-from vit_core.adapters import adapt, capture_attention
+from vit_core.adapters import adapt, capture_attention, eager_attention
 from vit_core.scope import forward_override, pre_hook
 from vit_core.walkthrough import zeroed_heads
 
@@ -121,3 +122,27 @@ def test_a_forward_override_ends_with_the_module_as_it_came_even_after_an_error(
         pass
     assert "forward" not in layer.__dict__
     torch.testing.assert_close(layer(torch.ones(1, 2)), layer.weight.sum(1)[None] + layer.bias)
+
+
+def test_a_transformers_model_stays_eager_until_the_last_thread_that_needs_it_is_done():
+    """This thread switches first and ends first; the other must keep eager attention meanwhile,
+    and the model's own kernel must come back at the end."""
+    model = make_hf("vit")
+    before = model.config._attn_implementation
+    assert before != "eager"
+    entered, ended = threading.Event(), threading.Event()
+
+    def eager_meanwhile():
+        with eager_attention(model):
+            entered.set()
+            ended.wait()
+            return model.config._attn_implementation  # after this thread's block has ended
+    result = {}
+    with eager_attention(model):
+        thread = threading.Thread(target=lambda: result.setdefault("seen", eager_meanwhile()))
+        thread.start()
+        entered.wait()
+    ended.set()
+    thread.join()
+    assert result["seen"] == "eager"
+    assert model.config._attn_implementation == before

@@ -47,7 +47,7 @@ from .checkpoints import (CONFIG_NAME, CheckpointError, candidate_folders, hub_f
 from .gradient_rules import Walker, hf_walker, timm_walker
 from .layout import TokenLayout
 from .model import WEIGHTS_NAME, ViTClassifier
-from .scope import forward_override
+from .scope import forward_override, while_needed
 
 SUPPORTED = ("vit_core ViTClassifier; a timm VisionTransformer (ViT, DeiT incl. distilled, register "
              "tokens, no CLS token) with timm's standard Attention blocks, 'token' or 'avg' pooling, "
@@ -207,13 +207,14 @@ PROCESSOR_NAME = "preprocessor_config.json"
 @contextmanager
 def eager_attention(model: nn.Module):
     """Inside, the transformers `model` computes attention explicitly (softmax weights it can return
-    with `output_attentions=True`) instead of its fused kernel; the setting is put back after."""
-    before = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
+    with `output_attentions=True`) instead of its fused kernel; the setting is put back once no
+    thread needs it any more (the model's other users meanwhile get the same numbers, more slowly)."""
+    def switch_on():
+        before = model.config._attn_implementation
+        model.set_attn_implementation("eager")
+        return lambda: model.set_attn_implementation(before)
+    with while_needed(("eager attention", id(model)), switch_on):
         yield
-    finally:
-        model.set_attn_implementation(before)
 
 
 def _hf_square(value, what: str) -> int:

@@ -4,7 +4,9 @@ The app answers several requests at once from one model. A hook or a replaced `f
 request puts on a module for a moment (to knock a head out, or to catch attention probabilities)
 would act on every other request's passes through that module too. Here the change is tied to the
 context that made it (`contextvars`: each thread, and each asyncio task, has its own): passes from
-anywhere else run the module as it is.
+anywhere else run the module as it is. A setting the model holds only once (the attention kernel
+of a transformers model) cannot differ per thread: `while_needed` keeps it on until the last
+context that needs it is done, so one request ending never switches it off under another.
 """
 
 from __future__ import annotations
@@ -65,3 +67,28 @@ def forward_override(module: nn.Module, forward: Callable) -> Iterator[None]:
             _USERS[key] -= 1
             if not _USERS[key]:
                 del _USERS[key], module.forward
+
+
+# How many contexts need each shared setting on (`while_needed`), and what turns it back, by key.
+_NEEDED: dict[object, int] = {}
+_UNDO: dict[object, Callable[[], None]] = {}
+
+
+@contextmanager
+def while_needed(key: object, switch_on: Callable[[], Callable[[], None]]) -> Iterator[None]:
+    """For a setting every context shares (a model's attention kernel): inside, it is on.
+    `switch_on()` turns it on and returns what turns it back; it runs when the first context
+    needs it, and that undo when the last one is done, so one context ending never switches it
+    off under another."""
+    with _LOCK:
+        if not _NEEDED.get(key):
+            _UNDO[key] = switch_on()
+        _NEEDED[key] = _NEEDED.get(key, 0) + 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _NEEDED[key] -= 1
+            if not _NEEDED[key]:
+                del _NEEDED[key]
+                _UNDO.pop(key)()
