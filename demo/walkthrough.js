@@ -283,11 +283,6 @@ document.addEventListener('keydown', ev => {
   if (ev.key === 'ArrowRight') { ev.preventDefault(); go(1); } else if (ev.key === 'ArrowLeft') { ev.preventDefault(); go(-1); }
 });
 
-function reveal() {  // on a phone the examples fill the screen: bring a new image's first step into view
-  const top = element.querySelector('.wt-bar').getBoundingClientRect().top;
-  if (element.offsetParent !== null && innerWidth < 700 && (top < 0 || top > innerHeight / 2))
-    element.scrollIntoView({ block: 'start' });
-}
 function load() {  // a new image: its pixels read once, then the step the audience is on
   const p = payload();
   if (p && p.key !== S.key) window.__wtArrived = { key: p.key, at: performance.now() };  // for the benchmark
@@ -297,7 +292,7 @@ function load() {  // a new image: its pixels read once, then the step the audie
   const T = p.grid[0] * p.grid[1];
   S.k = p.k; S.patch = p.map ? argmax(p.map.values) : Math.floor(T / 2);
   const size = p.image_size, c = document.createElement('canvas'), ctx = c.getContext('2d'); c.width = c.height = size;
-  const drawn = () => { S.rgb = ctx.getImageData(0, 0, size, size).data; S.img = c; render(); reveal();
+  const drawn = () => { S.rgb = ctx.getImageData(0, 0, size, size).data; S.img = c; render();
     window.__wtImageDrawn = { key: p.key, at: performance.now() }; };  // a new image's first step drawn
   if (p.rgb) {  // raw bytes: drawn at once (decoding the PNG waits for a busy page's other tasks)
     const bytes = atob(p.rgb), data = ctx.createImageData(size, size);

@@ -137,16 +137,6 @@ def test_a_click_on_the_head_grid_tells_the_prediction_without_that_head(project
     assert "Block 1, head 1 off: the model says" in page.locator("#walkthrough .wt-info").inner_text()
 
 
-def test_on_a_phone_a_picked_example_brings_its_first_step_into_view(browser, server):
-    page = browser.new_page(viewport={"width": 390, "height": 844})  # the examples fill the first screen
-    page.set_default_timeout(60_000)
-    page.goto(server.local_url)
-    pick_example(page)
-    top = page.locator("#walkthrough .wt-bar").bounding_box()["y"]
-    assert -1 < top < 844 / 2, top  # (scrolled to its top edge, to the sub-pixel)
-    page.context.close()
-
-
 def test_a_shared_link_lands_on_the_walkthrough(browser, server):
     page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone in the audience
     page.goto(server.local_url + "?tab=walkthrough")
