@@ -1,11 +1,12 @@
-"""Time to accuracy: minutes until a training run first reached 70/75/80/85 % validation accuracy,
-and what an epoch costs on this machine for the shipped recipe against the 2022 report's.
+"""Time to accuracy: minutes until a training run first reached each mark (70 to 90 %) of
+validation accuracy, and what an epoch costs on this machine for the shipped recipe against the
+2022 report's.
 
     python benchmarks/time_to_accuracy.py --checkpoint checkpoints/vit-cifar10 [runs/v11 ...] [--data ../shared/cifar10]
 
-- From each checkpoint's history.json (several side by side), after those of the runs it warm-started from (`--init-from`), if
-  any: training minutes (validation included, teacher excluded) to each mark, as the model card
-  gives them.
+- From each checkpoint's history.json (several side by side), after those of the runs it
+  warm-started from (`--init-from`), if any: training minutes (validation included, teacher
+  excluded) to each mark, as the model card gives them.
 - Measured in this run, one after the other on the same CPU: images/s of the shipped recipe's
   training step (batch 128, bf16 where `--amp auto` picks it, the CNN teacher's forward pass,
   CutMix; with patch dropout and on whole images) and of the report's input path and step

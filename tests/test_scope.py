@@ -16,8 +16,9 @@ from vit_core.scope import forward_override, pre_hook
 from vit_core.walkthrough import zeroed_heads
 
 
-def in_thread(run):
-    """`run()` in another thread, its result (or the error it raised) returned."""
+def started(run):
+    """`run()` started in another thread; returns what waits for it and gives its result (or
+    raises the error it raised)."""
     result = {}
 
     def target():
@@ -27,10 +28,18 @@ def in_thread(run):
             result["error"] = error
     thread = threading.Thread(target=target)
     thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
+
+    def finished():
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+    return finished
+
+
+def in_thread(run):
+    """`run()` in another thread, its result returned."""
+    return started(run)()
 
 
 @torch.no_grad()
@@ -59,15 +68,12 @@ def test_a_pre_hook_made_in_another_thread_does_not_act_here():
             entered.set()
             leave.wait()
             return layer(x)
-    thread_result = {}
-    thread = threading.Thread(target=lambda: thread_result.setdefault("out", hooked()))
-    thread.start()
+    hooked_result = started(hooked)
     entered.wait()
     here = layer(x)  # while the other thread's hook is on the layer
     leave.set()
-    thread.join()
+    torch.testing.assert_close(hooked_result(), layer.bias.expand(2, 3))
     torch.testing.assert_close(here, plain, rtol=0, atol=0)
-    torch.testing.assert_close(thread_result["out"], layer.bias.expand(2, 3))
 
 
 @torch.no_grad()
@@ -90,24 +96,22 @@ def test_two_overlapping_captures_each_keep_their_own_attention():
     """The first capture to end must not take the other's away (nor the other's replace it)."""
     model = adapt(make_timm("vit_p4"))
     images = images_for(model)
-    started, go = threading.Event(), threading.Event()
+    entered, go = threading.Event(), threading.Event()
 
     def capture_later():
         with capture_attention(model.vit) as store:
-            started.set()
+            entered.set()
             go.wait()
             model.vit(images)
         return store
-    result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("store", capture_later()))
-    thread.start()
-    started.wait()
+    theirs = started(capture_later)
+    entered.wait()
     with capture_attention(model.vit) as mine:
         model.vit(images)
     go.set()  # the other capture runs its pass after this one has ended
-    thread.join()
-    assert len(mine) == model.depth and len(result["store"]) == model.depth
-    for a, b in zip(mine, result["store"]):
+    their_store = theirs()
+    assert len(mine) == model.depth and len(their_store) == model.depth
+    for a, b in zip(mine, their_store):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert all("forward" not in block.attn.__dict__ for block in model.vit.blocks)
 
@@ -137,12 +141,9 @@ def test_a_transformers_model_stays_eager_until_the_last_thread_that_needs_it_is
             entered.set()
             ended.wait()
             return model.config._attn_implementation  # after this thread's block has ended
-    result = {}
     with eager_attention(model):
-        thread = threading.Thread(target=lambda: result.setdefault("seen", eager_meanwhile()))
-        thread.start()
+        seen = started(eager_meanwhile)
         entered.wait()
     ended.set()
-    thread.join()
-    assert result["seen"] == "eager"
+    assert seen() == "eager"
     assert model.config._attn_implementation == before

@@ -22,9 +22,6 @@ from torch import nn
 _HOOKS: ContextVar[frozenset] = ContextVar("vit_core_pre_hooks", default=frozenset())
 # The forward overrides active in this context, by id of the module they replace the forward of.
 _OVERRIDES: ContextVar[dict[int, Callable]] = ContextVar("vit_core_forward_overrides", default={})
-# How many contexts use each module's dispatching forward (installed once, removed by the last).
-_USERS: dict[int, int] = {}
-_LOCK = threading.Lock()
 
 
 @contextmanager
@@ -40,38 +37,10 @@ def pre_hook(module: nn.Module, hook: Callable) -> Iterator[None]:
         _HOOKS.reset(token)
 
 
-def _dispatching_forward(module: nn.Module) -> Callable:
-    own = type(module).forward
-
-    def forward(*args, **kwargs):
-        override = _OVERRIDES.get().get(id(module))
-        return own(module, *args, **kwargs) if override is None else override(*args, **kwargs)
-    return forward
-
-
-@contextmanager
-def forward_override(module: nn.Module, forward: Callable) -> Iterator[None]:
-    """Inside, `module(...)` runs `forward(...)` in this context; elsewhere, the module's own forward.
-    The module is left as it came (no instance attribute) once the last override ends."""
-    key = id(module)
-    with _LOCK:
-        if not _USERS.get(key):
-            module.forward = _dispatching_forward(module)  # an instance attribute shadows the method
-        _USERS[key] = _USERS.get(key, 0) + 1
-    token = _OVERRIDES.set({**_OVERRIDES.get(), key: forward})
-    try:
-        yield
-    finally:
-        _OVERRIDES.reset(token)
-        with _LOCK:
-            _USERS[key] -= 1
-            if not _USERS[key]:
-                del _USERS[key], module.forward
-
-
 # How many contexts need each shared setting on (`while_needed`), and what turns it back, by key.
 _NEEDED: dict[object, int] = {}
 _UNDO: dict[object, Callable[[], None]] = {}
+_LOCK = threading.Lock()
 
 
 @contextmanager
@@ -92,3 +61,27 @@ def while_needed(key: object, switch_on: Callable[[], Callable[[], None]]) -> It
             if not _NEEDED[key]:
                 del _NEEDED[key]
                 _UNDO.pop(key)()
+
+
+def _dispatching_forward(module: nn.Module) -> Callable:
+    own = type(module).forward
+
+    def forward(*args, **kwargs):
+        override = _OVERRIDES.get().get(id(module))
+        return own(module, *args, **kwargs) if override is None else override(*args, **kwargs)
+    return forward
+
+
+@contextmanager
+def forward_override(module: nn.Module, forward: Callable) -> Iterator[None]:
+    """Inside, `module(...)` runs `forward(...)` in this context; elsewhere, the module's own forward.
+    The module is left as it came (no instance attribute) once the last override ends."""
+    def install():  # an instance attribute shadows the method, for every context at once
+        module.forward = _dispatching_forward(module)
+        return lambda: delattr(module, "forward")
+    with while_needed(("dispatching forward", id(module)), install):
+        token = _OVERRIDES.set({**_OVERRIDES.get(), id(module): forward})
+        try:
+            yield
+        finally:
+            _OVERRIDES.reset(token)
