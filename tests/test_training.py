@@ -569,26 +569,32 @@ def test_card_gives_minutes_to_each_validation_accuracy():
     assert minutes_to_accuracy(history) == {0.70: 3.0, 0.75: 4.0, 0.80: 4.0, 0.85: None, 0.88: None, 0.90: None}
 
 
-def test_the_shipped_checkpoints_recipe_reproduces_its_recorded_settings():
-    """The checkpoint's train_info.json names its settings; its recipe must give the same ones
-    (paths, machine and run-control settings aside)."""
+# The run that made the shipped weights first, then each run it restarted from, back to the one
+# that began from scratch; README and the model card name them.
+SHIPPED_LINEAGE = ("wide-v10", "wide-v7")
+
+
+def test_each_run_behind_the_shipped_weights_is_its_named_recipe():
+    """train_info.json keeps the command of the run that made the shipped weights and, nested under
+    "init", the command of each run it restarted from. Each must parse to its recipe's settings
+    (paths, machine and run-control settings aside); only a warm restart names starting weights, and
+    the teacher the last run learned from is shipped beside it."""
+    import shlex
+
     from vit_core.config import RECIPES
 
     info = json.loads((ROOT / "checkpoints" / "vit-cifar10" / "train_info.json").read_text())
-    recorded = info["config"]
-    recipe = "wide-v10"  # README names it; the flags were spelled out, so the run records the default recipe
-    rebuilt = dataclasses_asdict(TrainConfig(data="d", out="o", **RECIPES[recipe].settings))
     ignore = {"data", "out", "command", "recipe", "device", "num_threads", "adaptive_threads", "resume",
-              "download", "push_to_hub", "patience", "val_size", "amp", "teacher", "init_from"}
-    differing = {k: (recorded[k], rebuilt[k]) for k in recorded if k in rebuilt and k not in ignore
-                 and recorded[k] != rebuilt[k]}
-    assert differing == {}
-    assert recorded["val_size"] == round(rebuilt["val_size"] * 50_000)  # the same 10 % of CIFAR-10's train
-    assert recorded["amp"] == rebuilt["amp"]
-    # A warm restart: the teacher is the shipped one (trained by 'auto' with the same seed and split),
-    # and the starting weights were wide-v7's, whose settings its record keeps.
-    assert recorded["teacher"] == "checkpoints/cnn-teacher" and info["teacher"]["epochs"] == rebuilt["teacher_epochs"]
-    base = info["init"]["command"]
-    v7 = dataclasses_asdict(TrainConfig(data="d", out="o", **RECIPES["wide-v7"].settings))
-    assert f"--time-budget {v7['time_budget_min']:g}" in base and f"--epochs {v7['epochs']}" in base
-    assert "--init-from" not in base and info["init"]["init"] is None
+              "download", "push_to_hub", "patience", "val_size", "teacher", "init_from"}
+    node, command = info, info["config"]["command"]
+    for recipe in SHIPPED_LINEAGE:
+        ran = dataclasses_asdict(parse_args(shlex.split(command)[2:]))
+        rebuilt = dataclasses_asdict(TrainConfig(data="d", out="o", **RECIPES[recipe].settings))
+        assert {k: (ran[k], rebuilt[k]) for k in ran if k not in ignore and ran[k] != rebuilt[k]} == {}, recipe
+        assert ran["val_size"] == round(rebuilt["val_size"] * 50_000), recipe  # the same 10 % of the train split
+        assert RECIPES[recipe].warm_restart == (ran["init_from"] is not None), recipe
+        node = node["init"]
+        command = node and node["command"]
+    assert node is None
+    teachers = [json.loads(path.read_text()) for path in (ROOT / "checkpoints").glob("*/teacher_info.json")]
+    assert any(info["teacher"].items() <= shipped.items() for shipped in teachers)
