@@ -414,7 +414,8 @@ def test_a_teacher_for_other_classes_does_not_fit(toy_data, tmp_path):
 
 
 def test_a_teacher_from_another_run_counts_in_the_cards_compute(toy_data, tmp_path):
-    train(tiny_config(toy_data, tmp_path / "first", epochs=1, teacher="auto", teacher_epochs=1))
+    train(tiny_config(toy_data, tmp_path / "first", epochs=1, teacher="auto", teacher_epochs=1,
+                      command="python train.py --out first"))
     folder = tmp_path / "first" / "teacher"
     train(tiny_config(toy_data, tmp_path / "second", epochs=1, teacher=str(folder)))
     info = json.loads((tmp_path / "second" / "train_info.json").read_text())
@@ -422,15 +423,17 @@ def test_a_teacher_from_another_run_counts_in_the_cards_compute(toy_data, tmp_pa
     card = (tmp_path / "second" / "README.md").read_text()
     # The folder by name only: tmp_path is not under the working folder (vit_core.records).
     assert "Total compute:" in card and "trained by an earlier run (given as `--teacher teacher`)" in card
+    assert "It was trained by `python train.py --out first`." in card
     assert "trained first by the same command" in (tmp_path / "first" / "README.md").read_text()
     assert not (tmp_path / "second" / "teacher").exists()
 
 
 def test_init_from_starts_from_a_trained_checkpoint_and_counts_its_run_in_the_compute(toy_data, tmp_path):
-    train(tiny_config(toy_data, tmp_path / "first", epochs=2))
+    train(tiny_config(toy_data, tmp_path / "first", epochs=2, command="python train.py --out first"))
     first = ViTClassifier.from_pretrained(tmp_path / "first").state_dict()
     # A learning rate too small to move the weights: the exported model is the starting one.
-    train(tiny_config(toy_data, tmp_path / "warm", epochs=1, lr=1e-12, init_from=str(tmp_path / "first")))
+    train(tiny_config(toy_data, tmp_path / "warm", epochs=1, lr=1e-12, init_from=str(tmp_path / "first"),
+                      command="python train.py --out warm"))
     warm = ViTClassifier.from_pretrained(tmp_path / "warm").state_dict()
     assert all(torch.allclose(first[k], warm[k], atol=1e-6) for k in first)
     train(tiny_config(toy_data, tmp_path / "cold", epochs=1, lr=1e-12))
@@ -454,6 +457,7 @@ def test_init_from_starts_from_a_trained_checkpoint_and_counts_its_run_in_the_co
     warm_minutes = json.loads((tmp_path / "warm" / "train_info.json").read_text())["summary"]["wall_seconds"] / 60
     card = (tmp_path / "again" / "README.md").read_text()
     assert f"and {base + warm_minutes:.1f} min (teachers included)" in card
+    assert card.index("segment(s): `python train.py --out warm`") < card.index("segment(s): `python train.py --out first`")
     assert [r["epoch"] for r in lineage(tmp_path / "again")] == [1, 2, 3, 4]
 
 

@@ -88,7 +88,8 @@ def _teacher_lines(info: dict) -> list[str]:
               f"the same validation images,")
     return [f"Teacher: the `{network}` CNN (`vit_core/teacher.py`), trained {by} for "
             f"{epochs} in {teacher['minutes']:.1f} min on the same training images; "
-            f"validation accuracy {teacher['val_acc'] * 100:.2f} %. It only supplies training targets."]
+            f"validation accuracy {teacher['val_acc'] * 100:.2f} %. It only supplies training targets."
+            + (f" It was trained by `{teacher['command']}`." if given != "auto" and teacher.get("command") else "")]
 
 
 def _time_to_accuracy_lines(history: list[dict]) -> list[str]:
@@ -155,15 +156,20 @@ def _minutes_behind(base: dict | None) -> float:
 
 
 def _total_compute_lines(info: dict) -> list[str]:
-    """This run, its teacher and, for a warm start, the runs that trained the starting weights."""
+    """This run, its teacher and, for a warm start, each run that trained the starting weights."""
     minutes = _run_minutes(info["summary"], info.get("teacher"))
     base = info.get("init")
     if base:
         base_minutes = _minutes_behind(base)
-        return ["", f"Total compute: {(minutes + base_minutes) / 60:.2f} h of this machine: this run "
-                f"{minutes:.1f} min, and {base_minutes:.1f} min (teachers included) for the training behind the "
-                f"starting weights in `{base['folder']}` (its last run: {base['segments']} segment(s), command "
-                f"`{base.get('command') or 'not recorded'}`)."]
+        lines = ["", f"Total compute: {(minutes + base_minutes) / 60:.2f} h of this machine: this run "
+                 f"{minutes:.1f} min, and {base_minutes:.1f} min (teachers included) for the training behind the "
+                 f"starting weights in `{base['folder']}`. The runs behind them, newest first (each one's last "
+                 "segment's command):", ""]
+        while base:
+            lines.append(f"- {_run_minutes(base['summary'], base.get('teacher')):.1f} min, teacher included, in "
+                         f"{base['segments']} segment(s): `{base.get('command') or 'not recorded'}`")
+            base = base.get("init")
+        return lines
     if info.get("teacher"):
         return ["", f"Total compute: {minutes / 60:.2f} h of this machine, teacher included."]
     return []
