@@ -23,6 +23,7 @@ import json
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,12 @@ def lens_figure(payload: dict) -> Image.Image | None:
 # ------------------------------------------------------------------------------------------------
 # The handlers ({output name: value}, as demo.handlers')
 
+# Where the what-if curves are computed beside the Explorer's other panels. Not daemon threads: at
+# exit the interpreter waits for a computation under way instead of tearing torch down beneath it
+# (which aborts the process after everything else has ended well).
+BACKGROUND = ThreadPoolExecutor(max_workers=2, thread_name_prefix="walkthrough-curves")
+
+
 class Walkthrough:
     """The tab's handlers around the Explorer's, on the Explorer's model: the head knock-outs'
     hooks act on their own thread's passes only (`vit_core.scope`), so other requests may run
@@ -221,7 +228,7 @@ class Walkthrough:
                 if index == 0 and answer.get("session") is not None:
                     session = answer["session"]
                     yield {"walkthrough": self.payload(session)}
-                    threading.Thread(target=self._prepare, args=(session,), daemon=True).start()
+                    BACKGROUND.submit(self._prepare, session)
         return steps
 
     def _prepare(self, session: Session) -> None:

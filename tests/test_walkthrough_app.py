@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ import demo.walkthrough as wt_module
 from demo.handlers import Explorer
 from demo.session import analyze, current_explanation, is_own, model_inputs, read_upload
 from demo.walkthrough import Walkthrough, first_payload, knockout_answer, removed_patches
-from toys import tiny_vit, upload
+from toys import ROOT, tiny_vit, upload
 from vit_core.walkthrough import walkthrough_payload, what_if
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,3 +246,25 @@ def test_a_timm_vit_gets_every_step(tmp_path):
     k = payload["whatif"]["ks"][3]
     np.testing.assert_allclose(walk.whatif(session, k, "")["whatif_json"]["probs"],
                                payload["whatif"]["relevant"][3], atol=TOL)
+
+
+def test_what_if_curves_under_way_finish_before_the_process_exits(tmp_path):
+    """The curves computed after the first answer run on workers the interpreter waits for: a
+    process that ends meanwhile lets them finish rather than killing them mid-pass (a daemon thread
+    was, and torch's teardown beneath a running pass aborted the exit)."""
+    done = tmp_path / "done"
+    script = f"""
+import time
+from demo.walkthrough import Walkthrough
+
+def complete(session):
+    time.sleep(1.0)
+    open({str(done)!r}, "w").write(session)
+
+walk = Walkthrough.__new__(Walkthrough)  # the scheduling alone: no model, no Explorer
+walk.payload, walk.complete = (lambda session: {{}}), complete
+list(walk.explaining(lambda: iter([{{"session": "cat"}}]))())
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert done.read_text() == "cat"
