@@ -574,7 +574,7 @@ def test_card_gives_minutes_to_each_validation_accuracy():
 
 
 # The run that made the shipped weights first, then each run it restarted from, back to the one
-# that began from scratch; README and the model card name them.
+# that began from scratch; the model card gives each one's command.
 SHIPPED_LINEAGE = ("wide-v10", "wide-v7")
 
 

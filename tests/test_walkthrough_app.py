@@ -21,7 +21,7 @@ import demo.walkthrough as wt_module
 from demo.handlers import Explorer
 from demo.session import analyze, current_explanation, is_own, model_inputs, read_upload
 from demo.walkthrough import Walkthrough, first_payload, knockout_answer, removed_patches
-from toys import ROOT, tiny_vit, upload
+from toys import tiny_vit, upload
 from vit_core.walkthrough import walkthrough_payload, what_if
 
 ROOT = Path(__file__).resolve().parents[1]

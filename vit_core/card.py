@@ -150,26 +150,23 @@ def _run_minutes(summary: dict, teacher: dict | None) -> float:
     return summary.get("wall_seconds", 0.0) / 60 + (teacher["minutes"] if teacher else 0.0)
 
 
-def _minutes_behind(base: dict | None) -> float:
-    """Training minutes, teachers included, of a warm start's base run and of the runs behind it."""
-    return 0.0 if not base else _run_minutes(base["summary"], base.get("teacher")) + _minutes_behind(base.get("init"))
+def _runs_behind(base: dict | None) -> list[dict]:
+    """A warm start's base run and the runs behind it, newest first."""
+    return [] if not base else [base] + _runs_behind(base.get("init"))
 
 
 def _total_compute_lines(info: dict) -> list[str]:
     """This run, its teacher and, for a warm start, each run that trained the starting weights."""
     minutes = _run_minutes(info["summary"], info.get("teacher"))
-    base = info.get("init")
-    if base:
-        base_minutes = _minutes_behind(base)
-        lines = ["", f"Total compute: {(minutes + base_minutes) / 60:.2f} h of this machine: this run "
-                 f"{minutes:.1f} min, and {base_minutes:.1f} min (teachers included) for the training behind the "
-                 f"starting weights in `{base['folder']}`. The runs behind them, newest first (each one's last "
+    runs = _runs_behind(info.get("init"))
+    if runs:
+        behind = [_run_minutes(run["summary"], run.get("teacher")) for run in runs]
+        lines = ["", f"Total compute: {(minutes + sum(behind)) / 60:.2f} h of this machine: this run "
+                 f"{minutes:.1f} min, and {sum(behind):.1f} min (teachers included) for the training behind the "
+                 f"starting weights in `{runs[0]['folder']}`. The runs behind them, newest first (each one's last "
                  "segment's command):", ""]
-        while base:
-            lines.append(f"- {_run_minutes(base['summary'], base.get('teacher')):.1f} min, teacher included, in "
-                         f"{base['segments']} segment(s): `{base.get('command') or 'not recorded'}`")
-            base = base.get("init")
-        return lines
+        return lines + [f"- {run_minutes:.1f} min, teacher included, in {run['segments']} segment(s): "
+                        f"`{run.get('command') or 'not recorded'}`" for run, run_minutes in zip(runs, behind)]
     if info.get("teacher"):
         return ["", f"Total compute: {minutes / 60:.2f} h of this machine, teacher included."]
     return []
