@@ -48,7 +48,7 @@ def shipped_step(data, cfg: TrainConfig, drop: float):
     def step():
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=generator)
         images, _, targets = make_batch(data, idx, cfg.augment, model.mean, model.std, device, generator,
-                                        cfg.random_erase, cfg.cutmix)
+                                        cfg.random_erase, cfg.cutmix, cfg.mixup)
         train_step(model, optimizer, images, targets, cfg, device, drop, teacher)
     return step
 

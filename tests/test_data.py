@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from toys import make_image_folder
-from vit_core.data import DataError, augment, cutmix, load_split, random_erase, split_validation
+from vit_core.data import DataError, augment, cutmix, load_split, mix, mixup, random_erase, split_validation
 
 
 def test_image_folder_loads_into_uint8_tensors(toy_data):
@@ -140,3 +140,35 @@ def test_cutmix_probability_and_reproducibility():
     assert torch.equal(out, again)
     with pytest.raises(ValueError, match="probability"):
         cutmix(images, -0.1)
+
+
+def test_mixup_blends_every_image_with_its_neighbour_by_its_reported_share():
+    images = torch.randn(256, 3, 8, 8)
+    out, own = mixup(images, 0.4, torch.Generator().manual_seed(0))
+    expected = own[:, None, None, None] * images + (1 - own[:, None, None, None]) * images.roll(1, 0)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert own.min() >= 0 and own.max() <= 1
+    # Beta(0.4, 0.4) piles up near 0 and 1: most images stay mostly one image, some are near halves.
+    assert ((own < 0.1) | (own > 0.9)).float().mean() > 0.4 and ((own > 0.3) & (own < 0.7)).any()
+    again, own_again = mixup(images, 0.4, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again) and torch.equal(own, own_again)
+    assert not torch.equal(own, mixup(images, 0.4, torch.Generator().manual_seed(1))[1])
+    same, ones = mixup(images, 0.0)
+    assert same is images and torch.equal(ones, torch.ones(256))
+    with pytest.raises(ValueError, match="alpha"):
+        mixup(images, -1.0)
+
+
+def test_mix_with_both_on_takes_cutmix_or_mixup_per_batch():
+    images = torch.arange(32, dtype=torch.float32)[:, None, None, None].expand(32, 3, 8, 8).clone()
+    kinds = set()
+    for seed in range(40):
+        out, _ = mix(images, 1.0, 1.0, torch.Generator().manual_seed(seed))
+        # Image i holds the value i: CutMix keeps whole values (its own and its neighbour's in a box),
+        # mixup turns each image into one blended value, whole only where it kept all or nothing.
+        whole = torch.equal(out, out.round())
+        one_value_each = all(len(o.unique()) == 1 for o in out)
+        kinds.add("cutmix" if whole and not one_value_each else "mixup" if one_value_each and not whole else "?")
+    assert kinds == {"cutmix", "mixup"}
+    assert torch.equal(mix(images, 0.5, 0.0, torch.Generator().manual_seed(3))[0],
+                       cutmix(images, 0.5, torch.Generator().manual_seed(3))[0])

@@ -195,12 +195,13 @@ def test_whitened_teacher_trains_alone_then_teaches_on_the_students_own_augmente
     student = tmp_path / "student"
     train(TrainConfig(data=str(three_colours), out=str(student), preset="tiny", epochs=1, batch_size=16,
                       val_size=24, num_threads=1, teacher=str(out / "teacher"), distill="soft",
-                      distill_temperature=2.0, cutmix=1.0, patch_drop=0.5, augment="crop"))
+                      distill_temperature=2.0, cutmix=1.0, mixup=1.0, patch_drop=0.5, augment="crop"))
     assert len(seen["teacher"]) == len(seen["student"]) == 96 // 16
     for student_batch, teacher_batch in zip(seen["student"], seen["teacher"]):
         assert torch.equal(student_batch, teacher_batch)
     card = (student / "README.md").read_text()
     assert "soft targets at temperature 2" in card and "Teacher: the `WhitenedTeacher` CNN" in card
+    assert "CutMix (p 1.0) + mixup (Beta(1, 1) shares, each batch mixed by one of the two at even odds)" in card
 
 
 def test_a_time_budget_stops_the_whitened_teacher_and_the_card_says_so(three_colours, tmp_path):

@@ -147,6 +147,26 @@ def test_cutmix_trains_on_class_probabilities_split_by_area_and_is_named_in_the_
     assert "CutMix (p 1.0)" in (tmp_path / "run" / "README.md").read_text()
 
 
+def test_mixup_trains_on_blended_class_probabilities_and_is_named_in_the_card(toy_data, tmp_path, monkeypatch):
+    import vit_core.training as training_module
+
+    targets_seen = []
+    step = training_module.train_step
+
+    def recording_step(net, optimizer, images, targets, *args, **kwargs):
+        targets_seen.append(targets)
+        return step(net, optimizer, images, targets, *args, **kwargs)
+
+    monkeypatch.setattr(training_module, "train_step", recording_step)
+    train(tiny_config(toy_data, tmp_path / "run", epochs=1, mixup=0.4))
+    targets = torch.cat(targets_seen)
+    assert torch.allclose(targets.sum(1), torch.ones(len(targets)))
+    # Blend shares are continuous, unlike CutMix's whole-pixel areas of a 32 x 32 image.
+    assert ((targets * 1024 - (targets * 1024).round()).abs() > 1e-3).any()
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "mixup (Beta(0.4, 0.4) shares)" in card and "CutMix" not in card
+
+
 def test_patch_dropout_shortens_training_sequences_until_its_end_then_trains_on_whole_images(
         toy_data, tmp_path, monkeypatch):
     import vit_core.model as model_module
@@ -177,6 +197,7 @@ def test_patch_dropout_shortens_training_sequences_until_its_end_then_trains_on_
     (dict(attn_init="identity"), "--attn-init"),
     (dict(random_erase=1.5), "--random-erase"),
     (dict(cutmix=2.0), "--cutmix"),
+    (dict(mixup=-1.0), "--mixup"),
     (dict(pos_init="learned"), "--pos-init"),
     (dict(label_smoothing=1.5), "--label-smoothing"),
     (dict(preset="huge"), "--preset"),

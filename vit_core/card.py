@@ -34,6 +34,9 @@ def _extras(cfg: dict) -> str:
         extras += f" + random erasing (p {cfg['random_erase']})"
     if cfg.get("cutmix", 0.0) > 0:
         extras += f" + CutMix (p {cfg['cutmix']})"
+    if cfg.get("mixup", 0.0) > 0:
+        extras += f" + mixup (Beta({cfg['mixup']:g}, {cfg['mixup']:g}) shares"
+        extras += ", each batch mixed by one of the two at even odds)" if cfg.get("cutmix", 0.0) > 0 else ")"
     if cfg.get("patch_drop", 0.0) > 0:
         extras += (f" + patch dropout ({cfg['patch_drop']:.0%} of patch tokens left out for the first "
                    f"{cfg['patch_drop_end']:.0%} of the schedule)")

@@ -108,6 +108,9 @@ class TrainConfig:
                                   metavar="P")
     cutmix: float = setting(0.5, "paste a random box from another training image with probability P; the "
                             "loss splits the two labels by area (CutMix)", metavar="P")
+    mixup: float = setting(0.0, "blend every training image with another, keeping a share drawn from "
+                           "Beta(A, A); the loss splits the two labels by that share (mixup); with --cutmix "
+                           "too, each batch takes one of the two at even odds; 0 = off", metavar="A")
     attn_init: str = setting("mimetic", "mimetic = attention starts with W_q W_k^T near +I and W_v W_o near -I, "
                              "as trained ViTs have (Trockman & Kolter 2023)", choices=ATTN_INITS)
     pos_init: str = setting("sincos", "sincos = the position embedding starts as a 2D sine-cosine code",
@@ -196,7 +199,7 @@ _CHECKS = [
     _choice("amp", AMP_MODES), _choice("teacher_kind", TEACHER_KINDS),
     _range("epochs", 1, INF), _range("batch_size", 1, INF), _range("lr", 0, INF, low_open=True),
     _range("weight_decay", 0, INF), _range("warmup_epochs", 0, INF), _range("label_smoothing", 0, 1, high_open=True),
-    _range("clip_grad", 0, INF), _range("random_erase", 0, 1), _range("cutmix", 0, 1),
+    _range("clip_grad", 0, INF), _range("random_erase", 0, 1), _range("cutmix", 0, 1), _range("mixup", 0, INF),
     _range("patch_drop", 0, 1, high_open=True), _range("patch_drop_end", 0, 1), _range("distill_weight", 0, 1),
     _range("teacher_epochs", 1, INF), _range("teacher_time_budget_min", 0, INF, low_open=True),
     _range("distill_temperature", 0, INF, low_open=True), _range("dropout", 0, 1, high_open=True), _range("val_size", 0, INF, low_open=True),

@@ -279,3 +279,35 @@ def cutmix(images: torch.Tensor, p: float, generator: torch.Generator | None = N
     own_share = 1.0 - inside.flatten(1).float().mean(1)
     mask = inside.to(images.device)[:, None]
     return torch.where(mask, images.roll(1, dims=0), images), own_share.to(images.device)
+
+
+def mixup(images: torch.Tensor, alpha: float, generator: torch.Generator | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """mixup (Zhang et al. 2018) for a batch [B, C, H, W]: every image is blended with its neighbour
+    in the batch (the batch rolled by one, as in `cutmix`), keeping a share drawn per image from
+    Beta(alpha, alpha). Mixed images put the teacher's function on inputs between the training
+    images, the "function matching" of Beyer et al. 2022.
+
+    Returns the mixed batch and each image's own share, which the loss gives the image's label.
+    """
+    if alpha < 0.0:
+        raise ValueError(f"mixup alpha must be >= 0, got {alpha}")
+    batch = images.shape[0]
+    if alpha == 0.0:
+        return images, torch.ones(batch, device=images.device)
+    # torch's Beta sampler takes no generator: seed a forked global stream from ours instead.
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        own_share = torch.distributions.Beta(alpha, alpha).sample((batch,)).to(images.device)
+    shares = own_share.to(images.dtype)[:, None, None, None]
+    return shares * images + (1 - shares) * images.roll(1, dims=0), own_share
+
+
+def mix(images: torch.Tensor, cutmix_p: float, mixup_alpha: float, generator: torch.Generator | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutMix, mixup or, with both on, one of the two per batch at even odds; returns the mixed
+    batch and each image's own share, as both of them do."""
+    if mixup_alpha > 0.0 and (cutmix_p == 0.0 or torch.rand(1, generator=generator).item() < 0.5):
+        return mixup(images, mixup_alpha, generator)
+    return cutmix(images, cutmix_p, generator)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .checkpoints import CheckpointError, load_checkpoint
 from .config import RESUMABLE_CHANGES, SAME_SPLIT, TrainConfig, TrainError
-from .data import ImageTensors, augment, cutmix, load_split, random_erase, split_validation, validation_count
+from .data import ImageTensors, augment, load_split, mix, random_erase, split_validation, validation_count
 from .devices import DeviceError, autocast, pick_device, uses_bf16
 from .evaluate import predict_probs
 from .model import WEIGHTS_NAME, ViTClassifier, mimetic_attention_init_, sincos_position_init_
@@ -174,19 +174,20 @@ class AdaptiveThreads:
 
 
 def make_batch(data: ImageTensors, indices: torch.Tensor, policy: str, mean, std, device: torch.device,
-               generator: torch.Generator, erase: float = 0.0, mix: float = 0.0
+               generator: torch.Generator, erase: float = 0.0, cutmix: float = 0.0, mixup: float = 0.0
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Index the uint8 images, normalise and augment the whole batch with tensor ops.
 
-    Returns images, labels and the loss targets: the labels themselves, or with CutMix (`mix` > 0)
-    class probabilities that split each image between its label and its neighbour's by area.
+    Returns images, labels and the loss targets: the labels themselves, or with CutMix (`cutmix`
+    > 0) or mixup (`mixup` > 0) class probabilities that split each image between its label and
+    its neighbour's by its own share (of area, or of blend).
     """
     images = normalize(data.images[indices].to(device, non_blocking=True), mean, std)
     labels = data.labels[indices].to(device, non_blocking=True)
     images = random_erase(augment(images, policy, generator), erase, generator)
-    if mix == 0.0:
+    if cutmix == 0.0 and mixup == 0.0:
         return images, labels, labels
-    images, own_share = cutmix(images, mix, generator)
+    images, own_share = mix(images, cutmix, mixup, generator)
     n_classes = len(data.classes)
     own = F.one_hot(labels, n_classes).float() * own_share[:, None]
     pasted = F.one_hot(labels.roll(1, 0), n_classes).float() * (1 - own_share[:, None])
@@ -637,8 +638,8 @@ def run_epoch(run: Run, epoch: int) -> tuple[dict, bool]:
         batch_idx = batch_idx[run.rank * local_batch:(run.rank + 1) * local_batch]
         images, labels, targets = make_batch(run.train_set, batch_idx, cfg.augment, run.model.mean, run.model.std,
                                              device, torch.Generator().manual_seed(aug_seed + run.rank),
-                                             cfg.random_erase, cfg.cutmix)
-        # With CutMix the training accuracy counts each image's own label.
+                                             cfg.random_erase, cfg.cutmix, cfg.mixup)
+        # With CutMix or mixup the training accuracy counts each image's own label.
         logits, loss = train_step(run.net, run.optimizer, images, targets, cfg, device, drop, run.teacher)
         if run.threads is not None:
             run.threads.end(step, time.perf_counter() - step_start)
