@@ -127,18 +127,23 @@ def test_random_erase_and_init_options_train_and_are_named_in_the_card(toy_data,
     assert "random erasing" not in (plain / "README.md").read_text()
 
 
-def test_cutmix_trains_on_class_probabilities_split_by_area_and_is_named_in_the_card(
-        toy_data, tmp_path, monkeypatch):
+def record_targets(monkeypatch) -> list[torch.Tensor]:
+    """The loss targets of every training step of the next run, appended as it trains."""
     import vit_core.training as training_module
 
-    targets_seen = []
-    step = training_module.train_step
+    seen, step = [], training_module.train_step
 
     def recording_step(net, optimizer, images, targets, *args, **kwargs):
-        targets_seen.append(targets)
+        seen.append(targets)
         return step(net, optimizer, images, targets, *args, **kwargs)
 
     monkeypatch.setattr(training_module, "train_step", recording_step)
+    return seen
+
+
+def test_cutmix_trains_on_class_probabilities_split_by_area_and_is_named_in_the_card(
+        toy_data, tmp_path, monkeypatch):
+    targets_seen = record_targets(monkeypatch)
     train(tiny_config(toy_data, tmp_path / "run", epochs=1, cutmix=1.0))
     targets = torch.cat(targets_seen)
     assert targets.dtype == torch.float32 and targets.shape[1] == 2  # the toy data has two classes
@@ -148,16 +153,7 @@ def test_cutmix_trains_on_class_probabilities_split_by_area_and_is_named_in_the_
 
 
 def test_mixup_trains_on_blended_class_probabilities_and_is_named_in_the_card(toy_data, tmp_path, monkeypatch):
-    import vit_core.training as training_module
-
-    targets_seen = []
-    step = training_module.train_step
-
-    def recording_step(net, optimizer, images, targets, *args, **kwargs):
-        targets_seen.append(targets)
-        return step(net, optimizer, images, targets, *args, **kwargs)
-
-    monkeypatch.setattr(training_module, "train_step", recording_step)
+    targets_seen = record_targets(monkeypatch)
     train(tiny_config(toy_data, tmp_path / "run", epochs=1, mixup=0.4))
     targets = torch.cat(targets_seen)
     assert torch.allclose(targets.sum(1), torch.ones(len(targets)))
