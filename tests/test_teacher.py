@@ -159,6 +159,28 @@ def test_a_train_step_weighs_label_cross_entropy_and_soft_targets():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_with_teacher_tta_the_soft_targets_average_the_teachers_logits_over_the_mirror_images():
+    model = tiny_vit(n_classes=2, class_names=["a", "b"], image_size=16)
+
+    class LeftHeavy(torch.nn.Module):  # logits that change under a mirror: left half minus right half
+        def forward(self, x):
+            left, right = x[..., :8].mean((1, 2, 3)), x[..., 8:].mean((1, 2, 3))
+            return 20 * torch.stack([left - right, 2 * (right - left)], -1)
+
+    images = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        logits = model(images)
+    teacher = LeftHeavy()
+    plain, mirrored = teacher(images), teacher(images.flip(-1))
+    assert not torch.allclose(plain, mirrored)
+    for level, teacher_out in ((0, plain), (1, (plain + mirrored) / 2)):
+        cfg = TrainConfig(data="d", out="o", distill="soft", distill_weight=1.0, teacher_tta=level,
+                          label_smoothing=0.0, clip_grad=0.0, amp="off")
+        _, loss = train_step(model.train(), torch.optim.SGD(model.parameters(), lr=0.0), images,
+                             torch.tensor([0, 1, 1, 0]), cfg, torch.device("cpu"), teacher=teacher)
+        assert loss.item() == pytest.approx(distillation_loss(logits, teacher_out, "soft", 0.0).item(), rel=1e-5)
+
+
 @pytest.fixture
 def three_colours(tmp_path):
     return make_image_folder(tmp_path / "data", classes=("blue", "red", "green"), per_class=40)
@@ -178,29 +200,32 @@ def test_whitened_teacher_trains_alone_then_teaches_on_the_students_own_augmente
     teacher = load_teacher(out / "teacher")
     assert isinstance(teacher, WhitenedTeacher) and teacher.class_names == ["blue", "green", "red"]
 
-    seen = {"student": [], "teacher": []}
-    real_forward, real_teacher_logits = ViTClassifier.forward, training.teacher_logits
+    seen = {"student": [], "teacher": [], "levels": []}
+    real_forward, real_tta_logits = ViTClassifier.forward, training.tta_logits
 
     def student_forward(self, x, *args, **kwargs):
         if self.training:
             seen["student"].append(x.detach().clone())
         return real_forward(self, x, *args, **kwargs)
 
-    def spied_teacher_logits(net, images, bf16=True):
+    def spied_tta_logits(net, images, level, bf16=True):
         seen["teacher"].append(images.detach().clone())
-        return real_teacher_logits(net, images, bf16)
+        seen["levels"].append(level)
+        return real_tta_logits(net, images, level, bf16)
 
     monkeypatch.setattr(ViTClassifier, "forward", student_forward)
-    monkeypatch.setattr(training, "teacher_logits", spied_teacher_logits)
+    monkeypatch.setattr(training, "tta_logits", spied_tta_logits)
     student = tmp_path / "student"
     train(TrainConfig(data=str(three_colours), out=str(student), preset="tiny", epochs=1, batch_size=16,
                       val_size=24, num_threads=1, teacher=str(out / "teacher"), distill="soft",
-                      distill_temperature=2.0, cutmix=1.0, mixup=1.0, patch_drop=0.5, augment="crop"))
-    assert len(seen["teacher"]) == len(seen["student"]) == 96 // 16
+                      distill_temperature=2.0, cutmix=1.0, mixup=1.0, patch_drop=0.5, augment="crop",
+                      teacher_tta=1))
+    assert len(seen["teacher"]) == len(seen["student"]) == 96 // 16 and set(seen["levels"]) == {1}
     for student_batch, teacher_batch in zip(seen["student"], seen["teacher"]):
         assert torch.equal(student_batch, teacher_batch)
     card = (student / "README.md").read_text()
-    assert "soft targets at temperature 2" in card and "Teacher: the `WhitenedTeacher` CNN" in card
+    assert "soft targets at temperature 2 on the same augmented images, its logits averaged with the mirror " \
+        "images'" in card and "Teacher: the `WhitenedTeacher` CNN" in card
     assert "CutMix (p 1.0) + mixup (Beta(1, 1) shares, each batch mixed by one of the two at even odds)" in card
 
 
@@ -233,6 +258,8 @@ def test_the_shipped_cnn_teacher_still_loads_as_its_own_kind():
     (dict(teacher_time_budget_min=10.0), "--teacher-time-budget applies to --teacher-kind whitened only"),
     (dict(teacher_kind="resnet"), "--teacher-kind must be one of"),
     (dict(teacher_widths=[64, 0, 256]), "--teacher-widths takes three positive channel counts"),
+    (dict(teacher_tta=3), "--teacher-tta must be one of"),
+    (dict(teacher="none", teacher_tta=1), "--teacher-tta needs a teacher"),
 ])
 def test_bad_distillation_settings_are_clear_errors(tmp_path, overrides, message):
     cfg = TrainConfig(data=str(tmp_path / "nowhere"), out=str(tmp_path / "out"), **overrides)

@@ -47,7 +47,9 @@ def _extras(cfg: dict) -> str:
     if cfg.get("teacher", "none") != "none":
         temperature = cfg.get("distill_temperature", 1.0)
         targets = f"soft targets at temperature {temperature:g}" if cfg["distill"] == "soft" else "hard targets"
-        extras += (f"; distillation from a CNN teacher ({targets} on the same augmented images, "
+        views = {1: ", its logits averaged with the mirror images'", 2: ", its logits averaged over mirror "
+                 "images and one-pixel shifts"}.get(cfg.get("teacher_tta", 0), "")
+        extras += (f"; distillation from a CNN teacher ({targets} on the same augmented images{views}, "
                    f"weight {cfg['distill_weight']})")
     if cfg.get("init_from"):
         extras += f"; started from the weights of `{cfg['init_from']}` (`--init-from`, a warm restart)"

@@ -36,7 +36,7 @@ from .evaluate import predict_probs
 from .model import WEIGHTS_NAME, ViTClassifier, mimetic_attention_init_, sincos_position_init_
 from .preprocessing import normalize
 from .records import portable_path
-from .teacher import TRAINERS, load_teacher, teacher_logits
+from .teacher import TRAINERS, load_teacher, tta_logits
 
 STATE_NAME = "train_state.pt"
 HISTORY_NAME = "history.json"
@@ -216,9 +216,10 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, images: t
         logits = net(images, drop_patches=drop_patches)
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
     if teacher is not None:
-        # The teacher sees the very batch the student does (crop, flip, CutMix): consistent views.
-        taught = distillation_loss(logits.float(), teacher_logits(teacher, images, uses_bf16(device, cfg.amp)),
-                                   cfg.distill, cfg.label_smoothing, cfg.distill_temperature)
+        # The teacher sees the very batch the student does (crop, flip, mixing): consistent views.
+        targets_from = tta_logits(teacher, images, cfg.teacher_tta, uses_bf16(device, cfg.amp))
+        taught = distillation_loss(logits.float(), targets_from, cfg.distill, cfg.label_smoothing,
+                                   cfg.distill_temperature)
         loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * taught
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
