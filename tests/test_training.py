@@ -478,6 +478,27 @@ def test_init_from_starts_from_a_trained_checkpoint_and_counts_its_run_in_the_co
     assert [r["epoch"] for r in lineage(tmp_path / "again")] == [1, 2, 3, 4]
 
 
+def test_a_teacher_several_restarts_learned_from_counts_once_in_the_total_compute():
+    from vit_core.card import _total_compute_lines
+
+    shared = {"kind": "whitened", "epochs": 20, "minutes": 60.0, "val_acc": 0.9}
+    own = {"kind": "conv", "epochs": 10, "minutes": 10.0, "val_acc": 0.89}
+
+    def run(minutes, teacher, init=None, name="r"):
+        return {"summary": {"wall_seconds": minutes * 60}, "teacher": teacher and dict(teacher), "init": init,
+                "folder": f"runs/{name}", "segments": 1, "command": f"python train.py --out runs/{name}"}
+
+    oldest = run(100.0, own, name="a")
+    info = run(30.0, shared, run(20.0, shared, run(40.0, shared, oldest, "c"), "b"))
+    text = "\n".join(_total_compute_lines(info))
+    # 30 + 20 + 40 + 100 minutes of students, the shared teacher's 60 once (with c, the oldest run
+    # that learned from it) and a's own 10: not 30 + 60 + 20 + 60 + 40 + 60 + 110.
+    assert f"Total compute: {260 / 60:.2f} h" in text and "this run 30.0 min, and 230.0 min" in text
+    for minutes, share, name in ((20.0, "its teacher counted with an older run", "b"),
+                                 (100.0, "teacher included", "c"), (110.0, "teacher included", "a")):
+        assert f"- {minutes:.1f} min, {share}, in 1 segment(s): `python train.py --out runs/{name}`" in text
+
+
 def test_a_resumed_warm_start_keeps_the_record_of_its_starting_run(toy_data, tmp_path):
     train(tiny_config(toy_data, tmp_path / "first", epochs=1))
     base = json.loads((tmp_path / "first" / "train_info.json").read_text())["summary"]["wall_seconds"] / 60

@@ -151,27 +151,40 @@ def _warm_start_note(cfg: dict) -> list[str]:
             "weights.", ""]
 
 
-def _run_minutes(summary: dict, teacher: dict | None) -> float:
-    return summary.get("wall_seconds", 0.0) / 60 + (teacher["minutes"] if teacher else 0.0)
-
-
 def _runs_behind(base: dict | None) -> list[dict]:
     """A warm start's base run and the runs behind it, newest first."""
     return [] if not base else [base] + _runs_behind(base.get("init"))
 
 
+def _run_minutes(runs: list[dict]) -> list[tuple[float, bool]]:
+    """Each run's minutes (newest first) and whether its teacher's are in them: a teacher several
+    runs learned from was trained once, so it counts once, with the oldest run that used it."""
+    counted, minutes = set(), []
+    for run in reversed(runs):
+        teacher = run.get("teacher")
+        key = teacher and (teacher.get("kind"), teacher.get("epochs"), teacher["minutes"], teacher.get("val_acc"))
+        first = teacher is not None and key not in counted
+        counted.add(key)
+        minutes.append((run["summary"].get("wall_seconds", 0.0) / 60 + (teacher["minutes"] if first else 0.0), first))
+    return minutes[::-1]
+
+
+def _teacher_share(run: dict, first: bool) -> str:
+    return "teacher included" if first else "its teacher counted with an older run" if run.get("teacher") else "no teacher"
+
+
 def _total_compute_lines(info: dict) -> list[str]:
     """This run, its teacher and, for a warm start, each run that trained the starting weights."""
-    minutes = _run_minutes(info["summary"], info.get("teacher"))
-    runs = _runs_behind(info.get("init"))
-    if runs:
-        behind = [_run_minutes(run["summary"], run.get("teacher")) for run in runs]
-        lines = ["", f"Total compute: {(minutes + sum(behind)) / 60:.2f} h of this machine: this run "
-                 f"{minutes:.1f} min, and {sum(behind):.1f} min (teachers included) for the training behind the "
-                 f"starting weights in `{runs[0]['folder']}`. The runs behind them, newest first (each one's last "
-                 "segment's command):", ""]
-        return lines + [f"- {run_minutes:.1f} min, teacher included, in {run['segments']} segment(s): "
-                        f"`{run.get('command') or 'not recorded'}`" for run, run_minutes in zip(runs, behind)]
+    runs = [info] + _runs_behind(info.get("init"))
+    (minutes, _), *behind = _run_minutes(runs)
+    if len(runs) > 1:
+        total_behind = sum(m for m, _ in behind)
+        lines = ["", f"Total compute: {(minutes + total_behind) / 60:.2f} h of this machine: this run "
+                 f"{minutes:.1f} min, and {total_behind:.1f} min (teachers included) for the training behind the "
+                 f"starting weights in `{runs[1]['folder']}`. The runs behind them, newest first (each one's last "
+                 "segment's command; a teacher that several runs learned from counts once, with the oldest):", ""]
+        return lines + [f"- {run_minutes:.1f} min, {_teacher_share(run, first)}, in {run['segments']} segment(s): "
+                        f"`{run.get('command') or 'not recorded'}`" for run, (run_minutes, first) in zip(runs[1:], behind)]
     if info.get("teacher"):
         return ["", f"Total compute: {minutes / 60:.2f} h of this machine, teacher included."]
     return []
