@@ -32,6 +32,7 @@ LEFT_OUT = [
     "vit_core/cli/__pycache__/space.cpython-311.pyc", "demo/.DS_Store", "vit_core/notes.txt",
     "checkpoints/vit-cifar10/train_state.pt", "checkpoints/vit-cifar10/anatomy.npz12345.tmp",
     "checkpoints/cnn-teacher/model.safetensors", "checkpoints/cnn-teacher/config.json",
+    "checkpoints/whitened-teacher/model.safetensors", "checkpoints/whitened-teacher/teacher_info.json",
 ]
 
 

@@ -43,8 +43,8 @@ INCLUDE = (
     "docs/*.md",                      # the pages README.md links to
 )
 # Never sent, even inside an included folder: caches, hidden files, pickles, temporary files, and
-# the distillation teacher's weights (train.py reads them; the app never does).
-EXCLUDE_DIRS = {"__pycache__", "cnn-teacher"}
+# the distillation teachers' weights (train.py reads them; the app never does).
+EXCLUDE_DIRS = {"__pycache__", "cnn-teacher", "whitened-teacher"}
 EXCLUDE_SUFFIXES = {".pyc", ".pyo", ".tmp", ".pt", ".pth", ".bin", ".ckpt", ".pkl"}
 _IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)|<img\s[^>]*src=[\"']([^\"']+)[\"']")
 _FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n", re.DOTALL)
