@@ -39,6 +39,11 @@ class Recipe:
     warm_restart: bool = False
 
 
+# What every warm restart so far kept: a cosine on the clock (the epoch count only a cap), bf16, one
+# warmup epoch, patch dropout for the first 60 %; from wide-v11 on, the teacher's probabilities alone.
+_RESTART = dict(epochs=200, amp="bf16", warmup_epochs=1.0, patch_drop_end=0.6)
+_SOFT_RESTART = dict(_RESTART, distill="soft", distill_weight=1.0)
+
 RECIPES: dict[str, Recipe] = {
     # The defaults themselves: the distillation recipe the shipped weights' training began with.
     "default": Recipe("these defaults: the wide ViT from scratch, distilled from a CNN teacher", {}),
@@ -48,27 +53,23 @@ RECIPES: dict[str, Recipe] = {
     # dropout for its first 60 %.
     "wide-v13": Recipe("the shipped weights' last run: a 135-min warm restart from wide-v12's weights on "
                        "the whitened teacher's soft targets, CutMix on every image (needs --init-from)",
-                       dict(epochs=200, time_budget_min=135.0, amp="bf16", lr=2e-4, warmup_epochs=1.0,
-                            patch_drop_end=0.6, distill="soft", distill_weight=1.0, cutmix=1.0), warm_restart=True),
+                       dict(_SOFT_RESTART, time_budget_min=135.0, lr=2e-4, cutmix=1.0), warm_restart=True),
     # The run wide-v13 restarted from (85.81 % test): wide-v11's weights and the same teacher and
     # targets, a 150-minute cosine.
     "wide-v12": Recipe("the soft-target warm restart from wide-v11's weights that wide-v13 started from "
                        "(needs --init-from)",
-                       dict(epochs=200, time_budget_min=150.0, amp="bf16", lr=2e-4, warmup_epochs=1.0,
-                            patch_drop_end=0.6, distill="soft", distill_weight=1.0), warm_restart=True),
+                       dict(_SOFT_RESTART, time_budget_min=150.0, lr=2e-4), warm_restart=True),
     # The run wide-v12 restarted from (85.65 % test): wide-v10's weights and the same teacher and
     # targets, a 115-minute cosine from a higher peak.
     "wide-v11": Recipe("the soft-target warm restart from wide-v10's weights that wide-v12 started from "
                        "(needs --init-from)",
-                       dict(epochs=200, time_budget_min=115.0, amp="bf16", lr=3e-4, warmup_epochs=1.0,
-                            patch_drop_end=0.6, distill="soft", distill_weight=1.0), warm_restart=True),
+                       dict(_SOFT_RESTART, time_budget_min=115.0, lr=3e-4), warm_restart=True),
     # The checkpoint shipped before (85.15 % test): a warm restart of wide-v7's weights with the CNN
     # teacher's top class (--teacher checkpoints/cnn-teacher): a 115-minute cosine from a fifth of
     # the peak learning rate, patch dropout for its first 60 %.
     "wide-v10": Recipe("the hard-target warm restart from wide-v7's weights that wide-v11 started from "
                        "(needs --init-from)",
-                       dict(epochs=200, time_budget_min=115.0, amp="bf16", lr=2e-4, warmup_epochs=1.0,
-                            patch_drop_end=0.6), warm_restart=True),
+                       dict(_RESTART, time_budget_min=115.0, lr=2e-4), warm_restart=True),
     # The from-scratch run wide-v10 started from (84.34 % test): these defaults with bf16 spelled
     # out, as its last segment ran them: one cosine on a 540-minute wall-clock budget (the epoch
     # count only a cap), re-planned once from 600 minutes while it ran; its card lists every segment.
