@@ -2,8 +2,9 @@
 and `train.py`'s command line is built from those fields.
 
 The defaults (recipe `default`) train the wide ViT from scratch with distillation, as the run behind
-the shipped weights began (`wide-v7`, then the warm restarts `wide-v10` to `wide-v13`, the
-last of which made them; the model card has the measured result). `RECIPES` holds the named recipes, applied under whatever flags a command gives.
+the shipped weights began (`wide-v7`, then the warm restarts `wide-v10` to `wide-v14`, the last of
+which made them; the model card has the measured result). `RECIPES` holds the named recipes, applied
+under whatever flags a command gives.
 """
 
 from __future__ import annotations
@@ -47,12 +48,19 @@ _SOFT_RESTART = dict(_RESTART, distill="soft", distill_weight=1.0)
 RECIPES: dict[str, Recipe] = {
     # The defaults themselves: the distillation recipe the shipped weights' training began with.
     "default": Recipe("these defaults: the wide ViT from scratch, distilled from a CNN teacher", {}),
-    # The shipped checkpoint: a warm restart of wide-v12's weights (give them with --init-from and the
+    # The shipped checkpoint: a warm restart of wide-v13's weights (give them with --init-from and the
     # teacher with --teacher checkpoints/whitened-teacher), matching the teacher's probabilities on
-    # images that each carry a box of another (CutMix on every image): a 135-minute cosine, patch
-    # dropout for its first 60 %.
-    "wide-v13": Recipe("the shipped weights' last run: a 135-min warm restart from wide-v12's weights on "
-                       "the whitened teacher's soft targets, CutMix on every image (needs --init-from)",
+    # mixed images (each batch mixup or CutMix, the teacher's logits averaged with the mirror
+    # images'): a 130-minute cosine, patch dropout for its first 60 %.
+    "wide-v14": Recipe("the shipped weights' last run: a 130-min warm restart from wide-v13's weights on "
+                       "the whitened teacher's mirror-averaged soft targets, every batch mixup or CutMix "
+                       "(needs --init-from)",
+                       dict(_SOFT_RESTART, time_budget_min=130.0, lr=2e-4, cutmix=1.0, mixup=1.0, teacher_tta=1),
+                       warm_restart=True),
+    # The run wide-v14 restarted from (87.16 % test): wide-v12's weights and the same teacher and
+    # targets, CutMix on every image, a 135-minute cosine.
+    "wide-v13": Recipe("the CutMix-on-every-image warm restart from wide-v12's weights that wide-v14 started "
+                       "from (needs --init-from)",
                        dict(_SOFT_RESTART, time_budget_min=135.0, lr=2e-4, cutmix=1.0), warm_restart=True),
     # The run wide-v13 restarted from (85.81 % test): wide-v11's weights and the same teacher and
     # targets, a 150-minute cosine.

@@ -6,12 +6,13 @@
     torchrun --nproc_per_node 2 train.py --data ... --out ...                 # data parallel
 
 The defaults (`--recipe default`) train the wide ViT from scratch, distilled from a CNN teacher: the
-recipe the shipped weights' training began with (`wide-v7`); the shipped weights themselves come from
-its warm restarts, the last `--recipe wide-v13 --init-from FOLDER --teacher checkpoints/whitened-teacher`. `--recipe` picks a named recipe and any flag
-overrides it. Before training, the run says which teacher it uses: with CIFAR-10's default split
-the shipped one (checkpoints/cnn-teacher), else one it trains first. A run writes `train_state.pt`
-after every epoch; `--resume` continues a killed run exactly. Installed, `vit-train` is the same
-command as `python train.py`.
+recipe the shipped weights' training began with (`wide-v7`); the shipped weights themselves come
+from its warm restarts, the last `--recipe wide-v14 --init-from FOLDER --teacher
+checkpoints/whitened-teacher`. `--recipe` picks a named recipe and any flag overrides it. Before
+training, the run says which teacher it uses: with CIFAR-10's default split the shipped one
+(checkpoints/cnn-teacher), else one it trains first. A run writes `train_state.pt` after every
+epoch; `--resume` continues a killed run exactly. Installed, `vit-train` is the same command as
+`python train.py`.
 """
 
 from __future__ import annotations
