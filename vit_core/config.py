@@ -72,9 +72,9 @@ RECIPES: dict[str, Recipe] = {
     "wide-v11": Recipe("the soft-target warm restart from wide-v10's weights that wide-v12 started from "
                        "(needs --init-from)",
                        dict(_SOFT_RESTART, time_budget_min=115.0, lr=3e-4), warm_restart=True),
-    # The checkpoint shipped before (85.15 % test): a warm restart of wide-v7's weights with the CNN
-    # teacher's top class (--teacher checkpoints/cnn-teacher): a 115-minute cosine from a fifth of
-    # the peak learning rate, patch dropout for its first 60 %.
+    # The run wide-v11 restarted from (85.15 % test, shipped before wide-v13): a warm restart of
+    # wide-v7's weights with the CNN teacher's top class (--teacher checkpoints/cnn-teacher): a
+    # 115-minute cosine from a fifth of the peak learning rate, patch dropout for its first 60 %.
     "wide-v10": Recipe("the hard-target warm restart from wide-v7's weights that wide-v11 started from "
                        "(needs --init-from)",
                        dict(_RESTART, time_budget_min=115.0, lr=2e-4), warm_restart=True),
